@@ -1,0 +1,450 @@
+// The agent engine: owns the state, feeds events to the pure lifecycle one at a time, persists the
+// new state *before* carrying out its effects (Nix, switch runs, timers, history), and answers requests
+// from the console and the network with the same code.
+
+import { randomBytes } from 'node:crypto';
+import { existsSync, rmSync } from 'node:fs';
+import { hostname } from 'node:os';
+import { execa } from 'execa';
+import type { AgentConfig } from '../shared/config.ts';
+import { SnapbackError, type ErrorCode } from '../shared/errors.ts';
+import type { Actor, HistoryEntry, Outcome, Phase, Target } from '../shared/model.ts';
+import { describeTarget } from '../shared/model.ts';
+import { DirectRunner, type Runner } from './activation.ts';
+import { now, readBootId } from './clock.ts';
+import { healthProblems } from './health.ts';
+import { step, secondsLeft, type Announcement, type Effect, type Event, type Reply, type State } from './lifecycle.ts';
+import type { Logger } from './log.ts';
+import { Nix, currentGeneration, generationPath, profiles, readCurrentSystem } from './nix.ts';
+import { StateDir } from './state-dir.ts';
+import { VERSION } from '../shared/version.ts';
+
+/** What listeners see while a deployment runs: lifecycle announcements plus raw output lines. */
+export type Progress = Announcement | { type: 'output'; id: string; line: string };
+
+export type Result =
+  | { ok: true; id?: string; outcome?: Outcome; deadline?: string; toplevel?: string }
+  | { ok: false; code: ErrorCode; message: string; id?: string; outcome?: Outcome };
+
+export interface Status {
+  hostname: string;
+  version: string;
+  bootId: string;
+  currentSystem: string | null;
+  phase: Phase;
+  deployment?: {
+    id: string;
+    target: string;
+    toplevel?: string;
+    previous: string;
+    requestedBy: Actor;
+    deadline?: string;
+    secondsLeft?: number;
+    unhealthy?: string;
+  };
+  last?: { id: string; target: string; outcome: Outcome; finishedAt: string; by: Actor };
+  /** read from the state directory because the daemon is not running */
+  offline?: boolean;
+}
+
+export class Agent {
+  readonly config: AgentConfig;
+  readonly dir: StateDir;
+  private readonly log: Logger;
+  private readonly nix: Nix;
+  private readonly runner: Runner;
+  private state: State;
+  private queue: Promise<unknown> = Promise.resolve();
+  private readonly listeners = new Set<(p: Progress) => void>();
+  private readonly stopped = new Set<string>();
+  private readonly background = new Set<Promise<unknown>>();
+  private timer: NodeJS.Timeout | undefined;
+  private closed = false;
+
+  private constructor(config: AgentConfig, log: Logger, state: State, runner?: Runner) {
+    this.config = config;
+    this.log = log;
+    this.dir = new StateDir(config.stateDir);
+    this.nix = new Nix(config.nix);
+    this.runner = runner ?? new DirectRunner(this.dir.runsDir);
+    this.state = state;
+  }
+
+  /** Reads the state directory; a corrupt state file throws `state-corrupt` and nothing is touched. */
+  static open(config: AgentConfig, log: Logger, runner?: Runner): Agent {
+    const dir = new StateDir(config.stateDir);
+    dir.ensure();
+    return new Agent(config, log, dir.load(), runner);
+  }
+
+  /** Resumes whatever the previous process left: a countdown, a switch, a commit, a revert. */
+  async start(): Promise<void> {
+    const current = readCurrentSystem(this.config.system.currentSystem);
+    await this.dispatch({ type: 'start', bootId: this.bootId(), current });
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    if (this.timer) clearTimeout(this.timer);
+    await this.queue;
+  }
+
+  /** Waits for background work (tests, one-shot `revert`). */
+  async idle(): Promise<void> {
+    while (this.background.size) await Promise.allSettled([...this.background]);
+    await this.queue;
+  }
+
+  get phase(): Phase {
+    return this.state.phase;
+  }
+
+  subscribe(listener: (p: Progress) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  private bootId(): string {
+    return readBootId(this.config.system.bootIdFile);
+  }
+
+  // ---- the event loop -------------------------------------------------------------------------
+
+  dispatch(event: Event): Promise<Reply | undefined> {
+    const run = this.queue.then(() => this.apply(event));
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+
+  private async apply(event: Event): Promise<Reply | undefined> {
+    const at = now();
+    const result = step(this.state, event, at);
+    if (result.state !== this.state) {
+      try {
+        this.dir.save(result.state);
+      } catch (err) {
+        // Before activation nothing has changed on the system: refuse. Afterwards the revert
+        // matters more than the record, so carry on in memory and say so loudly.
+        if (result.state.phase === 'preparing' || (result.state.phase === 'activating' && this.state.phase === 'preparing')) {
+          this.log.error({ err: (err as Error).message }, 'cannot persist the pending record; nothing was changed');
+          if (event.type === 'prepared') {
+            this.state = { phase: 'idle', ...(this.state.last ? { last: this.state.last } : {}) };
+            this.release(event.id);
+          }
+          return { ok: false, code: 'state-unwritable', message: (err as Error).message };
+        }
+        this.log.error({ err: (err as Error).message }, 'cannot persist state; continuing in memory');
+      }
+    }
+    this.state = result.state;
+    for (const effect of result.effects) this.perform(effect, at.wall);
+    return result.reply;
+  }
+
+  private perform(effect: Effect, at: string): void {
+    switch (effect.kind) {
+      case 'record':
+        try {
+          this.dir.appendHistory({ at, ...effect.entry } as HistoryEntry);
+        } catch (err) {
+          this.log.error({ err: (err as Error).message }, 'cannot append to the history');
+        }
+        return;
+      case 'log':
+        this.log[effect.level]({ deployment: this.state.deployment?.id ?? this.state.last?.id }, effect.msg);
+        return;
+      case 'announce':
+        this.emit(effect.announcement);
+        return;
+      case 'arm':
+        this.arm(effect.atMono);
+        return;
+      case 'release':
+        this.release(effect.id);
+        return;
+      case 'prepare':
+        return this.spawn(async () => {
+          const d = effect.deployment;
+          try {
+            const toplevel = await this.nix.obtain(d.target, this.dir.gcRoot(d.id), this.config.system.profile, (line) =>
+              this.emit({ type: 'output', id: d.id, line }),
+            );
+            await this.dispatch({ type: 'prepared', id: d.id, toplevel });
+          } catch (err) {
+            const e = asSnapbackError(err);
+            await this.dispatch({ type: 'prepare-failed', id: d.id, code: e.code, message: e.message });
+          }
+        });
+      case 'activate':
+        return this.spawn(async () => {
+          const key = `${effect.id}-test`;
+          const onLine = (line: string) => this.emit({ type: 'output', id: effect.id, line });
+          const { exit } = effect.resume ? await this.runner.resume(key, onLine) : await this.runner.run(key, effect.toplevel, 'test', onLine);
+          const timedOut = this.stopped.delete(effect.id);
+          await this.dispatch({ type: 'activation-finished', id: effect.id, exit, timedOut, token: randomBytes(24).toString('base64url') });
+        });
+      case 'stop-activation':
+        this.stopped.add(effect.id);
+        return this.spawn(() => this.runner.stop(`${effect.id}-test`));
+      case 'prepare-commit':
+        return this.spawn(async () => {
+          const problems = await healthProblems(this.config, effect.unitsFailed).catch((err: Error) => [`health checks could not run: ${err.message}`]);
+          const profileBefore = currentGeneration(this.config.system.profile);
+          await this.dispatch({ type: 'commit-ready', id: effect.id, problems, profileBefore });
+        });
+      case 'commit':
+        return this.spawn(async () => this.dispatch(await this.commit(effect)));
+      case 'revert':
+        return this.spawn(async () => this.dispatch(await this.revert(effect)));
+    }
+  }
+
+  private spawn(task: () => Promise<unknown>): void {
+    const p = task()
+      .catch((err: Error) => this.log.error({ err: err.stack ?? err.message }, 'internal error in a background task'))
+      .finally(() => this.background.delete(p));
+    this.background.add(p);
+  }
+
+  private emit(p: Progress): void {
+    for (const l of this.listeners) l(p);
+  }
+
+  /** One timer: the lifecycle re-arms for whichever deadline is current and ignores early ticks. */
+  private arm(atMono: number): void {
+    if (this.closed) return;
+    if (this.timer) clearTimeout(this.timer);
+    const delay = Math.max(0, atMono - now().mono) + 5;
+    this.timer = setTimeout(() => {
+      this.timer = undefined;
+      void this.dispatch({ type: 'tick' }).then(() => {
+        const d = this.state.deployment;
+        const next = this.state.phase === 'trial' ? d?.trial?.deadlineMono : this.state.phase === 'activating' ? d?.activation?.deadlineMono : undefined;
+        if (next !== undefined && !this.timer && next > now().mono) this.arm(next);
+      });
+    }, delay);
+  }
+
+  private release(id: string): void {
+    rmSync(this.dir.gcRoot(id), { force: true });
+  }
+
+  // ---- commit and revert: the two operations that change the boot default or the running system
+
+  private async commit(e: Extract<Effect, { kind: 'commit' }>): Promise<Event> {
+    const { profile, currentSystem } = this.config.system;
+    if (e.resume && readCurrentSystem(currentSystem) !== e.toplevel) {
+      await profiles.restore(profile, e.profileBefore);
+      return { type: 'commit-finished', id: e.id, ok: false, abandoned: e.reason, error: 'the previous system is running; the profile was restored' };
+    }
+    try {
+      await profiles.set(profile, e.toplevel);
+      const { exit } = await this.runner.run(`${e.id}-boot`, e.toplevel, 'boot', (line) => this.emit({ type: 'output', id: e.id, line }));
+      if (exit !== 0) throw new Error(`switch-to-configuration boot exited ${exit ?? 'without a status'}`);
+      return { type: 'commit-finished', id: e.id, ok: true };
+    } catch (err) {
+      const error = (err as Error).message;
+      this.log.error({ deployment: e.id, err: error }, 'commit failed; restoring the profile');
+      try {
+        await profiles.restore(profile, e.profileBefore);
+        // The failed `boot` may have half-written the bootloader: install the restored default again.
+        const restored = currentGeneration(profile);
+        if (restored !== null) await this.runner.run(`${e.id}-boot-restore`, generationPath(profile, restored), 'boot');
+      } catch (err2) {
+        this.log.error({ deployment: e.id, err: (err2 as Error).message }, 'restoring the profile failed');
+      }
+      return { type: 'commit-finished', id: e.id, ok: false, error };
+    }
+  }
+
+  /** Compare-and-swap: revert only if the trial system (or, after a failed switch, the previous one) runs. */
+  private async revert(e: Extract<Effect, { kind: 'revert' }>): Promise<Event> {
+    const current = readCurrentSystem(this.config.system.currentSystem);
+    const ours = current === e.toplevel || (e.force && current === e.previous);
+    if (!ours) {
+      if (current === e.previous) return { type: 'revert-finished', id: e.id, result: 'already-previous' };
+      return { type: 'revert-finished', id: e.id, result: 'conflict', current };
+    }
+    const { exit } = await this.runner.run(`${e.id}-revert`, e.previous, 'test', (line) => this.emit({ type: 'output', id: e.id, line }));
+    if (exit === 0 || exit === 4) {
+      if (exit === 4) this.log.warn({ deployment: e.id }, 'reverted, but some units of the previous system failed to start');
+      return { type: 'revert-finished', id: e.id, result: 'reverted' };
+    }
+    return { type: 'revert-finished', id: e.id, result: 'failed', error: `${e.previous}/bin/switch-to-configuration test exited ${exit ?? 'without a status'}` };
+  }
+
+  // ---- requests (console and network) ---------------------------------------------------------
+
+  /** Starts a deployment; resolves once the trial runs (with its deadline) or the deployment ended. */
+  async activate(req: { target: Target; timeoutSec?: number; by: Actor }, onProgress?: (p: Progress) => void): Promise<Result> {
+    const { confirm, system } = this.config;
+    const timeoutSec = req.timeoutSec ?? confirm.defaultTimeoutSec;
+    if (!Number.isInteger(timeoutSec) || timeoutSec < confirm.minTimeoutSec || timeoutSec > confirm.maxTimeoutSec) {
+      return refuse('timeout-out-of-range', `timeout ${timeoutSec}s is outside confirm.minTimeoutSec..maxTimeoutSec (${confirm.minTimeoutSec}..${confirm.maxTimeoutSec})`);
+    }
+    if (this.state.deployment) {
+      return refuse('busy', `deployment ${this.state.deployment.id} is ${this.state.phase}; one deployment at a time`, this.state.deployment.id);
+    }
+    if (await switchLockHeld(system.switchLock)) {
+      return refuse('switch-locked', `${system.switchLock} is held: another switch-to-configuration is running`);
+    }
+    const previous = readCurrentSystem(system.currentSystem);
+    if (!previous) return refuse('no-current-system', `${system.currentSystem} does not resolve; refusing to activate without a revert target`);
+    try {
+      this.dir.probeWritable();
+    } catch (err) {
+      return refuse('state-unwritable', (err as Error).message);
+    }
+    const id = newDeploymentId();
+    return this.await(
+      id,
+      () =>
+        this.dispatch({
+          type: 'activate',
+          id,
+          target: req.target,
+          timeoutSec,
+          activationTimeoutSec: confirm.activationTimeoutSec,
+          previous,
+          bootId: this.bootId(),
+          by: req.by,
+        }),
+      (p) => (p.type === 'phase' && p.phase === 'trial' ? { ok: true, id, deadline: p.deadline!, toplevel: p.toplevel! } : undefined),
+      onProgress,
+    );
+  }
+
+  /** Confirms the trial; resolves with the outcome (confirmed, or reverted: commit-failed) or a refusal. */
+  confirm(req: { id?: string; token?: string; requireToken: boolean; by: Actor }, onProgress?: (p: Progress) => void): Promise<Result> {
+    const id = req.id ?? this.state.deployment?.id;
+    return this.await(
+      id,
+      () => this.dispatch({ type: 'confirm', ...req }),
+      (p) => (p.type === 'confirm-refused' ? { ok: false, code: 'health-failed', message: `confirm refused: ${p.problems.join('; ')}`, id: p.id } : undefined),
+      onProgress,
+    );
+  }
+
+  rollback(req: { id?: string; by: Actor; reason?: 'requested' | 'fallback-timer' }, onProgress?: (p: Progress) => void): Promise<Result> {
+    const id = req.id ?? this.state.deployment?.id;
+    return this.await(id, () => this.dispatch({ type: 'rollback', id: req.id, by: req.by, reason: req.reason ?? 'requested' }), () => undefined, onProgress);
+  }
+
+  async extend(req: { id?: string; seconds: number; by: Actor }): Promise<Result> {
+    const max = this.config.confirm.maxTimeoutSec;
+    if (!Number.isInteger(req.seconds) || req.seconds < 1 || req.seconds > max) {
+      return refuse('timeout-out-of-range', `extend takes 1..${max} seconds from now (confirm.maxTimeoutSec), not ${req.seconds}`);
+    }
+    return toResult(await this.dispatch({ type: 'extend', ...req }));
+  }
+
+  /**
+   * Subscribes before dispatching (no announcement can slip between), then resolves with the
+   * immediate reply if it is final, else with `pick`'s answer or the deployment's outcome.
+   */
+  private async await(
+    id: string | undefined,
+    send: () => Promise<Reply | undefined>,
+    pick: (p: Progress) => Result | undefined,
+    onProgress?: (p: Progress) => void,
+  ): Promise<Result> {
+    let resolve!: (r: Result) => void;
+    const done = new Promise<Result>((r) => (resolve = r));
+    const off = this.subscribe((p) => {
+      if (id !== undefined && p.id !== id) return;
+      onProgress?.(p);
+      if (p.type === 'outcome') return resolve(outcomeResult(p.id, p.outcome));
+      const picked = pick(p);
+      if (picked) resolve(picked);
+    });
+    try {
+      const reply = await send();
+      if (!reply) return { ok: false, code: 'internal', message: 'no reply from the lifecycle' };
+      if (!reply.ok || !reply.accepted) return toResult(reply);
+      return await done;
+    } finally {
+      off();
+    }
+  }
+
+  status(): Status {
+    return describeStatus(this.state, this.bootId(), readCurrentSystem(this.config.system.currentSystem));
+  }
+
+  history(limit?: number): HistoryEntry[] {
+    const all = this.dir.readHistory();
+    return limit ? all.slice(-limit) : all;
+  }
+
+  /** The confirm token for network sessions authenticated after activation finished (promise 5). */
+  trialToken(): { id: string; token: string; readyAt: string } | undefined {
+    const d = this.state.deployment;
+    if (this.state.phase !== 'trial' || !d?.trial) return undefined;
+    return { id: d.id, token: d.trial.token, readyAt: d.trial.startedAt };
+  }
+}
+
+export function describeStatus(state: State, bootId: string, currentSystem: string | null): Status {
+  const d = state.deployment;
+  const t = now();
+  const sameBoot = d?.bootId === bootId;
+  const left = sameBoot ? secondsLeft(state, t) : undefined;
+  const deadline = state.phase === 'trial' ? d?.trial?.deadlineWall : undefined;
+  const unhealthy = d?.trial?.unhealthy ?? (d?.trial?.unitsFailed ? 'some units failed during activation (exit 4)' : undefined);
+  return {
+    hostname: hostname(),
+    version: VERSION,
+    bootId,
+    currentSystem,
+    phase: state.phase,
+    ...(d
+      ? {
+          deployment: {
+            id: d.id,
+            target: describeTarget(d.target),
+            ...(d.toplevel ? { toplevel: d.toplevel } : {}),
+            previous: d.previous,
+            requestedBy: d.requestedBy,
+            ...(deadline ? { deadline } : {}),
+            ...(left !== undefined ? { secondsLeft: left } : {}),
+            ...(unhealthy ? { unhealthy } : {}),
+          },
+        }
+      : {}),
+    ...(state.last
+      ? { last: { id: state.last.id, target: describeTarget(state.last.target), outcome: state.last.outcome, finishedAt: state.last.finishedAt, by: state.last.by } }
+      : {}),
+  };
+}
+
+function refuse(code: ErrorCode, message: string, id?: string): Result {
+  return { ok: false, code, message, ...(id ? { id } : {}) };
+}
+
+function toResult(reply: Reply | undefined): Result {
+  if (!reply) return { ok: false, code: 'internal', message: 'no reply' };
+  if (!reply.ok) return reply;
+  return { ok: true, ...(reply.id ? { id: reply.id } : {}), ...(reply.outcome ? { outcome: reply.outcome } : {}), ...(reply.deadline ? { deadline: reply.deadline } : {}) };
+}
+
+function outcomeResult(id: string, outcome: Outcome): Result {
+  return { ok: true, id, outcome };
+}
+
+export function asSnapbackError(err: unknown): SnapbackError {
+  if (err instanceof SnapbackError) return err;
+  return new SnapbackError('internal', (err as Error)?.message ?? String(err));
+}
+
+/** `20261125-200612-3fa9`: sortable, readable in `systemctl list-units`, unique enough per host. */
+export function newDeploymentId(): string {
+  const s = new Date().toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
+  return `${s}-${randomBytes(2).toString('hex')}`;
+}
+
+/** Held when a non-blocking flock on switch-to-configuration's lock file fails. */
+async function switchLockHeld(lock: string): Promise<boolean> {
+  if (!existsSync(lock)) return false;
+  const r = await execa('flock', ['--nonblock', '--conflict-exit-code', '75', lock, 'true'], { reject: false });
+  return r.exitCode === 75;
+}

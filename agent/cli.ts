@@ -1,0 +1,279 @@
+// `snapback-agent`: the daemon (`serve`) and the console commands, a thin skin over agent.ts and
+// control.ts. Exit codes: 0 ok, 1 refused/reverted/failed, 2 usage or config, 3 agent unreachable, 4 unknown.
+
+import { parseArgs } from 'node:util';
+import { DEFAULT_CONFIG_PATH, loadAgentConfig, type AgentConfig } from '../shared/config.ts';
+import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
+import { describeOutcome, type HistoryEntry, type Outcome, type Target } from '../shared/model.ts';
+import { VERSION } from '../shared/version.ts';
+import { Agent, describeStatus, type Progress, type Result, type Status } from './agent.ts';
+import { readBootId } from './clock.ts';
+import { ControlServer, request, type ControlRequest } from './control.ts';
+import { createLogger } from './log.ts';
+import { readCurrentSystem } from './nix.ts';
+import { StateDir } from './state-dir.ts';
+
+const USAGE = `snapback-agent ${VERSION} — commit-confirmed activation of NixOS systems
+
+usage: snapback-agent <command> [options]
+
+  serve                               run the agent (the systemd unit does this)
+  activate STORE_PATH | --flake REF#HOST | --generation N  [--timeout S]
+                                      build or fetch, activate as a trial, print the deadline
+  status                              the running trial and its countdown, or the last outcome
+  confirm [--id ID]                   commit the trial (profile + boot default)
+  rollback [--id ID]                  revert the trial now
+  extend SECONDS [--id ID]            move the deadline to SECONDS from now (revert target unchanged)
+  history [--limit N]                 every transition, who did it, and the outcomes
+  revert --id ID                      revert deployment ID (used by the fallback timer)
+  check-config                        validate the configuration file and exit
+
+options: --config FILE (default ${DEFAULT_CONFIG_PATH}, or $SNAPBACK_CONFIG), --json, --help, --version
+exit codes: 0 ok, 1 refused/reverted/failed, 2 usage or configuration error, 3 agent unreachable, 4 outcome unknown`;
+
+class UsageError extends Error {}
+
+export async function main(argv: string[]): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      options: {
+        config: { type: 'string' },
+        json: { type: 'boolean', default: false },
+        flake: { type: 'string' },
+        generation: { type: 'string' },
+        timeout: { type: 'string' },
+        id: { type: 'string' },
+        limit: { type: 'string' },
+        help: { type: 'boolean', short: 'h', default: false },
+        version: { type: 'boolean', default: false },
+      },
+    });
+  } catch (err) {
+    process.stderr.write(`snapback-agent: ${(err as Error).message}\n\n${USAGE}\n`);
+    return EXIT.usage;
+  }
+  const { values: o, positionals } = parsed;
+  if (o.version) return print(VERSION), EXIT.ok;
+  const [command, ...rest] = positionals;
+  if (o.help || !command) {
+    process[o.help ? 'stdout' : 'stderr'].write(USAGE + '\n');
+    return o.help ? EXIT.ok : EXIT.usage;
+  }
+  const configPath = o.config ?? process.env.SNAPBACK_CONFIG ?? DEFAULT_CONFIG_PATH;
+  let config: AgentConfig;
+  try {
+    config = loadAgentConfig(configPath);
+  } catch (err) {
+    process.stderr.write(`snapback-agent: ${(err as Error).message}\n`);
+    return EXIT.usage;
+  }
+  try {
+    switch (command) {
+      case 'serve':
+        return await serve(config);
+      case 'check-config':
+        print(o.json ? JSON.stringify({ ok: true, config }) : `${configPath}: ok`);
+        return EXIT.ok;
+      case 'status':
+        return await status(config, o.json);
+      case 'history':
+        return await history(config, o.json, o.limit ? positiveInt(o.limit, '--limit') : undefined);
+      case 'activate': {
+        const target = parseTarget(rest, o.flake, o.generation);
+        const timeoutSec = o.timeout ? positiveInt(o.timeout, '--timeout') : undefined;
+        return await ask(config, { cmd: 'activate', target, ...(timeoutSec ? { timeoutSec } : {}), ...user() }, o.json);
+      }
+      case 'confirm':
+        return await ask(config, { cmd: 'confirm', ...(o.id ? { id: o.id } : {}), ...user() }, o.json);
+      case 'rollback':
+        return await ask(config, { cmd: 'rollback', ...(o.id ? { id: o.id } : {}), ...user() }, o.json);
+      case 'extend': {
+        if (rest.length !== 1) throw new UsageError('extend takes one argument: SECONDS');
+        return await ask(config, { cmd: 'extend', seconds: positiveInt(rest[0]!, 'SECONDS'), ...(o.id ? { id: o.id } : {}), ...user() }, o.json);
+      }
+      case 'revert': {
+        if (!o.id) throw new UsageError('revert needs --id ID');
+        return await revert(config, o.id, o.json);
+      }
+      default:
+        throw new UsageError(`unknown command "${command}"`);
+    }
+  } catch (err) {
+    if (err instanceof UsageError) {
+      process.stderr.write(`snapback-agent: ${err.message}\n\n${USAGE}\n`);
+      return EXIT.usage;
+    }
+    if (err instanceof SnapbackError) {
+      if (o.json) print(JSON.stringify({ ok: false, code: err.code, message: err.message }));
+      else process.stderr.write(`snapback-agent: ${err.message}\n`);
+      return err.exitCode;
+    }
+    throw err;
+  }
+}
+
+function print(s: string): void {
+  process.stdout.write(s + '\n');
+}
+
+function positiveInt(s: string, what: string): number {
+  if (!/^\d+$/.test(s) || Number(s) <= 0) throw new UsageError(`${what} must be a positive whole number of seconds, not "${s}"`);
+  return Number(s);
+}
+
+function parseTarget(rest: string[], flake: string | undefined, generation: string | undefined): Target {
+  const given = [rest.length > 0, flake !== undefined, generation !== undefined].filter(Boolean).length;
+  if (given !== 1 || rest.length > 1) throw new UsageError('activate takes exactly one target: STORE_PATH, --flake REF#HOST or --generation N');
+  if (flake !== undefined) return { flake };
+  if (generation !== undefined) {
+    if (!/^\d+$/.test(generation) || Number(generation) <= 0) throw new UsageError(`--generation must be a generation number, not "${generation}"`);
+    return { generation: Number(generation) };
+  }
+  return { storePath: rest[0]! };
+}
+
+function user(): { user?: string } {
+  const name = process.env.SUDO_USER ?? process.env.USER;
+  return name && name !== 'root' ? { user: name } : {};
+}
+
+// ---- serve ----------------------------------------------------------------------------------------
+
+async function serve(config: AgentConfig): Promise<number> {
+  const log = createLogger(config.log.level);
+  let agent: Agent;
+  try {
+    agent = Agent.open(config, log);
+  } catch (err) {
+    log.fatal({ code: (err as SnapbackError).code }, (err as Error).message);
+    return EXIT.usage;
+  }
+  const control = await ControlServer.listen(config.controlSocket, agent, log);
+  await agent.start();
+  log.info({ version: VERSION, stateDir: config.stateDir, controlSocket: config.controlSocket, phase: agent.phase }, 'snapback-agent serving');
+  return new Promise<number>((resolve) => {
+    const stop = (signal: string) => {
+      log.info({ signal }, 'stopping; a running trial keeps its deadline and resumes on the next start');
+      void control.close().then(() => agent.close()).then(() => resolve(EXIT.ok));
+    };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+  });
+}
+
+// ---- console commands -----------------------------------------------------------------------------
+
+async function ask(config: AgentConfig, req: ControlRequest, json: boolean): Promise<number> {
+  const result = await request(config.controlSocket, req, json ? undefined : showProgress);
+  if (json) print(JSON.stringify(result));
+  else print(describeResult(req.cmd, result));
+  return exitFor(req.cmd, result);
+}
+
+function showProgress(p: Progress): void {
+  if (p.type === 'output') process.stderr.write(`  | ${p.line}\n`);
+  else if (p.type === 'phase') process.stderr.write(`${p.id}: ${p.phase}${p.toplevel && p.phase === 'activating' ? ` ${p.toplevel}` : ''}\n`);
+  else if (p.type === 'confirm-refused') process.stderr.write(`${p.id}: confirm refused: ${p.problems.join('; ')}\n`);
+}
+
+function describeResult(cmd: string, r: Result): string {
+  if (!r.ok) return `${cmd} refused (${r.code}): ${r.message}`;
+  if (r.outcome) return `deployment ${r.id}: ${describeOutcome(r.outcome)}`;
+  if (r.deadline) {
+    const left = Math.max(0, Math.round((Date.parse(r.deadline) - Date.now()) / 1000));
+    const what = cmd === 'extend' ? 'deadline moved' : `trial of ${r.toplevel ?? r.id} running`;
+    return `${what}: deployment ${r.id} reverts at ${r.deadline} (in ${duration(left)}) unless confirmed (snapback-agent confirm)`;
+  }
+  return `${cmd}: ok${r.id ? ` (${r.id})` : ''}`;
+}
+
+function exitFor(cmd: string, r: Result): number {
+  if (!r.ok) return exitCodeFor(r.code);
+  if (!r.outcome) return EXIT.ok;
+  return wanted(cmd, r.outcome) ? EXIT.ok : EXIT.failed;
+}
+
+function wanted(cmd: string, o: Outcome): boolean {
+  if (cmd === 'rollback' || cmd === 'revert') return o.outcome === 'reverted';
+  return o.outcome === 'confirmed';
+}
+
+export function duration(seconds: number): string {
+  const m = Math.floor(seconds / 60);
+  const h = Math.floor(m / 60);
+  if (h) return `${h}h${m % 60}m${seconds % 60}s`;
+  return m ? `${m}m${seconds % 60}s` : `${seconds}s`;
+}
+
+/** Asks the daemon; when it is down, reads the state directory (DESIGN §5). */
+async function status(config: AgentConfig, json: boolean): Promise<number> {
+  let s: Status;
+  try {
+    s = ((await request(config.controlSocket, { cmd: 'status', ...user() })) as unknown as { status: Status }).status;
+  } catch (err) {
+    if (!(err instanceof SnapbackError) || err.code !== 'unreachable') throw err;
+    const state = new StateDir(config.stateDir).load();
+    s = { ...describeStatus(state, readBootId(config.system.bootIdFile), readCurrentSystem(config.system.currentSystem)), offline: true };
+  }
+  print(json ? JSON.stringify(s) : describeStatusLine(s));
+  return EXIT.ok;
+}
+
+export function describeStatusLine(s: Status): string {
+  const lines: string[] = [];
+  const d = s.deployment;
+  if (s.phase === 'trial' && d) {
+    const left = d.secondsLeft !== undefined ? `reverting in ${duration(d.secondsLeft)}` : 'deadline unknown (new boot)';
+    lines.push(`trial of ${d.toplevel}, ${left} (deployment ${d.id}; confirm with: snapback-agent confirm)`);
+    if (d.unhealthy) lines.push(`  unhealthy: ${d.unhealthy}`);
+    lines.push(`  revert target: ${d.previous}`);
+  } else if (d) {
+    lines.push(`${s.phase}: deployment ${d.id} of ${d.toplevel ?? d.target}`);
+  } else {
+    lines.push(`idle, running ${s.currentSystem ?? 'an unknown system'}`);
+  }
+  if (s.last) lines.push(`last: deployment ${s.last.id} ${describeOutcome(s.last.outcome)} at ${s.last.finishedAt} (by ${s.last.by.who})`);
+  if (s.offline) lines.push('(the agent is not running; read from the state directory)');
+  return lines.join('\n');
+}
+
+async function history(config: AgentConfig, json: boolean, limit?: number): Promise<number> {
+  let entries: HistoryEntry[];
+  try {
+    entries = ((await request(config.controlSocket, { cmd: 'history', ...(limit ? { limit } : {}) })) as unknown as { history: HistoryEntry[] }).history;
+  } catch (err) {
+    if (!(err instanceof SnapbackError) || err.code !== 'unreachable') throw err;
+    entries = new StateDir(config.stateDir).readHistory();
+    if (limit) entries = entries.slice(-limit);
+  }
+  if (json) print(JSON.stringify(entries));
+  else
+    for (const e of entries) {
+      print(`${e.at} ${e.id} ${e.from} → ${e.to} (${e.event}) by ${e.by.who} via ${e.by.channel}${e.outcome ? `: ${describeOutcome(e.outcome)}` : ''}${e.detail ? ` — ${e.detail}` : ''}`);
+    }
+  return EXIT.ok;
+}
+
+/**
+ * `revert --id` is what the fallback timer runs. It asks the daemon; if the daemon is gone (crashed,
+ * stopped, masked) it performs the revert itself from the state directory with the same engine.
+ */
+async function revert(config: AgentConfig, id: string, json: boolean): Promise<number> {
+  const req: ControlRequest = { cmd: 'revert', id };
+  try {
+    return await ask(config, req, json);
+  } catch (err) {
+    if (!(err instanceof SnapbackError) || err.code !== 'unreachable') throw err;
+  }
+  const log = createLogger(config.log.level);
+  const agent = Agent.open(config, log);
+  await agent.start();
+  const result = await agent.rollback({ id, by: { who: 'fallback-timer', channel: 'fallback-timer' }, reason: 'fallback-timer' });
+  await agent.idle();
+  await agent.close();
+  print(json ? JSON.stringify(result) : describeResult('revert', result));
+  return exitFor('revert', result);
+}

@@ -1,0 +1,160 @@
+// Everything the agent asks of Nix: realise a store path from trusted caches, build a flake's
+// toplevel, resolve a generation, hold GC roots, and move the system profile. Only Nix 2.8 features.
+
+import { accessSync, constants, readlinkSync, realpathSync, rmSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
+import { execa } from 'execa';
+import { SnapbackError } from '../shared/errors.ts';
+import type { Target } from '../shared/model.ts';
+
+export interface NixSettings {
+  substituters: string[];
+  trustedPublicKeys: string[];
+}
+
+export type LineSink = (line: string) => void;
+
+const FLAKES = ['--extra-experimental-features', 'nix-command flakes'];
+
+export class Nix {
+  readonly settings: NixSettings;
+  constructor(settings: NixSettings) {
+    this.settings = settings;
+  }
+
+  /** `--option` flags that make Nix use exactly the agent's caches and keys (when configured). */
+  private trustOptions(): string[] {
+    const { substituters, trustedPublicKeys } = this.settings;
+    const out: string[] = [];
+    if (substituters.length) out.push('--option', 'substituters', substituters.join(' '));
+    if (trustedPublicKeys.length) out.push('--option', 'trusted-public-keys', trustedPublicKeys.join(' '));
+    return out;
+  }
+
+  /**
+   * Obtains the target's toplevel in the store, rooted at `gcRoot`, and checks that it is a NixOS
+   * toplevel. Nothing on the running system changes here.
+   */
+  async obtain(target: Target, gcRoot: string, profile: string, onLine?: LineSink): Promise<string> {
+    let path: string;
+    if ('storePath' in target) {
+      await this.run('nix-store', ['--realise', target.storePath, '--add-root', gcRoot, ...this.trustOptions()], 'fetch-failed', onLine);
+      path = target.storePath;
+    } else if ('flake' in target) {
+      path = await this.buildFlake(target.flake, gcRoot, onLine);
+    } else {
+      path = generationPath(profile, target.generation);
+      await this.run('nix-store', ['--realise', path, '--add-root', gcRoot], 'fetch-failed', onLine);
+    }
+    try {
+      assertToplevel(path);
+    } catch (err) {
+      rmSync(gcRoot, { force: true });
+      throw err;
+    }
+    return path;
+  }
+
+  private async buildFlake(flake: string, gcRoot: string, onLine?: LineSink): Promise<string> {
+    const hash = flake.lastIndexOf('#');
+    const ref = flake.slice(0, hash);
+    const host = flake.slice(hash + 1);
+    const installable = `${ref}#nixosConfigurations.${JSON.stringify(host)}.config.system.build.toplevel`;
+    // Nix 2.8 has no --print-out-paths: read the path from --json.
+    const stdout = await this.run('nix', [...FLAKES, 'build', '--json', '--out-link', gcRoot, installable, ...this.trustOptions()], 'build-failed', onLine);
+    try {
+      const parsed = JSON.parse(stdout) as { outputs?: { out?: string } }[];
+      const out = parsed[0]?.outputs?.out;
+      if (typeof out === 'string') return out;
+    } catch {}
+    throw new SnapbackError('build-failed', `nix build printed no output path for ${installable}`);
+  }
+
+  private async run(cmd: string, args: string[], code: 'fetch-failed' | 'build-failed', onLine?: LineSink): Promise<string> {
+    const child = execa(cmd, args, { reject: false, stdin: 'ignore', all: false, env: { NIX_PAGER: '' } });
+    const tail: string[] = [];
+    child.stderr?.setEncoding('utf8');
+    let pending = '';
+    child.stderr?.on('data', (chunk: string) => {
+      pending += chunk;
+      const lines = pending.split('\n');
+      pending = lines.pop() ?? '';
+      for (const line of lines) {
+        tail.push(line);
+        if (tail.length > 20) tail.shift();
+        onLine?.(line);
+      }
+    });
+    const result = await child;
+    if (pending) tail.push(pending);
+    if (result.exitCode !== 0) {
+      const why = tail.filter((l) => l.trim()).slice(-4).join(' | ') || `exit status ${result.exitCode}`;
+      throw new SnapbackError(code, `${cmd} ${args[0] === '--realise' ? 'could not realise' : 'failed for'} the target: ${why}`);
+    }
+    return String(result.stdout);
+  }
+}
+
+/** The running toplevel behind `/run/current-system` (or its configured stand-in). */
+export function readCurrentSystem(link: string): string | null {
+  try {
+    return realpathSync(link);
+  } catch {
+    return null;
+  }
+}
+
+export function assertToplevel(path: string): void {
+  try {
+    accessSync(join(path, 'bin', 'switch-to-configuration'), constants.X_OK);
+  } catch {
+    throw new SnapbackError('bad-target', `${path} is not a NixOS toplevel: bin/switch-to-configuration is missing or not executable`);
+  }
+}
+
+export function generationPath(profile: string, n: number): string {
+  const link = `${profile}-${n}-link`;
+  try {
+    return realpathSync(link);
+  } catch {
+    throw new SnapbackError('bad-target', `generation ${n} does not exist (${link})`);
+  }
+}
+
+/** The generation number the profile points at, or null when there is no profile yet. */
+export function currentGeneration(profile: string): number | null {
+  let target: string;
+  try {
+    target = readlinkSync(profile);
+  } catch {
+    return null;
+  }
+  const m = /-(\d+)-link$/.exec(basename(target));
+  return m ? Number(m[1]) : null;
+}
+
+async function nixEnv(profile: string, args: string[]): Promise<void> {
+  const r = await execa('nix-env', ['-p', profile, ...args], { reject: false, stdin: 'ignore' });
+  if (r.exitCode !== 0) throw new Error(`nix-env -p ${profile} ${args.join(' ')}: ${String(r.stderr).trim() || `exit ${r.exitCode}`}`);
+}
+
+export const profiles = {
+  /** `nix-env -p P --set X`: a new generation, unless X is already the newest one. */
+  set: (profile: string, path: string) => nixEnv(profile, ['--set', path]),
+
+  /**
+   * Puts the profile back to generation `before` and deletes the generation the commit made.
+   * `before === null` means the profile did not exist: remove what the commit created.
+   */
+  async restore(profile: string, before: number | null): Promise<void> {
+    const now = currentGeneration(profile);
+    if (now === before) return;
+    if (before === null) {
+      rmSync(profile, { force: true });
+      if (now !== null) rmSync(join(dirname(profile), `${basename(profile)}-${now}-link`), { force: true });
+      return;
+    }
+    await nixEnv(profile, ['--switch-generation', String(before)]);
+    if (now !== null && now > before) await nixEnv(profile, ['--delete-generations', String(now)]);
+  },
+};

@@ -1,0 +1,148 @@
+// The agent's state directory: the pending record (state.json, replaced atomically), the append-only
+// history (history.jsonl, fsynced), GC roots for trial systems, and per-run switch output.
+
+import { closeSync, constants, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
+import { rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { SnapbackError } from '../shared/errors.ts';
+import { historyEntrySchema, type HistoryEntry } from '../shared/model.ts';
+import type { State } from './lifecycle.ts';
+
+// The state file is ours, but it is read after crashes and upgrades: check its shape, not every field.
+const stateFileSchema = z.object({
+  version: z.literal(1),
+  state: z.object({ phase: z.enum(['idle', 'preparing', 'activating', 'trial', 'committing', 'reverting']) }).loose(),
+});
+
+export class StateDir {
+  readonly root: string;
+  readonly stateFile: string;
+  readonly historyFile: string;
+
+  constructor(root: string) {
+    this.root = root;
+    this.stateFile = join(root, 'state.json');
+    this.historyFile = join(root, 'history.jsonl');
+  }
+
+  /** Creates the directory if needed. Does not write any file. */
+  ensure(): void {
+    mkdirSync(this.root, { recursive: true, mode: 0o700 });
+    mkdirSync(this.gcRootDir, { recursive: true, mode: 0o700 });
+    mkdirSync(this.runsDir, { recursive: true, mode: 0o700 });
+  }
+
+  get gcRootDir(): string {
+    return join(this.root, 'gcroots');
+  }
+  get runsDir(): string {
+    return join(this.root, 'runs');
+  }
+  gcRoot(id: string): string {
+    return join(this.gcRootDir, id);
+  }
+  runDir(key: string): string {
+    return join(this.runsDir, key);
+  }
+
+  /** The persisted state; a missing file is a fresh agent, an unreadable one stops the agent. */
+  load(): State {
+    let text: string;
+    try {
+      text = readFileSync(this.stateFile, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { phase: 'idle' };
+      throw new SnapbackError('state-corrupt', `cannot read ${this.stateFile}: ${(err as Error).message}`);
+    }
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(text);
+    } catch (err) {
+      throw new SnapbackError(
+        'state-corrupt',
+        `${this.stateFile} is not valid JSON (${(err as Error).message}); the agent will not touch the system until an operator inspects it`,
+      );
+    }
+    const result = stateFileSchema.safeParse(parsed);
+    if (!result.success) {
+      throw new SnapbackError('state-corrupt', `${this.stateFile} has an unexpected shape: ${result.error.issues[0]?.message ?? 'invalid'}`);
+    }
+    return result.data.state as unknown as State;
+  }
+
+  /** temp file, fsync, rename, fsync dir: after a crash the file is the old or the new state, never half. */
+  save(state: State): void {
+    const tmp = `${this.stateFile}.tmp`;
+    try {
+      writeDurably(tmp, JSON.stringify({ version: 1, state }, null, 2) + '\n', 'w');
+      renameSync(tmp, this.stateFile);
+      fsyncDir(this.root);
+    } catch (err) {
+      try {
+        unlinkSync(tmp);
+      } catch {}
+      throw new SnapbackError('state-unwritable', `cannot write ${this.stateFile}: ${(err as Error).message}`);
+    }
+  }
+
+  /** Proves the directory takes a durable write before anything changes on the system. */
+  probeWritable(): void {
+    const probe = join(this.root, '.write-probe');
+    try {
+      writeDurably(probe, 'ok\n', 'w');
+      unlinkSync(probe);
+    } catch (err) {
+      throw new SnapbackError('state-unwritable', `the state directory ${this.root} is not writable: ${(err as Error).message}`);
+    }
+  }
+
+  appendHistory(entry: HistoryEntry): void {
+    writeDurably(this.historyFile, JSON.stringify(entry) + '\n', 'a');
+  }
+
+  /** History entries, oldest first; lines that do not parse are skipped, not fatal. */
+  readHistory(): HistoryEntry[] {
+    let text: string;
+    try {
+      text = readFileSync(this.historyFile, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      throw new SnapbackError('state-corrupt', `cannot read ${this.historyFile}: ${(err as Error).message}`);
+    }
+    const out: HistoryEntry[] = [];
+    for (const line of text.split('\n')) {
+      if (!line.trim()) continue;
+      try {
+        const parsed = historyEntrySchema.safeParse(JSON.parse(line));
+        if (parsed.success) out.push(parsed.data);
+      } catch {}
+    }
+    return out;
+  }
+
+  removeRun(key: string): void {
+    rmSync(this.runDir(key), { recursive: true, force: true });
+  }
+}
+
+function writeDurably(path: string, data: string, flag: 'w' | 'a'): void {
+  const fd = openSync(path, flag === 'w' ? constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC : 'a', 0o600);
+  try {
+    const buf = Buffer.from(data);
+    let off = 0;
+    while (off < buf.length) off += writeSync(fd, buf, off);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function fsyncDir(dir: string): void {
+  const fd = openSync(dir, constants.O_RDONLY | constants.O_DIRECTORY);
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}

@@ -1,0 +1,119 @@
+// The agent's configuration file (DESIGN §8) as one zod schema, and the loader that turns
+// every problem in a file into one line naming the key. Unknown keys are errors, not ignored.
+
+import { readFileSync } from 'node:fs';
+import { z } from 'zod';
+import { SnapbackError } from './errors.ts';
+
+const absolutePath = z.string().startsWith('/', { message: 'must be an absolute path' });
+const seconds = z.number().int().positive();
+
+export const healthCheckSchema = z.strictObject({
+  name: z.string().min(1).optional(),
+  /** argv (run directly) or a string (run with /bin/sh -c) */
+  command: z.union([z.array(z.string()).min(1), z.string().min(1)]),
+  timeoutSec: seconds.default(30),
+});
+
+export const agentConfigSchema = z
+  .strictObject({
+    listen: z
+      .strictObject({
+        host: z.string().min(1).default('::'),
+        port: z.number().int().min(0).max(65535).default(7731),
+        tls: z.strictObject({ cert: absolutePath, key: absolutePath }).optional(),
+      })
+      .prefault({}),
+    stateDir: absolutePath.default('/var/lib/snapback'),
+    controlSocket: absolutePath.default('/run/snapback/control.sock'),
+    hostKey: absolutePath.default('/etc/ssh/ssh_host_ed25519_key'),
+    /** OpenSSH authorized_keys lines allowed to deploy */
+    authorizedKeys: z.array(z.string().min(1)).default([]),
+    system: z
+      .strictObject({
+        profile: absolutePath.default('/nix/var/nix/profiles/system'),
+        currentSystem: absolutePath.default('/run/current-system'),
+        /** default: "systemd" when /run/systemd/system exists, else "direct" */
+        runner: z.enum(['systemd', 'direct']).optional(),
+        switchLock: absolutePath.default('/run/nixos/switch-to-configuration.lock'),
+        /** where the boot id is read; a test points it at a file to simulate a reboot */
+        bootIdFile: absolutePath.default('/proc/sys/kernel/random/boot_id'),
+      })
+      .prefault({}),
+    nix: z
+      .strictObject({
+        substituters: z.array(z.string().min(1)).default([]),
+        trustedPublicKeys: z.array(z.string().regex(/^[^:\s]+:[A-Za-z0-9+/=]+$/, 'must be NAME:BASE64')).default([]),
+      })
+      .prefault({}),
+    confirm: z
+      .strictObject({
+        defaultTimeoutSec: seconds.default(300),
+        minTimeoutSec: seconds.default(30),
+        maxTimeoutSec: seconds.default(3600),
+        activationTimeoutSec: seconds.default(600),
+      })
+      .prefault({}),
+    health: z
+      .strictObject({
+        failedUnits: z.enum(['block', 'ignore']).default('block'),
+        checks: z.array(healthCheckSchema).default([]),
+      })
+      .prefault({}),
+    log: z.strictObject({ level: z.enum(['debug', 'info', 'warn', 'error']).default('info') }).prefault({}),
+  })
+  .superRefine((c, ctx) => {
+    const { minTimeoutSec, maxTimeoutSec, defaultTimeoutSec } = c.confirm;
+    if (minTimeoutSec > maxTimeoutSec) {
+      ctx.addIssue({ code: 'custom', path: ['confirm', 'minTimeoutSec'], message: 'must not exceed confirm.maxTimeoutSec' });
+    }
+    if (defaultTimeoutSec < minTimeoutSec || defaultTimeoutSec > maxTimeoutSec) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['confirm', 'defaultTimeoutSec'],
+        message: `must lie within confirm.minTimeoutSec..maxTimeoutSec (${minTimeoutSec}..${maxTimeoutSec})`,
+      });
+    }
+  });
+
+export type AgentConfig = z.infer<typeof agentConfigSchema>;
+export type HealthCheck = z.infer<typeof healthCheckSchema>;
+
+export const DEFAULT_CONFIG_PATH = '/etc/snapback/agent.json';
+
+/** One line per problem: `confirm.maxTimeoutSec: expected number, received string`. */
+export function describeIssues(error: z.ZodError): string[] {
+  return error.issues.map((issue) => {
+    const where = issue.path.length ? issue.path.map(String).join('.') : '(top level)';
+    if (issue.code === 'unrecognized_keys') {
+      return `${where}: unknown key${issue.keys.length > 1 ? 's' : ''} ${issue.keys.map((k) => `"${k}"`).join(', ')}`;
+    }
+    return `${where}: ${issue.message}`;
+  });
+}
+
+/** Parses a config object; throws `config-invalid` listing every problem. */
+export function parseAgentConfig(raw: unknown, source = 'configuration'): AgentConfig {
+  const result = agentConfigSchema.safeParse(raw);
+  if (!result.success) {
+    const lines = describeIssues(result.error);
+    throw new SnapbackError('config-invalid', `${source} is invalid:\n  ${lines.join('\n  ')}`, { problems: lines });
+  }
+  return result.data;
+}
+
+export function loadAgentConfig(path: string): AgentConfig {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (err) {
+    throw new SnapbackError('config-invalid', `cannot read ${path}: ${(err as Error).message}`);
+  }
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (err) {
+    throw new SnapbackError('config-invalid', `${path} is not valid JSON: ${(err as Error).message}`);
+  }
+  return parseAgentConfig(raw, path);
+}

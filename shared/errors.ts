@@ -1,0 +1,64 @@
+// Stable error codes shared by the wire protocol, the console socket, the CLIs and the README,
+// and the process exit codes they map to. A code never changes meaning once released.
+
+export const EXIT = {
+  ok: 0,
+  /** some host (or this host) reverted, failed, or the request was refused */
+  failed: 1,
+  /** usage or configuration error */
+  usage: 2,
+  /** could not reach or authenticate before changing anything */
+  unreachable: 3,
+  /** outcome unknown */
+  unknown: 4,
+} as const;
+export type ExitCode = (typeof EXIT)[keyof typeof EXIT];
+
+/** code → [exit status, retryable, one-line meaning for the README and `--help`] */
+export const ERROR_CODES = {
+  'bad-request': [EXIT.usage, false, 'the message or command is malformed; the text names the field'],
+  'config-invalid': [EXIT.usage, false, 'the configuration file has unknown keys or bad values'],
+  'timeout-out-of-range': [EXIT.usage, false, 'a timeout is outside confirm.minTimeoutSec..maxTimeoutSec'],
+  busy: [EXIT.failed, true, 'another deployment is running; the text carries its id'],
+  'switch-locked': [EXIT.failed, true, 'someone holds /run/nixos/switch-to-configuration.lock'],
+  'not-ready': [EXIT.failed, true, 'the deployment is still preparing or activating; retry'],
+  'no-trial': [EXIT.failed, false, 'there is no trial to confirm, roll back or extend'],
+  'unknown-deployment': [EXIT.failed, false, 'the deployment id is not the running one'],
+  'deployment-finished': [EXIT.failed, false, 'the deployment already ended with another outcome'],
+  'bad-token': [EXIT.failed, false, 'the confirm token is missing or wrong (use a fresh connection)'],
+  'health-failed': [EXIT.failed, false, "the host's own health checks failed; confirm refused"],
+  'bad-target': [EXIT.failed, false, 'the target is not a NixOS toplevel or does not exist'],
+  'fetch-failed': [EXIT.failed, false, 'realising the store path failed (substituters, signatures)'],
+  'build-failed': [EXIT.failed, false, 'building the flake failed'],
+  'no-current-system': [EXIT.failed, false, 'the running system cannot be read, so there is nothing to revert to'],
+  'state-unwritable': [EXIT.failed, false, 'the state directory cannot be written; nothing was changed'],
+  'state-corrupt': [EXIT.usage, false, 'a state file cannot be read; the agent touches nothing until fixed'],
+  unauthorized: [EXIT.unreachable, false, 'the key is not authorized or a signature is wrong'],
+  unreachable: [EXIT.unreachable, true, 'the agent cannot be reached'],
+  'rate-limited': [EXIT.failed, true, 'too many messages on this connection'],
+  internal: [EXIT.unknown, false, 'an unexpected error inside the agent'],
+} as const satisfies Record<string, readonly [ExitCode, boolean, string]>;
+
+export type ErrorCode = keyof typeof ERROR_CODES;
+
+/** An error that carries a stable code across process and wire boundaries. */
+export class SnapbackError extends Error {
+  readonly code: ErrorCode;
+  readonly details: Record<string, unknown> | undefined;
+  constructor(code: ErrorCode, message: string, details?: Record<string, unknown>) {
+    super(message);
+    this.name = 'SnapbackError';
+    this.code = code;
+    this.details = details;
+  }
+  get exitCode(): ExitCode {
+    return ERROR_CODES[this.code][0];
+  }
+  get retryable(): boolean {
+    return ERROR_CODES[this.code][1];
+  }
+}
+
+export function exitCodeFor(code: string): ExitCode {
+  return code in ERROR_CODES ? ERROR_CODES[code as ErrorCode][0] : EXIT.unknown;
+}

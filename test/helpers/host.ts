@@ -1,0 +1,220 @@
+// A scratch "host" for integration tests: its own profile, current-system link, boot id, state
+// directory and control socket under a temp dir, and a real `snapback-agent serve` process.
+
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { mkdtempSync, readFileSync, readdirSync, realpathSync, rmSync, symlinkSync, writeFileSync, mkdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { buildToplevel, type Behaviour } from './nix.ts';
+
+export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
+export const AGENT_BIN = join(ROOT, 'bin', 'snapback-agent.js');
+
+export type LogLine = { level: number; msg: string; [k: string]: unknown };
+
+export class ScratchHost {
+  readonly dir: string;
+  readonly configPath: string;
+  readonly calls: string;
+  readonly current: string;
+  readonly profile: string;
+  readonly stateDir: string;
+  readonly bootIdFile: string;
+  gen1!: string;
+  config: Record<string, unknown>;
+  agent: ChildProcess | undefined;
+  private lines: LogLine[] = [];
+  private waiters = new Set<() => void>();
+
+  constructor(name = 'host', config: Record<string, unknown> = {}) {
+    this.dir = mkdtempSync(join(tmpdir(), `snapback-${name}-`));
+    this.calls = join(this.dir, 'calls.log');
+    this.current = join(this.dir, 'current-system');
+    this.profile = join(this.dir, 'profiles', 'system');
+    this.stateDir = join(this.dir, 'state');
+    this.bootIdFile = join(this.dir, 'boot_id');
+    this.configPath = join(this.dir, 'agent.json');
+    mkdirSync(join(this.dir, 'profiles'));
+    writeFileSync(this.calls, '');
+    writeFileSync(this.bootIdFile, randomUUID() + '\n');
+    this.config = {
+      stateDir: this.stateDir,
+      controlSocket: join(this.dir, 'control.sock'),
+      hostKey: join(this.dir, 'ssh_host_ed25519_key'),
+      system: { profile: this.profile, currentSystem: this.current, runner: 'direct', bootIdFile: this.bootIdFile, switchLock: join(this.dir, 'stc.lock') },
+      confirm: { defaultTimeoutSec: 30, minTimeoutSec: 1, maxTimeoutSec: 600, activationTimeoutSec: 30 },
+      log: { level: 'debug' },
+      ...config,
+    };
+    this.writeConfig();
+  }
+
+  writeConfig(patch: Record<string, unknown> = {}): void {
+    this.config = { ...this.config, ...patch };
+    writeFileSync(this.configPath, JSON.stringify(this.config, null, 2));
+  }
+
+  /** The "installed" system: generation 1 of the profile, and running. */
+  install(): this {
+    this.gen1 = this.toplevel('gen1');
+    execFileSync('nix-env', ['-p', this.profile, '--set', this.gen1], { stdio: 'ignore' });
+    symlinkSync(this.gen1, this.current);
+    return this;
+  }
+
+  toplevel(name: string, b: Behaviour = {}): string {
+    return buildToplevel(join(this.dir, 'nix'), name, this.calls, this.current, b);
+  }
+
+  // ---- the agent process ----------------------------------------------------------------------
+
+  async start(): Promise<void> {
+    this.lines = [];
+    const child = spawn(process.execPath, [AGENT_BIN, 'serve', '--config', this.configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
+    this.agent = child;
+    let buf = '';
+    child.stdout!.setEncoding('utf8');
+    child.stdout!.on('data', (chunk: string) => {
+      buf += chunk;
+      let nl: number;
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        try {
+          this.lines.push(JSON.parse(line) as LogLine);
+        } catch {
+          this.lines.push({ level: 30, msg: line });
+        }
+        for (const w of this.waiters) w();
+      }
+    });
+    let stderr = '';
+    child.stderr!.on('data', (c) => (stderr += c));
+    const exited = new Promise<never>((_, reject) => child.once('exit', (code) => reject(new Error(`agent exited ${code} before serving: ${stderr}`))));
+    await Promise.race([this.waitLog((l) => l.msg === 'snapback-agent serving', 20_000), exited]);
+  }
+
+  /** Resolves with the first log line (past or future) matching `pred`. */
+  waitLog(pred: (l: LogLine) => boolean, timeoutMs = 30_000): Promise<LogLine> {
+    const found = this.lines.find(pred);
+    if (found) return Promise.resolve(found);
+    return new Promise((resolve, reject) => {
+      const check = () => {
+        const hit = this.lines.find(pred);
+        if (hit) {
+          cleanup();
+          resolve(hit);
+        }
+      };
+      const timer = setTimeout(() => {
+        cleanup();
+        reject(new Error(`timed out waiting for a log line; saw:\n${this.lines.map((l) => `  ${l.msg}`).join('\n')}`));
+      }, timeoutMs);
+      const cleanup = () => {
+        clearTimeout(timer);
+        this.waiters.delete(check);
+      };
+      this.waiters.add(check);
+    });
+  }
+
+  /** Waits until the agent logs the end of deployment `id`. */
+  waitOutcome(id: string, timeoutMs = 30_000): Promise<LogLine> {
+    return this.waitLog((l) => l.msg.startsWith(`deployment ${id} `) && /^deployment \S+ (confirmed|reverted|failed|stuck)/.test(l.msg), timeoutMs);
+  }
+
+  logs(): LogLine[] {
+    return this.lines;
+  }
+
+  async kill9(): Promise<void> {
+    const child = this.agent;
+    if (!child || child.exitCode !== null) return;
+    const gone = new Promise((r) => child.once('exit', r));
+    child.kill('SIGKILL');
+    await gone;
+    this.agent = undefined;
+  }
+
+  async stop(): Promise<void> {
+    const child = this.agent;
+    if (!child || child.exitCode !== null) return;
+    const gone = new Promise((r) => child.once('exit', r));
+    child.kill('SIGTERM');
+    await gone;
+    this.agent = undefined;
+  }
+
+  /** Power loss: the agent dies, the boot id changes, the bootloader boots the profile's generation. */
+  async reboot(): Promise<void> {
+    await this.kill9();
+    writeFileSync(this.bootIdFile, randomUUID() + '\n');
+    rmSync(this.current, { force: true });
+    symlinkSync(realpathSync(this.profile), this.current);
+  }
+
+  // ---- the console ------------------------------------------------------------------------------
+
+  /** Runs `snapback-agent ARGS --config … --json` and parses its JSON output. */
+  cli(args: string[], opts: { json?: boolean } = {}): Promise<{ code: number; out: any; stdout: string; stderr: string }> {
+    const json = opts.json ?? true;
+    return new Promise((resolve) => {
+      const child = spawn(process.execPath, [AGENT_BIN, ...args, '--config', this.configPath, ...(json ? ['--json'] : [])], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let stdout = '';
+      let stderr = '';
+      child.stdout.on('data', (c) => (stdout += c));
+      child.stderr.on('data', (c) => (stderr += c));
+      child.on('exit', (code) => {
+        let out: unknown;
+        try {
+          out = json ? JSON.parse(stdout) : undefined;
+        } catch {}
+        resolve({ code: code ?? -1, out, stdout, stderr });
+      });
+    });
+  }
+
+  // ---- what happened on the "host" ------------------------------------------------------------
+
+  /** `switch-to-configuration` calls as `[toplevel, mode]`. */
+  switchCalls(): [string, string][] {
+    return readFileSync(this.calls, 'utf8')
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => l.split(' ') as [string, string]);
+  }
+
+  running(): string {
+    return realpathSync(this.current);
+  }
+
+  generations(): number[] {
+    return readdirSync(join(this.dir, 'profiles'))
+      .map((f) => /^system-(\d+)-link$/.exec(f)?.[1])
+      .filter((n): n is string => !!n)
+      .map(Number)
+      .sort((a, b) => a - b);
+  }
+
+  bootDefault(): string {
+    return realpathSync(this.profile);
+  }
+
+  history(): any[] {
+    try {
+      return readFileSync(join(this.stateDir, 'history.jsonl'), 'utf8')
+        .split('\n')
+        .filter(Boolean)
+        .map((l) => JSON.parse(l));
+    } catch {
+      return [];
+    }
+  }
+
+  async cleanup(): Promise<void> {
+    await this.kill9();
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}

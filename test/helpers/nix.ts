@@ -1,0 +1,103 @@
+// Fake NixOS toplevels built with real Nix. Each is a derivation whose own `switch-to-configuration`
+// records every call, updates the scratch `currentSystem` link like NixOS's activation does, and can
+// fail, hang or exit 4. Bootloader, real switch and reboot are the simulated parts; the agent's code
+// path (run the toplevel's script) is the production one.
+
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { arch } from 'node:os';
+
+/** Real Nix, offline, as root without a daemon or build users (TESTBED.md). */
+export const NIX_CONFIG = 'sandbox = false\nbuild-users-group =\nsubstituters =\nexperimental-features = nix-command flakes\n';
+process.env.NIX_CONFIG = NIX_CONFIG;
+
+export const SYSTEM = `${arch() === 'arm64' ? 'aarch64' : 'x86_64'}-linux`;
+
+export function haveNix(): string | undefined {
+  try {
+    execFileSync('nix-store', ['--version'], { stdio: 'ignore' });
+    return undefined;
+  } catch {
+    return 'Nix is not installed (apt-get install nix-bin): skipping tests that need real Nix';
+  }
+}
+
+export interface Behaviour {
+  /** shell run on `test`/`switch` before the current-system link moves (e.g. `exit 2`, `sleep 600`) */
+  beforeLink?: string;
+  /** shell run on `test`/`switch` after the link moved (e.g. `exit 4`) */
+  afterLink?: string;
+  /** shell run on `boot` (e.g. `exit 1`) */
+  boot?: string;
+  /** leave out bin/switch-to-configuration: not a toplevel */
+  notToplevel?: boolean;
+}
+
+/** The shell script a fake toplevel runs as `bin/switch-to-configuration`. */
+export function switchScript(calls: string, current: string, b: Behaviour): string {
+  return `#!/bin/sh
+self=$(cd "$(dirname "$0")/.." && pwd)
+echo "$self $1" >> ${calls}
+case "$1" in
+  test|switch)
+    ${b.beforeLink ?? ':'}
+    ln -sfn "$self" ${current}
+    ${b.afterLink ?? ':'}
+    ;;
+  boot)
+    ${b.boot ?? ':'}
+    ;;
+esac
+exit 0
+`;
+}
+
+/** The Nix expression of a fake toplevel (pure: usable from a flake). */
+export function toplevelExpr(name: string, scriptFile: string | null): string {
+  const install = scriptFile
+    ? '/bin/mkdir -p $out/bin && printf "%s" "$script" > $out/bin/switch-to-configuration && /bin/chmod +x $out/bin/switch-to-configuration'
+    : '/bin/mkdir -p $out/share && echo not-a-toplevel > $out/share/readme';
+  return `derivation {
+  name = "nixos-system-${name}";
+  system = "${SYSTEM}";
+  builder = "/bin/sh";
+  args = [ "-c" ${JSON.stringify(install)} ];
+  ${scriptFile ? `script = builtins.readFile ./${scriptFile};` : ''}
+}
+`;
+}
+
+/** Builds a fake toplevel in `dir` and returns its store path (not rooted: tests may delete it). */
+export function buildToplevel(dir: string, name: string, calls: string, current: string, b: Behaviour = {}): string {
+  mkdirSync(dir, { recursive: true });
+  const script = `${name}.sh`;
+  writeFileSync(join(dir, script), switchScript(calls, current, b));
+  writeFileSync(join(dir, `${name}.nix`), toplevelExpr(name, b.notToplevel ? null : script));
+  return execFileSync('nix-build', [join(dir, `${name}.nix`), '--no-out-link'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
+}
+
+/** Writes a `path:` flake whose nixosConfigurations.HOST toplevel is a fake toplevel; returns its ref. */
+export function writeFlake(dir: string, host: string, calls: string, current: string, b: Behaviour = {}): string {
+  mkdirSync(dir, { recursive: true });
+  writeFileSync(join(dir, 'switch.sh'), switchScript(calls, current, b));
+  writeFileSync(join(dir, 'toplevel.nix'), toplevelExpr(`${host}-flake`, 'switch.sh'));
+  writeFileSync(
+    join(dir, 'flake.nix'),
+    `{
+  outputs = { self }: {
+    nixosConfigurations.${host}.config.system.build.toplevel = import ./toplevel.nix;
+  };
+}
+`,
+  );
+  return `path:${dir}`;
+}
+
+export function nixStore(args: string[]): string {
+  return execFileSync('nix-store', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
+}
+
+export function nix(args: string[]): string {
+  return execFileSync('nix', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
+}
