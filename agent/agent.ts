@@ -377,10 +377,10 @@ export class Agent {
   }
 
   /** The confirm token for network sessions authenticated after activation finished (promise 5). */
-  trialToken(): { id: string; token: string; readyAt: string } | undefined {
+  trialToken(): { id: string; token: string; readyMono: number } | undefined {
     const d = this.state.deployment;
     if (this.state.phase !== 'trial' || !d?.trial) return undefined;
-    return { id: d.id, token: d.trial.token, readyAt: d.trial.startedAt };
+    return { id: d.id, token: d.trial.token, readyMono: d.bootId === this.bootId() ? d.trial.startedMono : 0 };
   }
 }
 

@@ -12,6 +12,8 @@ import { ControlServer, request, type ControlRequest } from './control.ts';
 import { createLogger } from './log.ts';
 import { readCurrentSystem } from './nix.ts';
 import { StateDir } from './state-dir.ts';
+import { WireServer } from './server.ts';
+import { keyFileSigner } from '../shared/ssh.ts';
 
 const USAGE = `snapback-agent ${VERSION} — commit-confirmed activation of NixOS systems
 
@@ -153,15 +155,40 @@ async function serve(config: AgentConfig): Promise<number> {
   }
   const control = await ControlServer.listen(config.controlSocket, agent, log);
   await agent.start();
+  const wire = await listenWire(config, agent, log);
   log.info({ version: VERSION, stateDir: config.stateDir, controlSocket: config.controlSocket, phase: agent.phase }, 'snapback-agent serving');
   return new Promise<number>((resolve) => {
     const stop = (signal: string) => {
       log.info({ signal }, 'stopping; a running trial keeps its deadline and resumes on the next start');
-      void control.close().then(() => agent.close()).then(() => resolve(EXIT.ok));
+      void Promise.all([control.close(), wire?.close()])
+        .then(() => agent.close())
+        .then(() => resolve(EXIT.ok));
     };
     process.once('SIGTERM', () => stop('SIGTERM'));
     process.once('SIGINT', () => stop('SIGINT'));
   });
+}
+
+/**
+ * The network side. Without authorized keys nobody could deploy, so the port stays closed; without
+ * a readable host key the agent cannot prove itself. Either way the console keeps working.
+ */
+async function listenWire(config: AgentConfig, agent: Agent, log: ReturnType<typeof createLogger>): Promise<WireServer | undefined> {
+  if (config.authorizedKeys.length === 0) {
+    log.info('no authorizedKeys configured: not listening for controllers (the console works)');
+    return undefined;
+  }
+  let host;
+  try {
+    host = keyFileSigner(config.hostKey);
+  } catch (err) {
+    log.error({ hostKey: config.hostKey }, `cannot use the host key, not listening for controllers: ${(err as Error).message}`);
+    return undefined;
+  }
+  const wire = await WireServer.listen(config, agent, log, host);
+  const { address, port } = wire.address();
+  log.info({ address, port, tls: Boolean(config.listen.tls), hostKey: host.publicKey.fingerprint }, `listening for controllers on port ${port}`);
+  return wire;
 }
 
 // ---- console commands -----------------------------------------------------------------------------

@@ -33,6 +33,8 @@ export interface Deployment {
   };
   trial?: {
     startedAt: string;
+    /** when activation finished: only connections accepted after this may confirm (promise 5) */
+    startedMono: number;
     deadlineMono: number;
     deadlineWall: string;
     token: string;
@@ -307,7 +309,7 @@ export function step(state: State, event: Event, now: Now): Step {
       const unhealthy = event.exit === 4 ? 'switch-to-configuration test exited 4: some units failed' : undefined;
       const next: Deployment = {
         ...d,
-        trial: { startedAt: now.wall, deadlineMono, deadlineWall, token: event.token, ...(unhealthy ? { unitsFailed: true } : {}) },
+        trial: { startedAt: now.wall, startedMono: now.mono, deadlineMono, deadlineWall, token: event.token, ...(unhealthy ? { unitsFailed: true } : {}) },
       };
       const moved = move(state, next, 'trial', 'activated', AGENT, {
         ...(unhealthy ? { detail: unhealthy } : {}),

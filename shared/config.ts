@@ -3,7 +3,7 @@
 
 import { readFileSync } from 'node:fs';
 import { z } from 'zod';
-import { SnapbackError } from './errors.ts';
+import { SnapbackError, describeIssues } from './errors.ts';
 
 const absolutePath = z.string().startsWith('/', { message: 'must be an absolute path' });
 const seconds = z.number().int().positive();
@@ -80,17 +80,6 @@ export type AgentConfig = z.infer<typeof agentConfigSchema>;
 export type HealthCheck = z.infer<typeof healthCheckSchema>;
 
 export const DEFAULT_CONFIG_PATH = '/etc/snapback/agent.json';
-
-/** One line per problem: `confirm.maxTimeoutSec: expected number, received string`. */
-export function describeIssues(error: z.ZodError): string[] {
-  return error.issues.map((issue) => {
-    const where = issue.path.length ? issue.path.map(String).join('.') : '(top level)';
-    if (issue.code === 'unrecognized_keys') {
-      return `${where}: unknown key${issue.keys.length > 1 ? 's' : ''} ${issue.keys.map((k) => `"${k}"`).join(', ')}`;
-    }
-    return `${where}: ${issue.message}`;
-  });
-}
 
 /** Parses a config object; throws `config-invalid` listing every problem. */
 export function parseAgentConfig(raw: unknown, source = 'configuration'): AgentConfig {

@@ -1,6 +1,8 @@
 // Stable error codes shared by the wire protocol, the console socket, the CLIs and the README,
 // and the process exit codes they map to. A code never changes meaning once released.
 
+import type { z } from 'zod';
+
 export const EXIT = {
   ok: 0,
   /** some host (or this host) reverted, failed, or the request was refused */
@@ -62,3 +64,15 @@ export class SnapbackError extends Error {
 export function exitCodeFor(code: string): ExitCode {
   return code in ERROR_CODES ? ERROR_CODES[code as ErrorCode][0] : EXIT.unknown;
 }
+
+/** One line per problem: `confirm.maxTimeoutSec: expected number, received string`. */
+export function describeIssues(error: z.ZodError): string[] {
+  return error.issues.map((issue) => {
+    const where = issue.path.length ? issue.path.map(String).join('.') : '(top level)';
+    if (issue.code === 'unrecognized_keys') {
+      return `${where}: unknown key${issue.keys.length > 1 ? 's' : ''} ${issue.keys.map((k) => `"${k}"`).join(', ')}`;
+    }
+    return `${where}: ${issue.message}`;
+  });
+}
+

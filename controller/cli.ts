@@ -1,0 +1,264 @@
+// `snapback`: the controller CLI, a thin skin over fleet loading, sessions and the deploy flow.
+// Exit codes (DESIGN §6): 0 all confirmed; 1 some host reverted or failed; 2 usage or config error;
+// 3 could not reach or authenticate a host before changing anything; 4 outcome unknown.
+
+import { parseArgs } from 'node:util';
+import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
+import { loadFleet, type Fleet, type FleetHost } from '../shared/fleet.ts';
+import { describeOutcome, type Target } from '../shared/model.ts';
+import type { HostStatus as AgentStatus } from '../shared/protocol.ts';
+import { VERSION } from '../shared/version.ts';
+import { deployHost, exitCodeOf, type HostResult } from './deploy.ts';
+import { resolveSigners } from './identity.ts';
+import { renderer } from './render.ts';
+import { Session } from './session.ts';
+
+const USAGE = `snapback ${VERSION} — deploy NixOS systems that revert on their own unless confirmed
+
+usage: snapback <command> [options]
+
+  deploy [HOST…|--all|--tag T]   activate, reconnect, probe, confirm (or roll back) each host
+         [--flake REF]            the hosts build REF#<host> themselves
+         [--timeout S]            confirm window (else the host's confirmTimeoutSec, defaults, or the agent's default)
+         [--parallel N]           hosts at once (default: defaults.parallel, 10)
+  status [HOST…]                 state, countdown and last outcome of each host (default: all)
+  confirm HOST                   confirm HOST's running trial (over a fresh connection)
+  rollback HOST                  revert HOST's running trial now
+  history HOST [--limit N]       HOST's deployment history
+
+options: --fleet FILE (default ./snapback.json), --json, --help, --version
+exit codes: 0 all confirmed; 1 some host reverted or failed; 2 usage or config error;
+            3 could not reach or authenticate a host before changing anything; 4 outcome unknown`;
+
+class UsageError extends Error {}
+
+export async function main(argv: string[]): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      options: {
+        fleet: { type: 'string', default: 'snapback.json' },
+        json: { type: 'boolean', default: false },
+        all: { type: 'boolean', default: false },
+        tag: { type: 'string', multiple: true },
+        flake: { type: 'string' },
+        timeout: { type: 'string' },
+        parallel: { type: 'string' },
+        limit: { type: 'string' },
+        help: { type: 'boolean', short: 'h', default: false },
+        version: { type: 'boolean', default: false },
+      },
+    });
+  } catch (err) {
+    process.stderr.write(`snapback: ${(err as Error).message}\n\n${USAGE}\n`);
+    return EXIT.usage;
+  }
+  const { values: o, positionals } = parsed;
+  if (o.version) return process.stdout.write(VERSION + '\n'), EXIT.ok;
+  const [command, ...names] = positionals;
+  if (o.help || !command) {
+    process[o.help ? 'stdout' : 'stderr'].write(USAGE + '\n');
+    return o.help ? EXIT.ok : EXIT.usage;
+  }
+  try {
+    const fleet = loadFleet(o.fleet);
+    switch (command) {
+      case 'deploy': {
+        const hosts = select(fleet, names, o.all, o.tag ?? [], true);
+        const timeoutSec = o.timeout ? positiveInt(o.timeout, '--timeout') : undefined;
+        const parallel = o.parallel ? positiveInt(o.parallel, '--parallel') : fleet.defaults.parallel;
+        return await deploy(fleet, hosts, { json: o.json, parallel, ...(o.flake ? { flake: o.flake } : {}), ...(timeoutSec ? { timeoutSec } : {}) });
+      }
+      case 'status':
+        return await status(fleet, select(fleet, names, o.all || names.length === 0, o.tag ?? [], false), o.json);
+      case 'confirm':
+      case 'rollback':
+        if (names.length !== 1) throw new UsageError(`${command} takes one HOST`);
+        return await act(fleet, names[0]!, command, o.json);
+      case 'history':
+        if (names.length !== 1) throw new UsageError('history takes one HOST');
+        return await history(fleet, names[0]!, o.json, o.limit ? positiveInt(o.limit, '--limit') : undefined);
+      default:
+        throw new UsageError(`unknown command "${command}"`);
+    }
+  } catch (err) {
+    if (err instanceof UsageError) {
+      process.stderr.write(`snapback: ${err.message}\n\n${USAGE}\n`);
+      return EXIT.usage;
+    }
+    if (err instanceof SnapbackError) {
+      if (o.json) process.stdout.write(JSON.stringify({ type: 'error', code: err.code, message: err.message }) + '\n');
+      else process.stderr.write(`snapback: ${err.message}\n`);
+      return err.exitCode;
+    }
+    throw err;
+  }
+}
+
+function positiveInt(s: string, what: string): number {
+  if (!/^\d+$/.test(s) || Number(s) <= 0) throw new UsageError(`${what} must be a positive whole number, not "${s}"`);
+  return Number(s);
+}
+
+/** Hosts named on the command line, or `--all`, or by `--tag`; in fleet-file order. */
+function select(fleet: Fleet, names: string[], all: boolean, tags: string[], requireChoice: boolean): string[] {
+  for (const n of names) if (!(n in fleet.hosts)) throw new UsageError(`unknown host "${n}" (the fleet file has: ${Object.keys(fleet.hosts).join(', ')})`);
+  const chosen = Object.entries(fleet.hosts)
+    .filter(([name, h]) => all || names.includes(name) || h.tags.some((t) => tags.includes(t)))
+    .map(([name]) => name);
+  if (requireChoice && !chosen.length) throw new UsageError(names.length || tags.length ? 'no host matches' : 'name the hosts to deploy, or --all, or --tag T');
+  return chosen;
+}
+
+function targetFor(name: string, host: FleetHost, flake?: string): Target {
+  if (flake) return { flake: `${flake}#${name}` };
+  if (host.target) return host.target;
+  throw new SnapbackError('config-invalid', `hosts.${name}.target is missing (or pass --flake REF to let the host build REF#${name})`);
+}
+
+/**
+ * Runs the deploy flow per host, at most `parallel` at once; a host whose `dependsOn` (among the
+ * selected hosts) did not confirm is not started.
+ */
+async function deploy(fleet: Fleet, names: string[], opts: { json: boolean; parallel: number; flake?: string; timeoutSec?: number }): Promise<number> {
+  const targets = new Map(names.map((n) => [n, targetFor(n, fleet.hosts[n]!, opts.flake)]));
+  checkAcyclic(fleet, names);
+  const signers = await resolveSigners(fleet);
+  const out = renderer(opts.json ? 'json' : 'text');
+  const started = new Map<string, Promise<HostResult>>();
+  let running = 0;
+  const queue: (() => void)[] = [];
+  const slot = async () => {
+    if (running >= opts.parallel) await new Promise<void>((r) => queue.push(r));
+    running++;
+  };
+  const release = () => {
+    running--;
+    queue.shift()?.();
+  };
+  const run = (name: string): Promise<HostResult> => {
+    const existing = started.get(name);
+    if (existing) return existing;
+    const host = fleet.hosts[name]!;
+    const p = (async (): Promise<HostResult> => {
+      const deps = host.dependsOn.filter((d) => names.includes(d));
+      const depResults = await Promise.all(deps.map(run));
+      const blocked = depResults.find((r) => r.status !== 'confirmed');
+      if (blocked) {
+        const result: HostResult = { host: name, status: 'failed', message: `not started: dependency ${blocked.host} is ${blocked.status}` };
+        out.event({ type: 'done', host: name, result });
+        return result;
+      }
+      await slot();
+      try {
+        const timeoutSec = opts.timeoutSec ?? host.confirmTimeoutSec ?? fleet.defaults.confirmTimeoutSec;
+        return await deployHost({
+          name,
+          host,
+          target: targets.get(name)!,
+          ...(timeoutSec ? { timeoutSec } : {}),
+          probes: host.probes ?? fleet.defaults.probes ?? [],
+          probeTimeoutSec: fleet.defaults.probeTimeoutSec,
+          signers,
+          emit: (e) => out.event(e),
+        });
+      } finally {
+        release();
+      }
+    })();
+    started.set(name, p);
+    return p;
+  };
+  const results = await Promise.all(names.map(run));
+  const exit = exitCodeOf(results);
+  out.result(results, exit);
+  return exit;
+}
+
+function checkAcyclic(fleet: Fleet, names: string[]): void {
+  const state = new Map<string, 'visiting' | 'done'>();
+  const visit = (n: string, path: string[]) => {
+    if (state.get(n) === 'done') return;
+    if (state.get(n) === 'visiting') throw new SnapbackError('config-invalid', `dependsOn forms a cycle: ${[...path, n].join(' → ')}`);
+    state.set(n, 'visiting');
+    for (const d of fleet.hosts[n]!.dependsOn) if (names.includes(d)) visit(d, [...path, n]);
+    state.set(n, 'done');
+  };
+  for (const n of names) visit(n, []);
+}
+
+async function withSession<T>(fleet: Fleet, name: string, fn: (s: Session) => Promise<T>): Promise<T> {
+  const host = fleet.hosts[name];
+  if (!host) throw new UsageError(`unknown host "${name}"`);
+  const s = await Session.open(name, host, await resolveSigners(fleet));
+  try {
+    return await fn(s);
+  } finally {
+    s.close();
+  }
+}
+
+async function status(fleet: Fleet, names: string[], json: boolean): Promise<number> {
+  const signers = await resolveSigners(fleet);
+  const rows = await Promise.all(
+    names.map(async (name) => {
+      try {
+        const s = await Session.open(name, fleet.hosts[name]!, signers);
+        s.close();
+        return { host: name, ok: true as const, status: s.welcome.state };
+      } catch (err) {
+        if (err instanceof SnapbackError && err.code === 'config-invalid') throw err;
+        return { host: name, ok: false as const, error: (err as Error).message };
+      }
+    }),
+  );
+  if (json) process.stdout.write(JSON.stringify({ type: 'status', hosts: rows }) + '\n');
+  else for (const r of rows) process.stdout.write(`${r.host}: ${r.ok ? statusLine(r.status) : `unreachable: ${r.error}`}\n`);
+  return rows.every((r) => r.ok) ? EXIT.ok : EXIT.unreachable;
+}
+
+export function statusLine(s: AgentStatus): string {
+  const d = s.deployment;
+  const now = d && s.phase === 'trial' ? `trial of ${d.toplevel}, reverting in ${d.secondsLeft ?? '?'}s (deployment ${d.id})` : d ? `${s.phase} (deployment ${d.id})` : `idle, running ${s.currentSystem}`;
+  return `${now}${s.last ? `; last: ${s.last.id} ${describeOutcome(s.last.outcome)}` : ''}`;
+}
+
+async function act(fleet: Fleet, name: string, what: 'confirm' | 'rollback', json: boolean): Promise<number> {
+  return withSession(fleet, name, async (s) => {
+    const st = s.welcome.state;
+    const id = st.deployment?.id;
+    if (!id) {
+      const msg = `${name} runs no trial${st.last ? ` (last: ${st.last.id} ${describeOutcome(st.last.outcome)})` : ''}`;
+      return report(json, { host: name, ok: false, code: 'no-trial', message: msg }, EXIT.failed);
+    }
+    const token = s.welcome.confirm?.token;
+    if (what === 'confirm' && !token) return report(json, { host: name, ok: false, code: 'not-ready', message: `${name}: deployment ${id} is ${st.phase}; retry` }, EXIT.failed);
+    const r = await s.command(what === 'confirm' ? { type: 'confirm', id, token: token! } : { type: 'rollback', id });
+    if (r.type === 'outcome') {
+      const wanted = what === 'confirm' ? 'confirmed' : 'reverted';
+      return report(json, { host: name, ok: true, id, outcome: r.outcome, message: `${name}: ${describeOutcome(r.outcome)}` }, r.outcome.outcome === wanted ? EXIT.ok : EXIT.failed);
+    }
+    if (r.type === 'error') return report(json, { host: name, ok: false, code: r.code, message: `${name}: ${r.message}` }, exitCodeFor(r.code));
+    return report(json, { host: name, ok: false, message: `unexpected answer ${r.type}` }, EXIT.unknown);
+  });
+}
+
+function report(json: boolean, body: { message: string } & Record<string, unknown>, exit: number): number {
+  process.stdout.write(json ? JSON.stringify({ type: 'result', exit, ...body }) + '\n' : body.message + '\n');
+  return exit;
+}
+
+async function history(fleet: Fleet, name: string, json: boolean, limit?: number): Promise<number> {
+  return withSession(fleet, name, async (s) => {
+    const r = await s.request({ type: 'history', ...(limit ? { limit } : {}) });
+    if (r.type !== 'history') throw new SnapbackError('unreachable', `${name}: no history answer`);
+    if (json) process.stdout.write(JSON.stringify(r.entries) + '\n');
+    else
+      for (const e of r.entries) {
+        process.stdout.write(`${e.at} ${e.id} ${e.from} → ${e.to} (${e.event}) by ${e.by.who} via ${e.by.channel}${e.outcome ? `: ${describeOutcome(e.outcome)}` : ''}\n`);
+      }
+    return EXIT.ok;
+  });
+}

@@ -1,0 +1,223 @@
+// The deploy flow for one host (DESIGN §6), told in order:
+//   authenticate → activate (stream progress) → close → dial a *fresh* connection → probes
+//   → confirm (or rollback when a probe fails) → report.
+// If no fresh connection gets through inside the window, wait past the deadline and ask again, so
+// the report is the host's own outcome, never a guess.
+
+import { setTimeout as sleep } from 'node:timers/promises';
+import { EXIT, SnapbackError, type ExitCode } from '../shared/errors.ts';
+import type { FleetHost, Probe } from '../shared/fleet.ts';
+import { describeOutcome, type Outcome, type Target } from '../shared/model.ts';
+import type { ServerMessage } from '../shared/protocol.ts';
+import type { Signer } from '../shared/ssh.ts';
+import { runProbes, type ProbeResult } from './probes.ts';
+import { Session, type SessionOptions } from './session.ts';
+
+export type HostStatus = 'confirmed' | 'reverted' | 'failed' | 'unreachable' | 'unknown';
+
+export interface HostResult {
+  host: string;
+  status: HostStatus;
+  id?: string;
+  outcome?: Outcome;
+  failedProbes?: ProbeResult[];
+  message: string;
+}
+
+export type DeployEvent =
+  | { type: 'connected'; host: string; as: string }
+  | { type: 'phase'; host: string; id: string; phase: string; toplevel?: string }
+  | { type: 'line'; host: string; id: string; line: string }
+  | { type: 'trial'; host: string; id: string; secondsLeft: number; deadline: string }
+  | { type: 'reconnecting'; host: string; attempt: number; error: string }
+  | { type: 'reconnected'; host: string }
+  | { type: 'probe'; host: string; name: string; ok: boolean; detail?: string }
+  | { type: 'confirming'; host: string; id: string }
+  | { type: 'rolling-back'; host: string; id: string; why: string }
+  | { type: 'waiting'; host: string; id: string; seconds: number; why: string }
+  | { type: 'done'; host: string; result: HostResult };
+
+export interface DeployHostOptions {
+  name: string;
+  host: FleetHost;
+  target: Target;
+  timeoutSec?: number;
+  probes: Probe[];
+  probeTimeoutSec: number;
+  signers: Signer[];
+  emit: (e: DeployEvent) => void;
+  session?: SessionOptions;
+  /** how long to keep asking for the outcome after the deadline (default 120 s) */
+  graceSec?: number;
+}
+
+const mono = () => performance.now();
+
+export async function deployHost(o: DeployHostOptions): Promise<HostResult> {
+  const result = await flow(o);
+  o.emit({ type: 'done', host: o.name, result });
+  return result;
+}
+
+async function flow(o: DeployHostOptions): Promise<HostResult> {
+  const { name } = o;
+  let first: Session;
+  try {
+    first = await Session.open(name, o.host, o.signers, o.session);
+  } catch (err) {
+    return unreachable(name, err);
+  }
+  o.emit({ type: 'connected', host: name, as: first.welcome.you });
+
+  let id: string | undefined;
+  const answer = await first.command({ type: 'activate', target: o.target, ...(o.timeoutSec ? { timeoutSec: o.timeoutSec } : {}) }, (m) => {
+    if (m.type !== 'progress') return;
+    id ??= m.id;
+    if (m.phase) o.emit({ type: 'phase', host: name, id: m.id, phase: m.phase, ...(m.toplevel ? { toplevel: m.toplevel } : {}) });
+    if (m.line !== undefined) o.emit({ type: 'line', host: name, id: m.id, line: m.line });
+  });
+  // The connection that carried the activation may have survived the switch only thanks to
+  // conntrack: it must not be the one that confirms (promise 5).
+  first.close();
+
+  let deadline: number;
+  if (answer.type === 'trial') {
+    id = answer.id;
+    deadline = mono() + answer.secondsLeft * 1000;
+    o.emit({ type: 'trial', host: name, id, secondsLeft: answer.secondsLeft, deadline: answer.deadline });
+  } else if (answer.type === 'outcome') {
+    return fromOutcome(name, answer.id, answer.outcome);
+  } else if (answer.type === 'error' && answer.code === 'unreachable' && id) {
+    // Lost during the switch: the host holds its own deadline; find out where it stands.
+    deadline = mono() + (o.timeoutSec ?? 300) * 1000;
+  } else if (answer.type === 'error') {
+    const status: HostStatus = answer.code === 'unauthorized' ? 'unreachable' : answer.code === 'unreachable' ? 'unknown' : 'failed';
+    return { host: name, status, ...(answer.id ? { id: answer.id } : {}), message: `activate refused (${answer.code}): ${answer.message}` };
+  } else {
+    return { host: name, status: 'unknown', message: `unexpected answer "${answer.type}" to activate` };
+  }
+
+  const window = Math.max(0, deadline - mono());
+  const margin = Math.min(10_000, Math.max(1000, window * 0.1));
+  const fresh = await freshTrialSession(o, id, deadline - margin);
+  if (fresh.kind === 'outcome') return fromOutcome(name, id, fresh.outcome);
+  if (fresh.kind === 'none') {
+    const seconds = Math.ceil((deadline - mono()) / 1000);
+    o.emit({ type: 'waiting', host: name, id, seconds: Math.max(0, seconds), why: 'no fresh connection got through inside the confirm window; the host will revert on its own' });
+    return learnOutcome(o, id, deadline);
+  }
+  const { session, token } = fresh;
+  const trialId = id;
+
+  const budget = deadline - margin - mono();
+  const results = await runProbes(o.probes, o.probeTimeoutSec, budget, (r) =>
+    o.emit({ type: 'probe', host: name, name: r.name, ok: r.ok, ...(r.detail ? { detail: r.detail } : {}) }),
+  );
+  const failed = results.filter((r) => !r.ok);
+  if (failed.length) {
+    const why = failed.map((r) => `probe ${r.name} failed: ${r.detail}`).join('; ');
+    o.emit({ type: 'rolling-back', host: name, id, why });
+    const r = await session.command({ type: 'rollback', id });
+    session.close();
+    const outcome = await settle(o, id, deadline, r);
+    return { ...outcome, failedProbes: failed, message: `${outcome.message} — ${why}` };
+  }
+
+  o.emit({ type: 'confirming', host: name, id });
+  const r = await session.command({ type: 'confirm', id, token }, (m) => {
+    if (m.type === 'progress' && m.problems) o.emit({ type: 'line', host: name, id: trialId, line: `health gate: ${m.problems.join('; ')}` });
+  });
+  if (r.type === 'error' && r.code === 'health-failed') {
+    // The host refuses to commit; do not leave it waiting for the deadline.
+    o.emit({ type: 'rolling-back', host: name, id, why: r.message });
+    const back = await session.command({ type: 'rollback', id });
+    session.close();
+    const outcome = await settle(o, id, deadline, back);
+    return { ...outcome, message: `${outcome.message} — ${r.message}` };
+  }
+  session.close();
+  return settle(o, id, deadline, r);
+}
+
+/** Turns the final answer to confirm/rollback into a result; asks again if the connection dropped. */
+async function settle(o: DeployHostOptions, id: string, deadline: number, m: ServerMessage): Promise<HostResult> {
+  if (m.type === 'outcome') return fromOutcome(o.name, id, m.outcome);
+  if (m.type === 'error' && m.outcome) return fromOutcome(o.name, id, m.outcome);
+  if (m.type === 'error' && m.code === 'unreachable') return learnOutcome(o, id, deadline);
+  if (m.type === 'error') return { host: o.name, status: 'unknown', id, message: `${m.code}: ${m.message}` };
+  return { host: o.name, status: 'unknown', id, message: `unexpected answer "${m.type}"` };
+}
+
+type Fresh = { kind: 'session'; session: Session; token: string } | { kind: 'outcome'; outcome: Outcome } | { kind: 'none' };
+
+/** Dials new connections with backoff until one carries the confirm token for `id`, or `until`. */
+async function freshTrialSession(o: DeployHostOptions, id: string, until: number): Promise<Fresh> {
+  let delay = 250;
+  for (let attempt = 1; mono() < until; attempt++) {
+    let error: string;
+    try {
+      const s = await Session.open(o.name, o.host, o.signers, { ...o.session, timeoutMs: Math.max(500, Math.min(5000, until - mono())) });
+      const w = s.welcome;
+      if (w.confirm?.id === id) {
+        o.emit({ type: 'reconnected', host: o.name });
+        return { kind: 'session', session: s, token: w.confirm.token };
+      }
+      s.close();
+      if (w.state.last?.id === id) return { kind: 'outcome', outcome: w.state.last.outcome };
+      error = w.state.deployment?.id === id ? `the deployment is ${w.state.phase}` : `the host runs no trial of ${id}`;
+      if (w.state.deployment?.id !== id) return { kind: 'none' };
+    } catch (err) {
+      if (err instanceof SnapbackError && (err.code === 'config-invalid' || err.details?.hostKey)) throw err;
+      error = (err as Error).message;
+    }
+    o.emit({ type: 'reconnecting', host: o.name, attempt, error });
+    await sleep(Math.max(0, Math.min(delay, until - mono())));
+    delay = Math.min(delay * 2, 2000);
+  }
+  return { kind: 'none' };
+}
+
+/** After the deadline: keep asking the host for the outcome of `id`; `unknown` if it never answers. */
+async function learnOutcome(o: DeployHostOptions, id: string, deadline: number): Promise<HostResult> {
+  const wait = deadline - mono() + 1000;
+  if (wait > 0) await sleep(wait);
+  const until = mono() + (o.graceSec ?? 120) * 1000;
+  let last = 'no connection';
+  let attempt = 0;
+  while (mono() < until) {
+    attempt++;
+    try {
+      const s = await Session.open(o.name, o.host, o.signers, { ...o.session, timeoutMs: 5000 });
+      const st = s.welcome.state;
+      s.close();
+      if (st.last?.id === id) return fromOutcome(o.name, id, st.last.outcome);
+      last = st.deployment?.id === id ? `still ${st.phase}` : `the host does not know ${id}`;
+      if (st.deployment?.id !== id) break;
+    } catch (err) {
+      if (err instanceof SnapbackError && (err.code === 'config-invalid' || err.details?.hostKey)) throw err;
+      last = (err as Error).message;
+    }
+    o.emit({ type: 'reconnecting', host: o.name, attempt, error: last });
+    await sleep(Math.min(2000, Math.max(0, until - mono())));
+  }
+  return { host: o.name, status: 'unknown', id, message: `outcome unknown: ${last}` };
+}
+
+function fromOutcome(host: string, id: string, outcome: Outcome): HostResult {
+  const status: HostStatus = outcome.outcome === 'confirmed' ? 'confirmed' : outcome.outcome === 'reverted' ? 'reverted' : 'failed';
+  return { host, status, id, outcome, message: describeOutcome(outcome) };
+}
+
+function unreachable(host: string, err: unknown): HostResult {
+  if (err instanceof SnapbackError && err.code === 'config-invalid') throw err;
+  return { host, status: 'unreachable', message: (err as Error).message };
+}
+
+/** 0 all confirmed; 4 any outcome unknown; 1 any reverted or failed; 3 any unreachable before a change. */
+export function exitCodeOf(results: HostResult[]): ExitCode {
+  const has = (s: HostStatus) => results.some((r) => r.status === s);
+  if (has('unknown')) return EXIT.unknown;
+  if (has('reverted') || has('failed')) return EXIT.failed;
+  if (has('unreachable')) return EXIT.unreachable;
+  return EXIT.ok;
+}

@@ -1,0 +1,29 @@
+// Which SSH key the controller signs with: the fleet file's `identity.sshKey` (a key file, or the
+// same key held by ssh-agent when the file is encrypted), else every ssh-ed25519 key in ssh-agent.
+
+import { SnapbackError } from '../shared/errors.ts';
+import { expandHome, type Fleet } from '../shared/fleet.ts';
+import { agentIdentities, agentSigner, keyFileSigner, readKeyFile, type Signer } from '../shared/ssh.ts';
+
+export async function resolveSigners(fleet: Fleet, env: NodeJS.ProcessEnv = process.env): Promise<Signer[]> {
+  const sock = env.SSH_AUTH_SOCK;
+  const keyPath = fleet.identity?.sshKey ? expandHome(fleet.identity.sshKey) : undefined;
+  if (keyPath) {
+    const file = readKeyFile(keyPath);
+    if (file.privateKey) return [keyFileSigner(keyPath, file)];
+    if (sock) {
+      const held = (await agentIdentities(sock)).find((k) => k.blob.equals(file.publicKey.blob));
+      if (held) return [agentSigner(sock, held)];
+    }
+    throw new SnapbackError(
+      'config-invalid',
+      `identity.sshKey ${keyPath} is encrypted and ${sock ? 'the ssh-agent at SSH_AUTH_SOCK does not hold it' : 'no ssh-agent is running (SSH_AUTH_SOCK is unset)'}: run "ssh-add ${keyPath}"`,
+    );
+  }
+  if (!sock) {
+    throw new SnapbackError('config-invalid', 'no identity: set "identity": { "sshKey": "~/.ssh/id_ed25519" } in the fleet file, or start ssh-agent and ssh-add your key');
+  }
+  const keys = await agentIdentities(sock);
+  if (!keys.length) throw new SnapbackError('config-invalid', `the ssh-agent at ${sock} holds no ssh-ed25519 key: ssh-add one`);
+  return keys.map((k) => agentSigner(sock, k));
+}

@@ -1,0 +1,229 @@
+// One authenticated connection to an agent: dial, check the TLS pin, prove the operator's key, check
+// the host's key, then send (signed) commands and collect the answers. Short-lived by design: the
+// deploy flow closes it after activation and dials a fresh one to confirm.
+
+import { createHash, randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import type { TLSSocket } from 'node:tls';
+import WebSocket from 'ws';
+import { SnapbackError } from '../shared/errors.ts';
+import { expandHome, type FleetHost } from '../shared/fleet.ts';
+import {
+  MAX_PAYLOAD,
+  SUBPROTOCOL,
+  commandPayload,
+  serverMessageSchema,
+  transcript,
+  type CommandBody,
+  type ServerMessage,
+  type SignedCommand,
+  type Welcome,
+} from '../shared/protocol.ts';
+import { formatPublicKey, knownHostKeys, parsePublicKeyLine, verifySignature, type PublicKey, type Signer } from '../shared/ssh.ts';
+
+export interface SessionOptions {
+  /** for the connection and the handshake */
+  timeoutMs?: number;
+  knownHostsFile?: string;
+}
+
+type Pending = { match: (m: ServerMessage) => boolean; resolve: (m: ServerMessage) => void; onOther?: (m: ServerMessage) => void };
+
+export class Session {
+  readonly welcome: Welcome;
+  readonly signer: Signer;
+  private readonly ws: WebSocket;
+  private readonly agentNonce: string;
+  private readonly controllerNonce: string;
+  private seq = 0;
+  private readonly pending = new Set<Pending>();
+  private closedWith: SnapbackError | undefined;
+
+  private constructor(ws: WebSocket, welcome: Welcome, signer: Signer, agentNonce: string, controllerNonce: string) {
+    this.ws = ws;
+    this.welcome = welcome;
+    this.signer = signer;
+    this.agentNonce = agentNonce;
+    this.controllerNonce = controllerNonce;
+    ws.on('message', (data) => {
+      const msg = parseServerMessage(data.toString());
+      if (!msg) return;
+      for (const p of this.pending) {
+        if (p.match(msg)) {
+          this.pending.delete(p);
+          p.resolve(msg);
+          return;
+        }
+      }
+      for (const p of this.pending) p.onOther?.(msg);
+    });
+    ws.on('close', () => {
+      this.closedWith ??= new SnapbackError('unreachable', 'the connection to the agent was lost');
+      for (const p of this.pending) p.resolve({ type: 'error', code: 'unreachable', message: this.closedWith.message, retryable: true });
+      this.pending.clear();
+    });
+  }
+
+  /**
+   * Opens an authenticated session, trying each signer in turn (like ssh tries its keys). Throws
+   * `unreachable` (cannot connect), `unauthorized` (no key accepted, or the host key is wrong).
+   */
+  static async open(name: string, host: FleetHost, signers: Signer[], opts: SessionOptions = {}): Promise<Session> {
+    const expected = expectedHostKeys(name, host, opts.knownHostsFile);
+    let last: SnapbackError | undefined;
+    for (const signer of signers) {
+      try {
+        return await Session.openWith(name, host, signer, expected, opts);
+      } catch (err) {
+        if (!(err instanceof SnapbackError) || err.code !== 'unauthorized' || err.details?.hostKey) throw err;
+        last = err;
+      }
+    }
+    throw last ?? new SnapbackError('unauthorized', 'no SSH key to authenticate with');
+  }
+
+  private static openWith(name: string, host: FleetHost, signer: Signer, expected: PublicKey[], opts: SessionOptions): Promise<Session> {
+    const timeoutMs = opts.timeoutMs ?? 10_000;
+    const pin = host.tlsFingerprint?.replace(/:/g, '').toLowerCase();
+    return new Promise((resolve, reject) => {
+      const ws = new WebSocket(host.url, SUBPROTOCOL, {
+        perMessageDeflate: false,
+        maxPayload: MAX_PAYLOAD,
+        handshakeTimeout: timeoutMs,
+        // A pinned self-signed certificate is checked below, before a single byte of ours is sent.
+        ...(pin ? { rejectUnauthorized: false } : {}),
+      });
+      const controllerNonce = randomBytes(32).toString('base64url');
+      let agentNonce: string | undefined;
+      let done = false;
+      const timer = setTimeout(() => fail(new SnapbackError('unreachable', `${name}: no answer from ${host.url} within ${timeoutMs / 1000}s`)), timeoutMs);
+      const fail = (err: SnapbackError) => {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        ws.terminate();
+        reject(err);
+      };
+      ws.on('upgrade', (res) => {
+        if (!pin) return;
+        const cert = (res.socket as TLSSocket).getPeerCertificate?.();
+        const got = cert?.raw ? createHash('sha256').update(cert.raw).digest('hex') : undefined;
+        if (got !== pin) fail(new SnapbackError('unauthorized', `${name}: the TLS certificate does not match tlsFingerprint (got ${got ?? 'none'})`, { hostKey: true }));
+      });
+      ws.on('error', (err) => fail(new SnapbackError('unreachable', `${name}: cannot connect to ${host.url}: ${err.message}`)));
+      ws.on('close', (code, reason) => fail(new SnapbackError('unreachable', `${name}: the agent closed the connection (${code} ${reason.toString()})`)));
+      ws.on('message', async (data) => {
+        if (done) return;
+        const msg = parseServerMessage(data.toString());
+        if (!msg) return fail(new SnapbackError('unreachable', `${name}: the agent sent a malformed message`));
+        if (msg.type === 'challenge' && !agentNonce) {
+          agentNonce = msg.nonce;
+          const key = formatPublicKey({ ...signer.publicKey, comment: '' });
+          const sig = await signer.sign(transcript('client', agentNonce, controllerNonce, key));
+          ws.send(JSON.stringify({ type: 'hello', nonce: controllerNonce, key, sig }));
+          return;
+        }
+        if (msg.type === 'error') {
+          const code = msg.code === 'unauthorized' ? 'unauthorized' : 'unreachable';
+          return fail(new SnapbackError(code, `${name}: ${msg.message}`));
+        }
+        if (msg.type !== 'welcome' || !agentNonce) return fail(new SnapbackError('unreachable', `${name}: unexpected "${msg.type}" during the handshake`));
+        // The host proves itself with its SSH host key over both nonces and our key.
+        let hostKey: PublicKey;
+        try {
+          hostKey = parsePublicKeyLine(msg.hostKey);
+        } catch {
+          return fail(new SnapbackError('unauthorized', `${name}: the agent sent an unusable host key`, { hostKey: true }));
+        }
+        const key = formatPublicKey({ ...signer.publicKey, comment: '' });
+        if (!expected.some((k) => k.blob.equals(hostKey.blob))) {
+          return fail(
+            new SnapbackError('unauthorized', `${name}: host key ${hostKey.fingerprint} does not match the expected host key ${expected.map((k) => k.fingerprint).join(' or ')} — stopping before any change`, {
+              hostKey: true,
+            }),
+          );
+        }
+        if (!verifySignature(hostKey, transcript('host', agentNonce, controllerNonce, key), msg.hostSig)) {
+          return fail(new SnapbackError('unauthorized', `${name}: the host's signature over this session does not verify`, { hostKey: true }));
+        }
+        done = true;
+        clearTimeout(timer);
+        ws.removeAllListeners('message');
+        ws.removeAllListeners('close');
+        ws.on('error', () => {});
+        resolve(new Session(ws, msg, signer, agentNonce, controllerNonce));
+      });
+    });
+  }
+
+  /** Sends a state-changing command, signed over this session; resolves with its final answer. */
+  async command(
+    cmd: CommandBody,
+    onProgress?: (m: ServerMessage) => void,
+  ): Promise<ServerMessage> {
+    const seq = ++this.seq;
+    const unsigned = { ...cmd, seq } as Omit<SignedCommand, 'sig'>;
+    const sig = await this.signer.sign(commandPayload(this.agentNonce, this.controllerNonce, unsigned));
+    const final = (m: ServerMessage) => (m.type === 'outcome' || m.type === 'error' || m.type === 'trial') && (m.re === seq || m.re === undefined);
+    return this.ask({ ...unsigned, sig }, final, onProgress);
+  }
+
+  /** Sends an unsigned read-only request (`status`, `history`). */
+  request(msg: { type: 'status' } | { type: 'history'; id?: string; limit?: number }): Promise<ServerMessage> {
+    return this.ask(msg, (m) => m.type === msg.type || m.type === 'error');
+  }
+
+  private ask(msg: object, match: (m: ServerMessage) => boolean, onOther?: (m: ServerMessage) => void): Promise<ServerMessage> {
+    if (this.closedWith || this.ws.readyState !== WebSocket.OPEN) {
+      return Promise.resolve({ type: 'error', code: 'unreachable', message: 'the connection to the agent was lost', retryable: true });
+    }
+    return new Promise((resolve) => {
+      this.pending.add({ match, resolve, ...(onOther ? { onOther } : {}) });
+      this.ws.send(JSON.stringify(msg));
+    });
+  }
+
+  /** Sends raw text (tests use it to probe the agent's defences). */
+  sendRaw(data: string): void {
+    this.ws.send(data);
+  }
+
+  close(): void {
+    this.closedWith ??= new SnapbackError('unreachable', 'closed');
+    this.ws.close(1000);
+  }
+}
+
+function parseServerMessage(text: string): ServerMessage | undefined {
+  try {
+    const r = serverMessageSchema.safeParse(JSON.parse(text));
+    return r.success ? r.data : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The fleet file's `hostKey`, else the host's ssh-ed25519 entries in ~/.ssh/known_hosts. */
+export function expectedHostKeys(name: string, host: FleetHost, knownHostsFile = expandHome('~/.ssh/known_hosts')): PublicKey[] {
+  if (host.hostKey) {
+    try {
+      return [parsePublicKeyLine(host.hostKey)];
+    } catch (err) {
+      throw new SnapbackError('config-invalid', `hosts.${name}.hostKey: ${(err as Error).message}`);
+    }
+  }
+  const url = new URL(host.url);
+  const hostname = url.hostname.replace(/^\[|\]$/g, '');
+  let text = '';
+  try {
+    text = readFileSync(knownHostsFile, 'utf8');
+  } catch {}
+  const keys = knownHostKeys(text, hostname, url.port ? Number(url.port) : undefined);
+  if (!keys.length) {
+    throw new SnapbackError(
+      'config-invalid',
+      `hosts.${name}: no hostKey in the fleet file and no ssh-ed25519 key for ${hostname} in ${knownHostsFile} (add "hostKey": the output of "ssh-keyscan -t ed25519 ${hostname}" without the host name)`,
+    );
+  }
+  return keys;
+}

@@ -1,0 +1,91 @@
+// The controller's fleet file (`snapback.json`, DESIGN §6) as one zod schema, and its loader.
+
+import { readFileSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { z } from 'zod';
+import { SnapbackError, describeIssues } from './errors.ts';
+import { targetSchema } from './model.ts';
+
+const timeoutSec = z.number().int().positive();
+
+const hostPort = z.string().regex(/^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):\d{1,5}$/, 'must be HOST:PORT');
+
+export const probeSchema = z.union([
+  z.strictObject({ tcp: hostPort, name: z.string().optional(), timeoutSec: timeoutSec.optional() }),
+  z.strictObject({
+    http: z.url({ protocol: /^https?$/, error: 'must be an http:// or https:// URL' }),
+    expectStatus: z.number().int().min(100).max(599).default(200),
+    name: z.string().optional(),
+    timeoutSec: timeoutSec.optional(),
+  }),
+  z.strictObject({
+    command: z.union([z.array(z.string()).min(1), z.string().min(1)]),
+    name: z.string().optional(),
+    timeoutSec: timeoutSec.optional(),
+  }),
+]);
+export type Probe = z.infer<typeof probeSchema>;
+
+export const fleetHostSchema = z.strictObject({
+  url: z.string().regex(/^wss?:\/\/[^\s/]+\/?$/, 'must be ws://HOST[:PORT] or wss://HOST[:PORT]'),
+  /** the host's SSH host key line (`ssh-ed25519 AAAA…`); else ~/.ssh/known_hosts is consulted */
+  hostKey: z.string().optional(),
+  /** SHA-256 of the agent's TLS certificate (hex, colons optional), for wss:// with a self-signed cert */
+  tlsFingerprint: z
+    .string()
+    .regex(/^([0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}$/, 'must be a SHA-256 fingerprint (64 hex digits, colons optional)')
+    .optional(),
+  target: targetSchema.optional(),
+  tags: z.array(z.string().min(1)).default([]),
+  dependsOn: z.array(z.string().min(1)).default([]),
+  probes: z.array(probeSchema).optional(),
+  confirmTimeoutSec: timeoutSec.optional(),
+});
+export type FleetHost = z.infer<typeof fleetHostSchema>;
+
+export const fleetSchema = z
+  .strictObject({
+    identity: z.strictObject({ sshKey: z.string().min(1).optional() }).optional(),
+    defaults: z
+      .strictObject({
+        confirmTimeoutSec: timeoutSec.optional(),
+        probes: z.array(probeSchema).optional(),
+        probeTimeoutSec: timeoutSec.default(60),
+        parallel: z.number().int().positive().default(10),
+      })
+      .prefault({}),
+    hosts: z.record(z.string().regex(/^[A-Za-z0-9_.-]+$/, 'host names use letters, digits, "_", "." and "-"'), fleetHostSchema),
+  })
+  .superRefine((f, ctx) => {
+    for (const [name, h] of Object.entries(f.hosts)) {
+      for (const dep of h.dependsOn) {
+        if (!(dep in f.hosts)) ctx.addIssue({ code: 'custom', path: ['hosts', name, 'dependsOn'], message: `unknown host "${dep}"` });
+      }
+    }
+  });
+export type Fleet = z.infer<typeof fleetSchema>;
+
+export function expandHome(path: string): string {
+  return path === '~' || path.startsWith('~/') ? homedir() + path.slice(1) : path;
+}
+
+export function loadFleet(path: string): Fleet {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (err) {
+    throw new SnapbackError('config-invalid', `cannot read the fleet file ${path}: ${(err as Error).message}`);
+  }
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (err) {
+    throw new SnapbackError('config-invalid', `${path} is not valid JSON: ${(err as Error).message}`);
+  }
+  const r = fleetSchema.safeParse(raw);
+  if (!r.success) {
+    const lines = describeIssues(r.error);
+    throw new SnapbackError('config-invalid', `${path} is invalid:\n  ${lines.join('\n  ')}`, { problems: lines });
+  }
+  return r.data;
+}

@@ -1,0 +1,174 @@
+// The wire protocol `snapback.v1` (DESIGN §4): every message as one zod schema, and the exact bytes
+// that get signed. Both the agent and the controller import from here; nothing re-declares a type.
+//
+// Handshake:  agent → challenge {nonce Na}
+//             controller → hello {nonce Nc, key, sig over transcript("client", Na, Nc, key)}
+//             agent → welcome {host facts, hostKey, hostSig over transcript("host", Na, Nc, key), confirm?}
+// Afterwards every state-changing command carries `seq` (strictly increasing per connection) and a
+// signature over (Na, Nc, seq, the command without `sig`): a recorded message is useless on another
+// connection, and any change to it breaks the signature.
+
+import { z } from 'zod';
+import { outcomeSchema, phaseSchema, targetSchema, historyEntrySchema, actorSchema } from './model.ts';
+
+export const SUBPROTOCOL = 'snapback.v1';
+export const MAX_PAYLOAD = 256 * 1024;
+export const DEFAULT_PORT = 7731;
+
+const nonce = z.string().regex(/^[A-Za-z0-9_-]{32,128}$/, 'must be 32..128 base64url characters');
+const signature = z.string().min(1).max(2048);
+const id = z.string().min(1).max(128);
+const seq = z.number().int().positive();
+
+// ---- controller → agent -------------------------------------------------------------------------
+
+export const helloSchema = z.strictObject({
+  type: z.literal('hello'),
+  nonce,
+  /** the operator's OpenSSH public key line */
+  key: z.string().min(1).max(16 * 1024),
+  sig: signature,
+});
+
+export const statusRequestSchema = z.strictObject({ type: z.literal('status') });
+export const historyRequestSchema = z.strictObject({ type: z.literal('history'), id: id.optional(), limit: z.number().int().positive().max(10_000).optional() });
+
+export const activateSchema = z.strictObject({
+  type: z.literal('activate'),
+  seq,
+  target: targetSchema,
+  timeoutSec: z.number().int().positive().optional(),
+  sig: signature,
+});
+export const confirmSchema = z.strictObject({ type: z.literal('confirm'), seq, id, token: z.string().min(1).max(256), sig: signature });
+export const rollbackSchema = z.strictObject({ type: z.literal('rollback'), seq, id: id.optional(), sig: signature });
+export const extendSchema = z.strictObject({ type: z.literal('extend'), seq, id: id.optional(), seconds: z.number().int(), sig: signature });
+
+export const clientMessageSchema = z.discriminatedUnion('type', [
+  helloSchema,
+  statusRequestSchema,
+  historyRequestSchema,
+  activateSchema,
+  confirmSchema,
+  rollbackSchema,
+  extendSchema,
+]);
+export type ClientMessage = z.infer<typeof clientMessageSchema>;
+export type SignedCommand = z.infer<typeof activateSchema> | z.infer<typeof confirmSchema> | z.infer<typeof rollbackSchema> | z.infer<typeof extendSchema>;
+/** A signed command before `seq` and `sig` are added. */
+export type CommandBody = SignedCommand extends infer T ? (T extends SignedCommand ? Omit<T, 'sig' | 'seq'> : never) : never;
+export const SIGNED_TYPES = new Set(['activate', 'confirm', 'rollback', 'extend']);
+
+// ---- agent → controller -------------------------------------------------------------------------
+
+export const challengeSchema = z.strictObject({ type: z.literal('challenge'), nonce, agentVersion: z.string() });
+
+const lastSchema = z.object({ id, target: z.string(), outcome: outcomeSchema, finishedAt: z.string(), by: actorSchema });
+
+export const hostStatusSchema = z.object({
+  hostname: z.string(),
+  version: z.string(),
+  bootId: z.string(),
+  currentSystem: z.string().nullable(),
+  phase: phaseSchema,
+  deployment: z
+    .object({
+      id,
+      target: z.string(),
+      toplevel: z.string().optional(),
+      previous: z.string(),
+      requestedBy: actorSchema,
+      deadline: z.string().optional(),
+      secondsLeft: z.number().optional(),
+      unhealthy: z.string().optional(),
+    })
+    .optional(),
+  last: lastSchema.optional(),
+  offline: z.boolean().optional(),
+});
+
+export const welcomeSchema = z.strictObject({
+  type: z.literal('welcome'),
+  hostname: z.string(),
+  machineId: z.string(),
+  bootId: z.string(),
+  currentSystem: z.string().nullable(),
+  agentVersion: z.string(),
+  state: hostStatusSchema,
+  /** the agent's SSH host key line and its signature over the handshake transcript */
+  hostKey: z.string(),
+  hostSig: signature,
+  /** how this controller was recognised (key fingerprint and comment) */
+  you: z.string(),
+  /** present only on connections accepted after the trial's activation finished (promise 5) */
+  confirm: z.strictObject({ id, token: z.string() }).optional(),
+});
+
+export const progressSchema = z.strictObject({
+  type: z.literal('progress'),
+  id,
+  phase: phaseSchema.optional(),
+  deadline: z.string().optional(),
+  toplevel: z.string().optional(),
+  line: z.string().optional(),
+  problems: z.array(z.string()).optional(),
+});
+export const outcomeMessageSchema = z.strictObject({ type: z.literal('outcome'), id, outcome: outcomeSchema, re: seq.optional() });
+export const errorSchema = z.strictObject({
+  type: z.literal('error'),
+  code: z.string(),
+  message: z.string(),
+  retryable: z.boolean(),
+  id: id.optional(),
+  outcome: outcomeSchema.optional(),
+  re: seq.optional(),
+});
+export const statusReplySchema = z.strictObject({ type: z.literal('status'), status: hostStatusSchema });
+export const historyReplySchema = z.strictObject({ type: z.literal('history'), entries: z.array(historyEntrySchema) });
+/** the answer to `extend`, and to `activate` once the trial runs */
+export const trialSchema = z.strictObject({
+  type: z.literal('trial'),
+  id,
+  deadline: z.string(),
+  /** the window as the agent counts it, so the controller does not depend on clock agreement */
+  secondsLeft: z.number().int().nonnegative(),
+  toplevel: z.string().optional(),
+  re: seq.optional(),
+});
+
+export const serverMessageSchema = z.discriminatedUnion('type', [
+  challengeSchema,
+  welcomeSchema,
+  progressSchema,
+  outcomeMessageSchema,
+  errorSchema,
+  statusReplySchema,
+  historyReplySchema,
+  trialSchema,
+]);
+export type ServerMessage = z.infer<typeof serverMessageSchema>;
+export type Welcome = z.infer<typeof welcomeSchema>;
+export type HostStatus = z.infer<typeof hostStatusSchema>;
+
+// ---- what gets signed ---------------------------------------------------------------------------
+
+/** JSON with object keys sorted at every level: the same bytes on both sides. */
+export function canonicalJson(value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(',')}]`;
+  if (value && typeof value === 'object') {
+    const entries = Object.entries(value as Record<string, unknown>)
+      .filter(([, v]) => v !== undefined)
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+    return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${canonicalJson(v)}`).join(',')}}`;
+  }
+  return JSON.stringify(value);
+}
+
+export function transcript(role: 'client' | 'host', agentNonce: string, controllerNonce: string, controllerKey: string): string {
+  return canonicalJson([`${SUBPROTOCOL}/${role}`, agentNonce, controllerNonce, controllerKey]);
+}
+
+export function commandPayload(agentNonce: string, controllerNonce: string, command: Omit<SignedCommand, 'sig'> | SignedCommand): string {
+  const { sig: _, ...rest } = command as SignedCommand;
+  return canonicalJson([`${SUBPROTOCOL}/command`, agentNonce, controllerNonce, rest.seq, rest]);
+}
