@@ -249,8 +249,15 @@ export class WireServer {
       }
       case 'activate':
         return this.reply(s, msg.seq, await this.agent.activate({ target: msg.target, ...(msg.timeoutSec ? { timeoutSec: msg.timeoutSec } : {}), by }, progress));
-      case 'confirm':
+      case 'confirm': {
+        // Promise 5, enforced twice: the token is handed out only on fresh connections, and a
+        // connection that predates the trial cannot confirm even with a token learnt elsewhere.
+        const trial = this.agent.trialToken();
+        if (trial && trial.id === msg.id && s.acceptedMono < trial.readyMono) {
+          return this.reply(s, msg.seq, { ok: false, code: 'bad-token', message: 'this connection was opened before the trial started; confirm over a fresh connection', id: msg.id });
+        }
         return this.reply(s, msg.seq, await this.agent.confirm({ id: msg.id, token: msg.token, requireToken: true, by }, progress));
+      }
       case 'rollback':
         return this.reply(s, msg.seq, await this.agent.rollback({ ...(msg.id ? { id: msg.id } : {}), by }, progress));
       case 'extend':

@@ -161,6 +161,7 @@ async function deploy(fleet: Fleet, names: string[], opts: { json: boolean; para
           ...(timeoutSec ? { timeoutSec } : {}),
           probes: host.probes ?? fleet.defaults.probes ?? [],
           probeTimeoutSec: fleet.defaults.probeTimeoutSec,
+          graceSec: fleet.defaults.outcomeGraceSec,
           signers,
           emit: (e) => out.event(e),
         });

@@ -52,6 +52,8 @@ export const fleetSchema = z
         probes: z.array(probeSchema).optional(),
         probeTimeoutSec: timeoutSec.default(60),
         parallel: z.number().int().positive().default(10),
+        /** after a deadline passed unconfirmed: how long to keep asking the host for its outcome */
+        outcomeGraceSec: timeoutSec.default(120),
       })
       .prefault({}),
     hosts: z.record(z.string().regex(/^[A-Za-z0-9_.-]+$/, 'host names use letters, digits, "_", "." and "-"'), fleetHostSchema),

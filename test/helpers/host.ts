@@ -11,6 +11,7 @@ import { buildToplevel, type Behaviour } from './nix.ts';
 
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const AGENT_BIN = join(ROOT, 'bin', 'snapback-agent.js');
+export const CONTROLLER_BIN = join(ROOT, 'bin', 'snapback.js');
 
 export type LogLine = { level: number; msg: string; [k: string]: unknown };
 
@@ -153,6 +154,69 @@ export class ScratchHost {
     writeFileSync(this.bootIdFile, randomUUID() + '\n');
     rmSync(this.current, { force: true });
     symlinkSync(realpathSync(this.profile), this.current);
+  }
+
+  // ---- the network side ------------------------------------------------------------------------
+
+  /** Host key, an operator key `op`, the agent listening on loopback with `op` authorized. */
+  enableWire(extra: Record<string, unknown> = {}): this {
+    execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'root@scratch', '-f', join(this.dir, 'ssh_host_ed25519_key')]);
+    this.operatorKey('op');
+    this.writeConfig({ listen: { host: '127.0.0.1', port: 0 }, authorizedKeys: [this.publicKey('op')], ...extra });
+    return this;
+  }
+
+  /** Makes an ssh-ed25519 key pair `dir/NAME` (optionally with a passphrase) and returns its path. */
+  operatorKey(name: string, passphrase = ''): string {
+    const path = join(this.dir, name);
+    execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', passphrase, '-C', `${name}@test`, '-f', path]);
+    return path;
+  }
+
+  publicKey(name: string): string {
+    return readFileSync(join(this.dir, `${name}.pub`), 'utf8').trim();
+  }
+
+  get hostPublicKey(): string {
+    return readFileSync(join(this.dir, 'ssh_host_ed25519_key.pub'), 'utf8').trim();
+  }
+
+  /** The port the agent listens on (from its log). */
+  async port(): Promise<number> {
+    const l = await this.waitLog((x) => typeof x.port === 'number');
+    return l.port as number;
+  }
+
+  /** Writes a fleet file with host `web1` pointing at this agent (or `url`); returns its path. */
+  async fleet(host: Record<string, unknown> = {}, top: Record<string, unknown> = {}): Promise<string> {
+    const path = join(this.dir, 'snapback.json');
+    const fleet = {
+      identity: { sshKey: join(this.dir, 'op') },
+      ...top,
+      hosts: { web1: { url: `ws://127.0.0.1:${await this.port()}`, hostKey: this.hostPublicKey, ...host } },
+    };
+    writeFileSync(path, JSON.stringify(fleet, null, 2));
+    return path;
+  }
+
+  /** Runs the controller `snapback ARGS`; `--json` output is parsed into events and the result. */
+  snapback(args: string[], opts: { env?: NodeJS.ProcessEnv; json?: boolean; onSpawn?: (c: ChildProcess) => void } = {}): Promise<{ code: number; events: any[]; result: any; stdout: string; stderr: string }> {
+    const json = opts.json ?? true;
+    return new Promise((resolve) => {
+      const child = spawn(process.execPath, [CONTROLLER_BIN, ...args, ...(json ? ['--json'] : [])], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+        env: { ...process.env, SSH_AUTH_SOCK: '', ...opts.env },
+      });
+      opts.onSpawn?.(child);
+      let stdout = '';
+      let stderr = '';
+      child.stdout.on('data', (c) => (stdout += c));
+      child.stderr.on('data', (c) => (stderr += c));
+      child.on('exit', (code, signal) => {
+        const lines = json ? stdout.split('\n').filter(Boolean).map((l) => { try { return JSON.parse(l); } catch { return { unparsed: l }; } }) : [];
+        resolve({ code: code ?? (signal ? 128 : -1), events: lines.filter((l) => l.type === 'event'), result: lines.find((l) => l.type !== 'event'), stdout, stderr });
+      });
+    });
   }
 
   // ---- the console ------------------------------------------------------------------------------
