@@ -55,6 +55,7 @@ function describe(e: DeployEvent): string | undefined {
     case 'waiting':
       return `waiting ${e.seconds}s for the deadline: ${e.why}`;
     case 'done':
-      return e.result.status === 'confirmed' ? 'confirmed' : `${e.result.status}: ${e.result.message}`;
+      if (e.result.status === 'confirmed') return 'confirmed';
+      return e.result.outcome ? e.result.message : `${e.result.status}: ${e.result.message}`;
   }
 }

@@ -69,7 +69,7 @@ describe('snapback deploy', { skip }, () => {
     assert.deepEqual(h.generations(), [1]);
     const text = await h.snapback(['deploy', 'web1', '--fleet', fleet], { json: false });
     assert.match(text.stdout, /web1: probe vpn: FAILED/);
-    assert.match(text.stdout, /web1: reverted: reverted: requested — probe vpn failed/);
+    assert.match(text.stdout, /web1: reverted: requested — probe vpn failed/);
   });
 
   it('the controller killed after activation: the host reverts at the deadline', async () => {
