@@ -10,7 +10,8 @@ import type { AgentConfig } from '../shared/config.ts';
 import { SnapbackError, type ErrorCode } from '../shared/errors.ts';
 import type { Actor, HistoryEntry, Outcome, Phase, Target } from '../shared/model.ts';
 import { describeTarget } from '../shared/model.ts';
-import { DirectRunner, type Runner } from './activation.ts';
+import { DirectRunner, SystemdRunner, type Runner } from './activation.ts';
+import { FallbackTimer, systemdRunning } from './systemd.ts';
 import { now, readBootId } from './clock.ts';
 import { healthProblems } from './health.ts';
 import { step, secondsLeft, type Announcement, type Effect, type Event, type Reply, type State } from './lifecycle.ts';
@@ -47,12 +48,22 @@ export interface Status {
   offline?: boolean;
 }
 
+/** The fallback timer fires this long after the deadline: the agent itself reverts first. */
+export const FALLBACK_MARGIN_SEC = 5;
+
+export interface AgentOptions {
+  /** how the fallback timer starts this agent again: `[node, script, '--config', file]` */
+  reinvoke?: string[];
+  runner?: Runner;
+}
+
 export class Agent {
   readonly config: AgentConfig;
   readonly dir: StateDir;
   private readonly log: Logger;
   private readonly nix: Nix;
   private readonly runner: Runner;
+  private readonly fallback: FallbackTimer | undefined;
   private state: State;
   private queue: Promise<unknown> = Promise.resolve();
   private readonly listeners = new Set<(p: Progress) => void>();
@@ -61,20 +72,26 @@ export class Agent {
   private timer: NodeJS.Timeout | undefined;
   private closed = false;
 
-  private constructor(config: AgentConfig, log: Logger, state: State, runner?: Runner) {
+  private constructor(config: AgentConfig, log: Logger, state: State, options: AgentOptions) {
     this.config = config;
     this.log = log;
     this.dir = new StateDir(config.stateDir);
     this.nix = new Nix(config.nix);
-    this.runner = runner ?? new DirectRunner(this.dir.runsDir);
+    const kind = config.system.runner ?? (systemdRunning() ? 'systemd' : 'direct');
+    this.runner = options.runner ?? (kind === 'systemd' ? new SystemdRunner(this.dir.runsDir) : new DirectRunner(this.dir.runsDir));
+    this.fallback = kind === 'systemd' && options.reinvoke ? new FallbackTimer(options.reinvoke, log) : undefined;
     this.state = state;
   }
 
   /** Reads the state directory; a corrupt state file throws `state-corrupt` and nothing is touched. */
-  static open(config: AgentConfig, log: Logger, runner?: Runner): Agent {
+  static open(config: AgentConfig, log: Logger, options: AgentOptions = {}): Agent {
     const dir = new StateDir(config.stateDir);
     dir.ensure();
-    return new Agent(config, log, dir.load(), runner);
+    return new Agent(config, log, dir.load(), options);
+  }
+
+  get runnerName(): 'direct' | 'systemd' {
+    return this.runner.name;
   }
 
   /** Resumes whatever the previous process left: a countdown, a switch, a commit, a revert. */
@@ -162,6 +179,14 @@ export class Agent {
       case 'release':
         this.release(effect.id);
         return;
+      case 'fallback': {
+        const fallback = this.fallback;
+        if (!fallback) return;
+        const id = effect.id;
+        if ('cancel' in effect) return this.spawn(() => fallback.cancel(id));
+        const inSec = (effect.atMono - now().mono) / 1000 + FALLBACK_MARGIN_SEC;
+        return this.spawn(() => fallback.arm(id, inSec).catch((err: Error) => this.log.error({ deployment: id }, err.message)));
+      }
       case 'prepare':
         return this.spawn(async () => {
           const d = effect.deployment;
@@ -169,6 +194,15 @@ export class Agent {
             const toplevel = await this.nix.obtain(d.target, this.dir.gcRoot(d.id), this.config.system.profile, (line) =>
               this.emit({ type: 'output', id: d.id, line }),
             );
+            // Promise 3: the independent revert exists before anything changes. Its first time is an
+            // upper bound (switch limit + window); the trial's real deadline re-arms it.
+            if (this.fallback) {
+              try {
+                await this.fallback.arm(d.id, d.activationTimeoutSec + d.timeoutSec + FALLBACK_MARGIN_SEC);
+              } catch (err) {
+                throw new SnapbackError('internal', `${(err as Error).message}; refusing to activate without it`);
+              }
+            }
             await this.dispatch({ type: 'prepared', id: d.id, toplevel });
           } catch (err) {
             const e = asSnapbackError(err);
@@ -177,7 +211,7 @@ export class Agent {
         });
       case 'activate':
         return this.spawn(async () => {
-          const key = `${effect.id}-test`;
+          const key = `activate-${effect.id}`;
           const onLine = (line: string) => this.emit({ type: 'output', id: effect.id, line });
           const { exit } = effect.resume ? await this.runner.resume(key, onLine) : await this.runner.run(key, effect.toplevel, 'test', onLine);
           const timedOut = this.stopped.delete(effect.id);
@@ -185,10 +219,10 @@ export class Agent {
         });
       case 'stop-activation':
         this.stopped.add(effect.id);
-        return this.spawn(() => this.runner.stop(`${effect.id}-test`));
+        return this.spawn(() => this.runner.stop(`activate-${effect.id}`));
       case 'prepare-commit':
         return this.spawn(async () => {
-          const problems = await healthProblems(this.config, effect.unitsFailed).catch((err: Error) => [`health checks could not run: ${err.message}`]);
+          const problems = await healthProblems(this.config, effect.unitsFailed, this.runner.name === 'systemd').catch((err: Error) => [`health checks could not run: ${err.message}`]);
           const profileBefore = currentGeneration(this.config.system.profile);
           await this.dispatch({ type: 'commit-ready', id: effect.id, problems, profileBefore });
         });
@@ -239,7 +273,7 @@ export class Agent {
     }
     try {
       await profiles.set(profile, e.toplevel);
-      const { exit } = await this.runner.run(`${e.id}-boot`, e.toplevel, 'boot', (line) => this.emit({ type: 'output', id: e.id, line }));
+      const { exit } = await this.runner.run(`boot-${e.id}`, e.toplevel, 'boot', (line) => this.emit({ type: 'output', id: e.id, line }));
       if (exit !== 0) throw new Error(`switch-to-configuration boot exited ${exit ?? 'without a status'}`);
       return { type: 'commit-finished', id: e.id, ok: true };
     } catch (err) {
@@ -249,7 +283,7 @@ export class Agent {
         await profiles.restore(profile, e.profileBefore);
         // The failed `boot` may have half-written the bootloader: install the restored default again.
         const restored = currentGeneration(profile);
-        if (restored !== null) await this.runner.run(`${e.id}-boot-restore`, generationPath(profile, restored), 'boot');
+        if (restored !== null) await this.runner.run(`boot-restore-${e.id}`, generationPath(profile, restored), 'boot');
       } catch (err2) {
         this.log.error({ deployment: e.id, err: (err2 as Error).message }, 'restoring the profile failed');
       }
@@ -265,7 +299,7 @@ export class Agent {
       if (current === e.previous) return { type: 'revert-finished', id: e.id, result: 'already-previous' };
       return { type: 'revert-finished', id: e.id, result: 'conflict', current };
     }
-    const { exit } = await this.runner.run(`${e.id}-revert`, e.previous, 'test', (line) => this.emit({ type: 'output', id: e.id, line }));
+    const { exit } = await this.runner.run(`revert-${e.id}`, e.previous, 'test', (line) => this.emit({ type: 'output', id: e.id, line }));
     if (exit === 0 || exit === 4) {
       if (exit === 4) this.log.warn({ deployment: e.id }, 'reverted, but some units of the previous system failed to start');
       return { type: 'revert-finished', id: e.id, result: 'reverted' };

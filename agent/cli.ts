@@ -1,6 +1,8 @@
 // `snapback-agent`: the daemon (`serve`) and the console commands, a thin skin over agent.ts and
 // control.ts. Exit codes: 0 ok, 1 refused/reverted/failed, 2 usage or config, 3 agent unreachable, 4 unknown.
 
+import { realpathSync } from 'node:fs';
+import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { DEFAULT_CONFIG_PATH, loadAgentConfig, type AgentConfig } from '../shared/config.ts';
 import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
@@ -14,6 +16,7 @@ import { readCurrentSystem } from './nix.ts';
 import { StateDir } from './state-dir.ts';
 import { WireServer } from './server.ts';
 import { keyFileSigner } from '../shared/ssh.ts';
+import { createNotifier, ownUnit, unitText } from './systemd.ts';
 
 const USAGE = `snapback-agent ${VERSION} — commit-confirmed activation of NixOS systems
 
@@ -75,7 +78,7 @@ export async function main(argv: string[]): Promise<number> {
   try {
     switch (command) {
       case 'serve':
-        return await serve(config);
+        return await serve(config, configPath);
       case 'check-config':
         print(o.json ? JSON.stringify({ ok: true, config }) : `${configPath}: ok`);
         return EXIT.ok;
@@ -144,26 +147,62 @@ function user(): { user?: string } {
 
 // ---- serve ----------------------------------------------------------------------------------------
 
-async function serve(config: AgentConfig): Promise<number> {
+async function serve(config: AgentConfig, configPath: string): Promise<number> {
   const log = createLogger(config.log.level);
+  const notifier = createNotifier(log);
+  // The fallback timer runs this very agent (the known-good one) again: absolute paths only.
+  const reinvoke = [process.execPath, realpathSync(process.argv[1]!), '--config', resolve(configPath)];
   let agent: Agent;
   try {
-    agent = Agent.open(config, log);
+    agent = Agent.open(config, log, { reinvoke });
   } catch (err) {
     log.fatal({ code: (err as SnapbackError).code }, (err as Error).message);
+    notifier.status(`not started: ${(err as Error).message}`);
     return EXIT.usage;
   }
   const control = await ControlServer.listen(config.controlSocket, agent, log);
   await agent.start();
   const wire = await listenWire(config, agent, log);
-  log.info({ version: VERSION, stateDir: config.stateDir, controlSocket: config.controlSocket, phase: agent.phase }, 'snapback-agent serving');
+  log.info({ version: VERSION, stateDir: config.stateDir, controlSocket: config.controlSocket, phase: agent.phase, runner: agent.runnerName, notify: notifier.via }, 'snapback-agent serving');
+  notifier.ready();
+  const showStatus = () => notifier.status(describeStatusLine(agent.status()).split('\n')[0]!);
+  showStatus();
+  const statusTimer = setInterval(showStatus, 1000);
+
+  // After a commit that changed this agent's own unit (or the package its ExecStart names),
+  // exit cleanly: systemd (Restart=always) starts the new agent.
+  const unit = ownUnit();
+  const unitBefore = unit ? await unitText(unit) : undefined;
+
+  if (process.env.SNAPBACK_DEBUG_FREEZE === '1') {
+    // Test-only: a frozen event loop, to prove the systemd watchdog restarts the agent.
+    process.on('SIGUSR2', () => {
+      log.warn('SNAPBACK_DEBUG_FREEZE: freezing the event loop');
+      for (;;);
+    });
+  }
+
   return new Promise<number>((resolve) => {
-    const stop = (signal: string) => {
-      log.info({ signal }, 'stopping; a running trial keeps its deadline and resumes on the next start');
+    let stopping = false;
+    const stop = (why: string) => {
+      if (stopping) return;
+      stopping = true;
+      log.info({ why }, 'stopping; a running trial keeps its deadline and resumes on the next start');
+      notifier.stopping();
+      clearInterval(statusTimer);
       void Promise.all([control.close(), wire?.close()])
         .then(() => agent.close())
-        .then(() => resolve(EXIT.ok));
+        .then(() => {
+          notifier.close();
+          resolve(EXIT.ok);
+        });
     };
+    agent.subscribe((p) => {
+      if (p.type !== 'outcome' || p.outcome.outcome !== 'confirmed' || !unit) return;
+      void unitText(unit).then((now) => {
+        if (now !== undefined && now !== unitBefore) stop(`the commit changed ${unit}; restarting into the new agent`);
+      });
+    });
     process.once('SIGTERM', () => stop('SIGTERM'));
     process.once('SIGINT', () => stop('SIGINT'));
   });

@@ -1,15 +1,18 @@
 // The health gate in front of every confirm (promise 11): failed systemd units, the exit-4 mark of
 // the activation, and the operator's own check commands. Returns problems; empty means healthy.
 
-import { existsSync } from 'node:fs';
 import { execa } from 'execa';
 import type { AgentConfig } from '../shared/config.ts';
 
-export async function healthProblems(config: AgentConfig, unitsFailedAtActivation: boolean): Promise<string[]> {
+/**
+ * `askSystemd`: the agent manages this machine's systemd (the systemd runner). A scratch host with
+ * the direct runner is not the machine, so the machine's failed units are none of its business.
+ */
+export async function healthProblems(config: AgentConfig, unitsFailedAtActivation: boolean, askSystemd: boolean): Promise<string[]> {
   const problems: string[] = [];
   if (config.health.failedUnits === 'block') {
     if (unitsFailedAtActivation) problems.push('switch-to-configuration reported failed units (exit 4)');
-    problems.push(...(await failedUnits()));
+    if (askSystemd) problems.push(...(await failedUnits()));
   }
   for (const check of config.health.checks) {
     const name = check.name ?? (Array.isArray(check.command) ? check.command.join(' ') : check.command);
@@ -24,9 +27,8 @@ export async function healthProblems(config: AgentConfig, unitsFailedAtActivatio
   return problems;
 }
 
-/** Units systemd reports as failed; none when the host does not run systemd. */
+/** Units systemd reports as failed. */
 async function failedUnits(): Promise<string[]> {
-  if (!existsSync('/run/systemd/system')) return [];
   const r = await execa('systemctl', ['list-units', '--state=failed', '--plain', '--no-legend', '--no-pager'], { reject: false });
   if (r.exitCode !== 0) return [`systemctl list-units failed: ${String(r.stderr).trim()}`];
   const units = String(r.stdout)

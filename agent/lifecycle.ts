@@ -116,6 +116,9 @@ export type Effect =
   | { kind: 'commit'; id: string; toplevel: string; profileBefore: number | null; resume: boolean; reason: RevertReason }
   | { kind: 'revert'; id: string; previous: string; toplevel?: string; force: boolean }
   | { kind: 'release'; id: string }
+  /** (re-)arm the independent fallback timer for the deadline, or cancel it (systemd only) */
+  | { kind: 'fallback'; id: string; atMono: number }
+  | { kind: 'fallback'; id: string; cancel: true }
   | { kind: 'record'; entry: Omit<HistoryEntry, 'at'> }
   | { kind: 'log'; level: 'info' | 'warn' | 'error'; msg: string }
   | { kind: 'announce'; announcement: Announcement };
@@ -199,6 +202,7 @@ function finish(state: State, d: Deployment, outcome: Outcome, event: string, by
     state: { phase: 'idle', last },
     effects: [
       { kind: 'record', entry },
+      { kind: 'fallback', id: d.id, cancel: true },
       { kind: 'release', id: d.id },
       { kind: 'log', level, msg: `deployment ${d.id} ${describeOutcome(outcome)}${detail ? `: ${detail}` : ''}` },
       { kind: 'announce', announcement: { type: 'outcome', id: d.id, outcome } },
@@ -320,6 +324,7 @@ export function step(state: State, event: Event, now: Now): Step {
         effects: [
           ...moved.effects,
           { kind: 'arm', atMono: deadlineMono },
+          { kind: 'fallback', id: d.id, atMono: deadlineMono },
           {
             kind: 'log',
             level: 'warn',
@@ -455,6 +460,7 @@ export function step(state: State, event: Event, now: Now): Step {
             entry: { id: d!.id, from: 'trial', to: 'trial', event: 'extend', by: event.by, toplevel: d!.toplevel, previous: d!.previous, detail: `deadline ${deadlineWall}` },
           },
           { kind: 'arm', atMono: deadlineMono },
+          { kind: 'fallback', id: d!.id, atMono: deadlineMono },
           { kind: 'log', level: 'warn', msg: `trial of ${d!.id} extended: reverting in ${event.seconds}s unless confirmed` },
           { kind: 'announce', announcement: { type: 'phase', id: d!.id, phase: 'trial', deadline: deadlineWall } },
         ],

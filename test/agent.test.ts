@@ -448,7 +448,7 @@ function waitFor(cond: () => boolean, timeoutMs = 20_000): Promise<void> {
 /** Kills the detached switch run KEY of the host (the simulated power loss takes it too). */
 function killRun(h: ScratchHost, mode: string): void {
   const runs = join(h.stateDir, 'runs');
-  for (const key of execFileSync('ls', [runs], { encoding: 'utf8' }).split('\n').filter((k) => k.endsWith(`-${mode}`))) {
+  for (const key of execFileSync('ls', [runs], { encoding: 'utf8' }).split('\n').filter((k) => k.startsWith(`${mode}-`))) {
     const pid = Number(readFileSync(join(runs, key, 'pid'), 'utf8'));
     try {
       process.kill(-pid, 'SIGKILL');
