@@ -81,7 +81,7 @@ abstract class StatusFileRunner implements Runner {
   }
 }
 
-/** `3` (direct) or `exit-code exited 3` / `signal killed 9` (systemd's ExecStopPost variables). */
+/** `3` (direct) or `exit-code exited 3` / `signal killed 9`, one per line (systemd's ExecStopPost variables). */
 export function parseStatus(text: string): number | null {
   const t = text.trim();
   if (/^\d+$/.test(t)) return Number(t);
@@ -150,7 +150,7 @@ export class DirectRunner extends StatusFileRunner {
 /**
  * Runs the switch in a transient unit owned by PID 1, like nixos-rebuild does, so that the switch
  * restarting snapback-agent.service neither kills it nor loses its result: `ExecStopPost` writes
- * `$SERVICE_RESULT $EXIT_CODE $EXIT_STATUS` to the status file, never through a pipe to the agent.
+ * SERVICE_RESULT, EXIT_CODE and EXIT_STATUS to the status file, never through a pipe to the agent.
  */
 export class SystemdRunner extends StatusFileRunner {
   readonly name = 'systemd' as const;
@@ -164,7 +164,9 @@ export class SystemdRunner extends StatusFileRunner {
     const unit = SystemdRunner.unit(key);
     // A unit of the same name from an earlier attempt (a resumed revert) must not block this one.
     await execa('systemctl', ['reset-failed', unit], { reject: false });
-    const record = `/bin/sh -c 'echo "$$SERVICE_RESULT $$EXIT_CODE $$EXIT_STATUS" > ${p.status}.tmp && mv ${p.status}.tmp ${p.status}'`;
+    // No "$" in the property: systemd re-parses transient units on daemon-reload (which a switch
+    // does), and its escaping of "$$" does not survive that. printenv needs none.
+    const record = `/bin/sh -c 'printenv SERVICE_RESULT EXIT_CODE EXIT_STATUS > ${p.status}.tmp && mv ${p.status}.tmp ${p.status}'`;
     const r = await execa(
       'systemd-run',
       [

@@ -28,9 +28,11 @@ const MAX_REQUEST = 64 * 1024;
 export class ControlServer {
   private readonly server: Server;
   private readonly path: string;
-  private constructor(server: Server, path: string) {
+  private readonly sockets: Set<Socket>;
+  private constructor(server: Server, path: string, sockets: Set<Socket>) {
     this.server = server;
     this.path = path;
+    this.sockets = sockets;
   }
 
   /** Listens on `path`; refuses to start when another agent already answers there. */
@@ -40,7 +42,12 @@ export class ControlServer {
       if (await answers(path)) throw new SnapbackError('busy', `another agent is already listening on ${path}`);
       unlinkSync(path);
     }
-    const server = createServer((socket) => serve(socket, agent, log));
+    const sockets = new Set<Socket>();
+    const server = createServer((socket) => {
+      sockets.add(socket);
+      socket.once('close', () => sockets.delete(socket));
+      serve(socket, agent, log);
+    });
     // Root only: the socket is created 0600 (umask) before anyone can connect to it.
     const old = process.umask(0o177);
     try {
@@ -52,11 +59,14 @@ export class ControlServer {
       process.umask(old);
     }
     chmodSync(path, 0o600);
-    return new ControlServer(server, path);
+    return new ControlServer(server, path, sockets);
   }
 
+  /** Stops listening and hangs up on waiting clients (a stop must not wait for a trial). */
   async close(): Promise<void> {
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    for (const s of this.sockets) s.destroy();
+    await closed;
     try {
       unlinkSync(this.path);
     } catch {}
@@ -160,7 +170,7 @@ export function request(path: string, req: ControlRequest, onProgress?: (p: Prog
     );
     socket.once('close', () => {
       if (result) resolve(result);
-      else reject(new SnapbackError('unreachable', `the agent at ${path} closed the connection without an answer`));
+      else reject(new SnapbackError('unreachable', `the agent at ${path} hung up without an answer (was it restarted? see: snapback-agent status)`));
     });
   });
 }

@@ -1,0 +1,311 @@
+// Test hosts with real systemd as PID 1 (TESTBED.md): a Debian root file system built once per
+// machine with debootstrap, an overlay per host (so hosts share nothing and the pristine tree stays
+// pristine), its own PID, mount, UTS, IPC and network namespaces, the project bind-mounted read-only.
+// Power loss is `kill -9` of the host's PID 1; booting again reuses the overlay's upper layer, so
+// /var persists and /run is new — a reboot. Simulated, and only this: the bootloader (a boot-time
+// unit points /run/current-system at the profile's generation) and the boot id (a fresh uuid per
+// boot, because the kernel's does not change).
+
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, rmdirSync, writeFileSync, chmodSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { ROOT } from './host.ts';
+import { switchScript, toplevelExpr, type Behaviour } from './nix.ts';
+
+/** Where the machine's cgroup2 hierarchy is mounted (hybrid or unified layout). */
+const CGROUP2 = existsSync('/sys/fs/cgroup/unified/cgroup.procs') ? '/sys/fs/cgroup/unified' : '/sys/fs/cgroup';
+
+export const TESTBED_CACHE = process.env.SNAPBACK_TESTBED_CACHE ?? '/var/cache/snapback-testbed';
+const PACKAGES = 'systemd,systemd-sysv,dbus,iproute2,nftables,nix-bin,libdbi-perl,util-linux';
+
+/** Why the test bed cannot run here, or undefined. */
+export function testbedUnavailable(): string | undefined {
+  if (process.getuid?.() !== 0) return 'the test bed needs root';
+  for (const tool of ['unshare', 'nsenter', 'mount']) {
+    try {
+      execFileSync('sh', ['-c', `command -v ${tool}`], { stdio: 'ignore' });
+    } catch {
+      return `the test bed needs ${tool}`;
+    }
+  }
+  if (!existsSync(join(TESTBED_CACHE, 'rootfs', '.snapback-ready'))) {
+    try {
+      execFileSync('sh', ['-c', 'command -v debootstrap'], { stdio: 'ignore' });
+    } catch {
+      return `no cached root file system in ${TESTBED_CACHE} and no debootstrap to build one (apt-get install debootstrap)`;
+    }
+  }
+  try {
+    execFileSync('unshare', ['--pid', '--fork', '--mount', '--net', 'true'], { stdio: 'ignore' });
+  } catch {
+    return 'cannot create PID, mount and network namespaces here';
+  }
+  return undefined;
+}
+
+/** The pristine Debian tree with systemd and Nix; built once per machine (1-2 minutes), then reused. */
+export function ensureRootfs(): string {
+  const rootfs = join(TESTBED_CACHE, 'rootfs');
+  if (existsSync(join(rootfs, '.snapback-ready'))) return rootfs;
+  mkdirSync(TESTBED_CACHE, { recursive: true });
+  const tmp = `${rootfs}.tmp`;
+  rmSync(tmp, { recursive: true, force: true });
+  execFileSync('debootstrap', ['--variant=minbase', `--include=${PACKAGES}`, 'bookworm', tmp], { stdio: 'ignore', timeout: 15 * 60_000 });
+  writeFileSync(join(tmp, '.snapback-ready'), `${PACKAGES}\n`);
+  rmSync(rootfs, { recursive: true, force: true });
+  renameSync(tmp, rootfs);
+  return rootfs;
+}
+
+const BOOT_SH = `#!/bin/sh
+# boot.sh ROOT LOWER UPPER WORK PROJECT — run inside fresh namespaces; mounts die with them.
+set -e
+R=$1
+mount --make-rprivate /
+mount -t overlay overlay -o "lowerdir=$2,upperdir=$3,workdir=$4" "$R"
+mount -t proc proc "$R/proc"
+# A fresh sysfs: systemd mounts its own cgroup2 there, which inside the cgroup namespace shows
+# only this host's cgroup, so hosts (and boots) never share cgroups.
+mount -t sysfs sysfs "$R/sys"
+mount -t tmpfs tmpfs "$R/run"
+mount -t tmpfs tmpfs "$R/tmp"
+mount --rbind /dev "$R/dev"
+mkdir -p "$R/opt/snapback"
+mount --bind "$5" "$R/opt/snapback"
+mount -o remount,bind,ro "$R/opt/snapback"
+export container=other
+exec chroot "$R" /lib/systemd/systemd
+`;
+
+/** The simulated bootloader and boot id, run at every boot before the agent. */
+const TESTBED_BOOT_UNIT = `[Unit]
+Description=test bed: simulated bootloader (current-system = the profile's generation) and boot id
+DefaultDependencies=no
+After=local-fs.target
+Before=snapback-agent.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'mkdir -p /run/snapback-testbed && cat /proc/sys/kernel/random/uuid > /run/snapback-testbed/boot_id && if [ -e /nix/var/nix/profiles/system ]; then ln -sfn "$(readlink -f /nix/var/nix/profiles/system)" /run/current-system; fi'
+
+[Install]
+WantedBy=multi-user.target
+`;
+
+export const AGENT_CONFIG = {
+  stateDir: '/var/lib/snapback',
+  controlSocket: '/run/snapback/control.sock',
+  system: { runner: 'systemd', bootIdFile: '/run/snapback-testbed/boot_id' },
+  confirm: { defaultTimeoutSec: 60, minTimeoutSec: 1, maxTimeoutSec: 600, activationTimeoutSec: 60 },
+  log: { level: 'debug' },
+};
+
+export class TestHost {
+  readonly dir: string;
+  readonly root: string;
+  private readonly upper: string;
+  private readonly work: string;
+  private readonly lower: string;
+  private unshare: ChildProcess | undefined;
+  private readonly cgroups: string[] = [];
+  readonly name: string;
+  pid1 = 0;
+
+  private constructor(name: string, lower: string) {
+    this.name = name;
+    this.dir = mkdtempSync(join('/tmp', `snapback-tb-${name}-`));
+    this.lower = lower;
+    this.root = join(this.dir, 'root');
+    this.upper = join(this.dir, 'upper');
+    this.work = join(this.dir, 'work');
+    for (const d of [this.root, this.upper, this.work]) mkdirSync(d);
+  }
+
+  /** A new host: the shipped unit file, the agent's config, Nix config, then the first boot. */
+  static async create(name: string, opts: { dropIn?: string; config?: Record<string, unknown> } = {}): Promise<TestHost> {
+    const h = new TestHost(name, ensureRootfs());
+    const put = (path: string, text: string, mode = 0o644) => {
+      const full = join(h.upper, path);
+      mkdirSync(join(full, '..'), { recursive: true });
+      writeFileSync(full, text);
+      chmodSync(full, mode);
+    };
+    put('usr/local/bin/snapback-agent', '#!/bin/sh\nexec /opt/snapback/node_modules/.bin/node /opt/snapback/bin/snapback-agent.js "$@"\n', 0o755);
+    // The plain unit file we ship for non-NixOS hosts, unchanged; the test's settings are a drop-in.
+    put('usr/lib/systemd/system/snapback-agent.service', readFileSync(join(ROOT, 'systemd', 'snapback-agent.service'), 'utf8'));
+    put('etc/systemd/system/snapback-agent.service.d/testbed.conf', `[Service]\nEnvironment=SNAPBACK_DEBUG_FREEZE=1\n${opts.dropIn ?? ''}`);
+    put('etc/systemd/system/snapback-testbed-boot.service', TESTBED_BOOT_UNIT);
+    const wants = join(h.upper, 'etc/systemd/system/multi-user.target.wants');
+    mkdirSync(wants, { recursive: true });
+    execFileSync('ln', ['-s', '/etc/systemd/system/snapback-testbed-boot.service', join(wants, 'snapback-testbed-boot.service')]);
+    execFileSync('ln', ['-s', '/usr/lib/systemd/system/snapback-agent.service', join(wants, 'snapback-agent.service')]);
+    put('etc/snapback/agent.json', JSON.stringify({ ...AGENT_CONFIG, ...opts.config }, null, 2));
+    put('etc/nix/nix.conf', 'sandbox = false\nbuild-users-group =\nsubstituters =\nexperimental-features = nix-command flakes\n');
+    put('etc/hostname', `${name}\n`);
+    // Units that make no sense in a container test host.
+    for (const unit of ['nftables.service', 'systemd-timesyncd.service', 'getty@tty1.service', 'console-getty.service']) {
+      execFileSync('ln', ['-sf', '/dev/null', join(h.upper, 'etc/systemd/system', unit)]);
+    }
+    await h.boot();
+    return h;
+  }
+
+  /** Boots (again) on the same upper layer: /var persists, /run is new. */
+  async boot(): Promise<void> {
+    const script = join(this.dir, 'boot.sh');
+    writeFileSync(script, BOOT_SH, { mode: 0o755 });
+    // Each boot gets its own cgroup, the root of the host's cgroup namespace.
+    const cgroup = join(CGROUP2, `snapback-tb-${this.name}-${Date.now().toString(36)}`);
+    mkdirSync(cgroup);
+    this.cgroups.push(cgroup);
+    const child = spawn(
+      'sh',
+      ['-c', 'echo $$ > "$0/cgroup.procs" && shift 0 && exec unshare --cgroup --pid --fork --mount --uts --ipc --net "$@"', cgroup, script, this.root, this.lower, this.upper, this.work, ROOT],
+      { stdio: ['ignore', 'ignore', 'pipe'] },
+    );
+    this.unshare = child;
+    let stderr = '';
+    child.stderr!.on('data', (c) => (stderr += c));
+    // PID 1 of the host is the child of `unshare`.
+    for (let i = 0; ; i++) {
+      const children = readChildren(child.pid!);
+      if (children.length) {
+        this.pid1 = children[0]!;
+        break;
+      }
+      if (child.exitCode !== null || i > 200) throw new Error(`the test host did not boot: ${stderr}`);
+      await sleep(25);
+    }
+    await this.until(() => {
+      const r = this.sh('systemctl is-system-running 2>/dev/null || true');
+      return /^(running|degraded)/.test(r);
+    }, 60_000, 'systemd to finish booting');
+  }
+
+  /** Runs a shell command inside the host as root; returns stdout (throws on failure). */
+  sh(cmd: string, opts: { timeoutMs?: number } = {}): string {
+    return execFileSync('nsenter', ['-t', String(this.pid1), '-p', '-m', '-u', '-i', '-n', '-r', '-w', '/bin/sh', '-c', cmd], {
+      encoding: 'utf8',
+      stdio: ['ignore', 'pipe', 'pipe'],
+      timeout: opts.timeoutMs ?? 60_000,
+      env: { PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', HOME: '/root' },
+    });
+  }
+
+  /** Like `sh` but returns the exit status and output instead of throwing. */
+  try(cmd: string): { code: number; out: string } {
+    try {
+      return { code: 0, out: this.sh(cmd) };
+    } catch (err) {
+      const e = err as { status?: number; stdout?: string; stderr?: string };
+      return { code: e.status ?? -1, out: `${e.stdout ?? ''}${e.stderr ?? ''}` };
+    }
+  }
+
+  /** `snapback-agent ARGS --json` inside the host. */
+  agent(args: string): { code: number; out: any } {
+    const r = this.try(`snapback-agent ${args} --json`);
+    let out: unknown;
+    try {
+      out = JSON.parse(r.out.trim().split('\n').at(-1) ?? '');
+    } catch {
+      out = r.out;
+    }
+    return { code: r.code, out };
+  }
+
+  show(unit: string, props: string[]): Record<string, string> {
+    const out = this.sh(`systemctl show ${unit} ${props.map((p) => `-p ${p}`).join(' ')}`);
+    return Object.fromEntries(out.trim().split('\n').map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
+  }
+
+  /** Builds a fake toplevel with the host's own Nix; returns its store path. */
+  toplevel(name: string, b: Behaviour = {}): string {
+    const dir = '/var/lib/testbed/nix';
+    const calls = '/var/lib/testbed/calls.log';
+    this.sh(`mkdir -p ${dir} && touch ${calls}`);
+    writeFileSync(join(this.upper, 'var/lib/testbed/nix', `${name}.sh`), switchScript(calls, '/run/current-system', b));
+    writeFileSync(join(this.upper, 'var/lib/testbed/nix', `${name}.nix`), toplevelExpr(name, b.notToplevel ? null : `${name}.sh`));
+    return this.sh(`nix-build ${dir}/${name}.nix --no-out-link 2>/dev/null`, { timeoutMs: 120_000 }).trim();
+  }
+
+  /** The "installed" system: generation 1 of the profile, running. */
+  install(): string {
+    const gen1 = this.toplevel('gen1');
+    this.sh(`nix-env -p /nix/var/nix/profiles/system --set ${gen1} && ln -sfn ${gen1} /run/current-system`);
+    return gen1;
+  }
+
+  switchCalls(): [string, string][] {
+    return this.sh('cat /var/lib/testbed/calls.log')
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => l.split(' ') as [string, string]);
+  }
+
+  running(): string {
+    return this.sh('readlink -f /run/current-system').trim();
+  }
+
+  history(): any[] {
+    return this.sh('cat /var/lib/snapback/history.jsonl 2>/dev/null || true')
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => JSON.parse(l));
+  }
+
+  async until(cond: () => boolean, timeoutMs: number, what: string): Promise<void> {
+    const start = Date.now();
+    for (;;) {
+      let ok = false;
+      try {
+        ok = cond();
+      } catch {}
+      if (ok) return;
+      if (Date.now() - start > timeoutMs) {
+        const journal = this.try('journalctl --no-pager -n 40 -u snapback-agent').out;
+        throw new Error(`timed out waiting for ${what}; the agent's journal:\n${journal}`);
+      }
+      await sleep(100);
+    }
+  }
+
+  /** Power loss: PID 1 dies with everything in the host. */
+  async powerOff(): Promise<void> {
+    const child = this.unshare;
+    if (!child || child.exitCode !== null) return;
+    const gone = new Promise((r) => child.once('exit', r));
+    try {
+      process.kill(this.pid1, 'SIGKILL');
+    } catch {}
+    await gone;
+    this.unshare = undefined;
+  }
+
+  async destroy(): Promise<void> {
+    await this.powerOff();
+    for (const cg of this.cgroups) removeCgroup(cg);
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+/** Empty cgroups are removed bottom-up with rmdir (their files cannot be deleted). */
+function removeCgroup(dir: string): void {
+  try {
+    for (const e of readdirSync(dir, { withFileTypes: true })) if (e.isDirectory()) removeCgroup(join(dir, e.name));
+    rmdirSync(dir);
+  } catch {}
+}
+
+function readChildren(pid: number): number[] {
+  const out: number[] = [];
+  try {
+    for (const task of readdirSync(`/proc/${pid}/task`)) {
+      const text = readFileSync(`/proc/${pid}/task/${task}/children`, 'utf8').trim();
+      if (text) out.push(...text.split(/\s+/).map(Number));
+    }
+  } catch {}
+  return out;
+}

@@ -1,0 +1,122 @@
+// The agent as a real systemd service (Type=notify, WatchdogSec, Restart=always) on test hosts with
+// systemd as PID 1, real Nix inside: the switch in a transient unit, the fallback timer, the
+// watchdog, power loss. The shipped unit file systemd/snapback-agent.service is the one under test.
+// Simulated: the bootloader and the boot id (see helpers/testbed.ts); everything else is real.
+
+import assert from 'node:assert/strict';
+import { before, describe, it, type TestContext } from 'node:test';
+import { haveNix } from './helpers/nix.ts';
+import { TestHost, ensureRootfs, testbedUnavailable } from './helpers/testbed.ts';
+
+const skip = testbedUnavailable() ?? haveNix();
+if (skip) console.warn(`SKIPPED: systemd test bed: ${skip}`);
+
+// One host at a time: test hosts share the machine's cgroup tree, and two systemd instances as
+// PID 1 would manage the same cgroups. Each test powers its host off when it ends.
+async function host(t: TestContext, name: string, opts: Parameters<typeof TestHost.create>[1] = {}): Promise<{ h: TestHost; gen1: string }> {
+  const h = await TestHost.create(name, opts);
+  t.after(() => h.destroy());
+  const gen1 = h.install();
+  return { h, gen1 };
+}
+
+const phase = (h: TestHost) => h.agent('status').out.phase;
+
+describe('agent under systemd (test bed)', { skip, timeout: 600_000 }, () => {
+  before(() => {
+    ensureRootfs();
+  });
+
+  it('reports ready and its state; the switch runs in a transient unit; commit cancels the fallback timer', async (t) => {
+    const { h } = await host(t, 'notify');
+    const unit = h.show('snapback-agent', ['ActiveState', 'SubState', 'Type']);
+    assert.deepEqual([unit.ActiveState, unit.SubState, unit.Type], ['active', 'running', 'notify'], 'READY=1 reached systemd');
+    await h.until(() => /^idle, running \/nix\/store\//.test(h.show('snapback-agent', ['StatusText']).StatusText!), 5000, 'STATUS= to show the running system');
+
+    const x = h.toplevel('x', { afterLink: 'cat /proc/self/cgroup > /var/lib/testbed/cgroup' });
+    const a = h.agent(`activate ${x} --timeout 60`);
+    assert.equal(a.code, 0, JSON.stringify(a.out));
+    assert.match(h.sh('cat /var/lib/testbed/cgroup'), new RegExp(`snapback-activate-${a.out.id}\\.service`));
+    await h.until(() => /reverting in/.test(h.show('snapback-agent', ['StatusText']).StatusText!), 5000, 'STATUS= with the countdown');
+    const timers = h.sh("systemctl list-timers --all --no-legend 'snapback-fallback-*'");
+    assert.equal(timers.trim().split('\n').filter(Boolean).length, 1, `one fallback timer while the trial runs:\n${timers}`);
+
+    const c = h.agent('confirm');
+    assert.equal(c.code, 0, JSON.stringify(c.out));
+    await h.until(() => h.sh("systemctl list-timers --all --no-legend 'snapback-fallback-*'").trim() === '', 5000, 'the fallback timer to be cancelled');
+    assert.equal(h.sh('readlink -f /nix/var/nix/profiles/system').trim(), x);
+  });
+
+  it('a frozen event loop is killed by the watchdog and restarted; the trial resumes', async (t) => {
+    const { h, gen1 } = await host(t, 'watchdog', { dropIn: 'WatchdogSec=2s\n' });
+    const x = h.toplevel('x');
+    const a = h.agent(`activate ${x} --timeout 30`);
+    assert.equal(a.code, 0, JSON.stringify(a.out));
+    const before = h.show('snapback-agent', ['MainPID', 'NRestarts']);
+    h.sh('systemctl kill -s SIGUSR2 --kill-whom=main snapback-agent');
+    await h.until(() => Number(h.show('snapback-agent', ['NRestarts']).NRestarts) > Number(before.NRestarts), 20_000, 'systemd to restart the agent');
+    assert.match(h.sh('journalctl -u snapback-agent --no-pager'), /Watchdog timeout/);
+    await h.until(() => h.show('snapback-agent', ['ActiveState']).ActiveState === 'active', 10_000, 'the new agent to be ready');
+    const st = h.agent('status').out;
+    assert.equal(st.phase, 'trial');
+    assert.equal(st.deployment.id, a.out.id);
+    assert.ok(Date.parse(st.deployment.deadline) === Date.parse(a.out.deadline), 'the same deadline, not a new one');
+    h.agent('rollback');
+    assert.equal(h.running(), gen1);
+  });
+
+  it('a switch that rewrites and restarts the agent mid-activation: the switch finishes, the new agent reads its result', async (t) => {
+    const { h } = await host(t, 'restart');
+    const restart = [
+      'mkdir -p /etc/systemd/system/snapback-agent.service.d',
+      'printf "[Service]\\nEnvironment=SNAPBACK_GENERATION=x\\n" > /etc/systemd/system/snapback-agent.service.d/generation.conf',
+      'systemctl daemon-reload',
+      'systemctl restart snapback-agent.service',
+      'sleep 1',
+    ].join('; ');
+    const x = h.toplevel('x', { beforeLink: restart });
+    const pidBefore = h.show('snapback-agent', ['MainPID']).MainPID;
+    // The console client loses its agent when the switch restarts it; the trial is what matters.
+    h.try(`snapback-agent activate ${x} --timeout 60`);
+    await h.until(() => phase(h) === 'trial', 30_000, 'the restarted agent to see the trial');
+    assert.notEqual(h.show('snapback-agent', ['MainPID']).MainPID, pidBefore, 'the agent was restarted by the switch');
+    assert.match(h.sh('systemctl show snapback-agent -p Environment'), /SNAPBACK_GENERATION=x/);
+    assert.deepEqual(h.switchCalls().map((c) => c[1]), ['test'], 'the switch ran once and was not killed');
+    assert.equal(h.running(), x);
+    assert.equal(h.agent('confirm').code, 0);
+  });
+
+  it('the agent stopped and masked during a trial: the fallback timer reverts within about a second of its time', async (t) => {
+    const { h, gen1 } = await host(t, 'fallback');
+    const x = h.toplevel('x');
+    const a = h.agent(`activate ${x} --timeout 3`);
+    assert.equal(a.code, 0, JSON.stringify(a.out));
+    h.sh('systemctl mask --runtime snapback-agent && systemctl stop snapback-agent');
+    const fireAt = Date.parse(a.out.deadline) + 5000;
+    await h.until(() => h.history().some((e) => e.id === a.out.id && e.to === 'idle'), 30_000, 'the fallback revert');
+    const end = h.history().find((e) => e.id === a.out.id && e.to === 'idle');
+    assert.deepEqual(end.outcome, { outcome: 'reverted', reason: 'fallback-timer' });
+    assert.equal(end.by.channel, 'fallback-timer');
+    const late = Date.parse(end.at) - fireAt;
+    assert.ok(late > -1000 && late < 2500, `reverted ${late} ms after the timer's time`);
+    assert.equal(h.running(), gen1);
+    assert.equal(h.sh('readlink -f /nix/var/nix/profiles/system').trim(), gen1);
+    h.sh('systemctl unmask --runtime snapback-agent && systemctl start snapback-agent');
+    assert.equal(phase(h), 'idle');
+  });
+
+  it('power loss during a trial: the host boots the previous generation and records reverted: reboot', async (t) => {
+    const { h, gen1 } = await host(t, 'power');
+    const x = h.toplevel('x');
+    const a = h.agent(`activate ${x} --timeout 60`);
+    assert.equal(a.code, 0, JSON.stringify(a.out));
+    assert.equal(h.running(), x);
+    await h.powerOff();
+    await h.boot();
+    await h.until(() => h.history().some((e) => e.id === a.out.id && e.to === 'idle'), 30_000, 'the agent to record the outcome');
+    assert.equal(h.running(), gen1);
+    const end = h.history().find((e) => e.id === a.out.id && e.to === 'idle');
+    assert.deepEqual(end.outcome, { outcome: 'reverted', reason: 'reboot' });
+    assert.deepEqual(h.switchCalls().map((c) => c[1]), ['test'], 'nothing ran after the reboot');
+  });
+});
