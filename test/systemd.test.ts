@@ -4,11 +4,23 @@
 // Simulated: the bootloader and the boot id (see helpers/testbed.ts); everything else is real.
 
 import assert from 'node:assert/strict';
-import { before, describe, it, type TestContext } from 'node:test';
+import { describe, it, type TestContext } from 'node:test';
 import { haveNix } from './helpers/nix.ts';
 import { TestHost, ensureRootfs, testbedUnavailable } from './helpers/testbed.ts';
 
-const skip = testbedUnavailable() ?? haveNix();
+/** Builds the root file system once per machine (debootstrap, 1-2 minutes) or says why it cannot. */
+function prepare(): string | undefined {
+  const missing = testbedUnavailable() ?? haveNix();
+  if (missing) return missing;
+  try {
+    ensureRootfs();
+  } catch (err) {
+    return `cannot build the test host's root file system: ${(err as Error).message.split('\n')[0]}`;
+  }
+  return undefined;
+}
+
+const skip = prepare();
 if (skip) console.warn(`SKIPPED: systemd test bed: ${skip}`);
 
 // One host at a time: test hosts share the machine's cgroup tree, and two systemd instances as
@@ -23,10 +35,6 @@ async function host(t: TestContext, name: string, opts: Parameters<typeof TestHo
 const phase = (h: TestHost) => h.agent('status').out.phase;
 
 describe('agent under systemd (test bed)', { skip, timeout: 600_000 }, () => {
-  before(() => {
-    ensureRootfs();
-  });
-
   it('reports ready and its state; the switch runs in a transient unit; commit cancels the fallback timer', async (t) => {
     const { h } = await host(t, 'notify');
     const unit = h.show('snapback-agent', ['ActiveState', 'SubState', 'Type']);

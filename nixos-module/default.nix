@@ -1,0 +1,103 @@
+# services.snapback: the Snapback agent on a NixOS host. It activates new system generations as a
+# trial and reverts on its own unless a controller (or the console) confirms them.
+{ config, lib, pkgs, ... }:
+let
+  cfg = config.services.snapback;
+  settingsFormat = pkgs.formats.json { };
+  agentConfig = import ./settings.nix { inherit (cfg) settings authorizedKeys; };
+  configFile = settingsFormat.generate "snapback-agent.json" agentConfig;
+in
+{
+  options.services.snapback = {
+    enable = lib.mkEnableOption "the Snapback agent (commit-confirmed system activations)";
+
+    package = lib.mkPackageOption pkgs "snapback" { };
+
+    settings = lib.mkOption {
+      description = ''
+        Agent configuration, written to {file}`/etc/snapback/agent.json` and validated by the agent
+        when it starts (unknown keys are errors). See the README for every key.
+      '';
+      default = { };
+      example = lib.literalExpression "import ./example.nix";
+      type = lib.types.submodule {
+        freeformType = settingsFormat.type;
+        options.listen = {
+          host = lib.mkOption {
+            type = lib.types.str;
+            default = "::";
+            description = "Address the agent listens on for controllers.";
+          };
+          port = lib.mkOption {
+            type = lib.types.port;
+            default = 7731;
+            description = "Port the agent listens on for controllers.";
+          };
+        };
+      };
+    };
+
+    openFirewall = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = "Open {option}`services.snapback.settings.listen.port` in the firewall.";
+    };
+
+    authorizedKeys = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = config.users.users.root.openssh.authorizedKeys.keys;
+      defaultText = lib.literalExpression "config.users.users.root.openssh.authorizedKeys.keys";
+      description = ''
+        OpenSSH public keys (ssh-ed25519) of the operators allowed to deploy. By default, whoever may
+        log in as root over SSH. Without any, the agent does not listen (the console still works).
+      '';
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    environment.etc."snapback/agent.json".source = configFile;
+    environment.systemPackages = [ cfg.package ];
+    networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ cfg.settings.listen.port ];
+
+    systemd.services.snapback-agent = {
+      description = "Snapback agent: commit-confirmed activation of NixOS systems";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network-online.target" "nix-daemon.socket" ];
+      wants = [ "network-online.target" ];
+      path = [ config.nix.package config.systemd.package pkgs.util-linux pkgs.coreutils ];
+      restartTriggers = [ configFile ];
+      # A switch that changes this unit restarts it once, after activation; the agent then resumes
+      # the trial from its state directory. A configuration without the agent leaves it running.
+      stopIfChanged = false;
+      unitConfig.X-StopOnRemoval = false;
+      serviceConfig = {
+        Type = "notify";
+        NotifyAccess = "all";
+        ExecStart = "${lib.getExe' cfg.package "snapback-agent"} serve --config /etc/snapback/agent.json";
+        Restart = "always";
+        RestartSec = "1s";
+        WatchdogSec = "30s";
+        TimeoutStopSec = "30s";
+        StateDirectory = "snapback";
+        StateDirectoryMode = "0700";
+        RuntimeDirectory = "snapback";
+        RuntimeDirectoryMode = "0755";
+        # Hardening that still lets it switch the system: the switch runs in a transient unit
+        # started by PID 1, so none of this applies to it.
+        ProtectSystem = "full";
+        ReadWritePaths = [ "-/nix/var/nix" "-/nix/store" ];
+        ProtectHome = "read-only";
+        PrivateTmp = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectClock = true;
+        RestrictSUIDSGID = true;
+        RestrictRealtime = true;
+        LockPersonality = true;
+        SystemCallArchitectures = "native";
+      };
+    };
+  };
+
+  meta.maintainers = [ ];
+}
