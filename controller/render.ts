@@ -1,5 +1,5 @@
-// How the controller reports: plain lines per host (a terminal gets the same lines, with a countdown
-// while probes run), or `--json`: one JSON object per event and a final `result` object.
+// How the controller reports: one plain line per event and host (on a terminal too, for now), or
+// `--json`: one JSON object per event and a final `result` object.
 
 import type { DeployEvent, HostResult } from './deploy.ts';
 

@@ -208,6 +208,26 @@ describe('agent on real Nix', { skip }, () => {
     assert.equal((await activation).code, 0);
   });
 
+  it('an agent killed mid-switch learns the result from disk when it restarts (direct runner)', async () => {
+    const h = await host();
+    const release = join(h.dir, 'release');
+    const x = h.toplevel('x', { beforeLink: `while [ ! -e ${release} ]; do sleep 0.05; done` });
+    const activation = h.cli(['activate', x, '--timeout', '60']);
+    await waitFor(() => h.switchCalls().length === 1);
+    await h.kill9();
+    await activation;
+    // The switch goes on without the agent and finishes while no agent runs.
+    writeFileSync(release, '');
+    await waitFor(() => existsSync(join(h.stateDir, 'runs', readdirOf(h, 'activate-')!, 'status')));
+    await h.start();
+    await h.waitLog((l) => l.msg.startsWith('trial of'));
+    const st = await h.cli(['status']);
+    assert.equal(st.out.phase, 'trial');
+    assert.equal(h.running(), x);
+    assert.equal((await h.cli(['confirm'])).code, 0);
+    assert.deepEqual(h.switchCalls().map((c) => c[1]), ['test', 'boot'], 'the switch ran once');
+  });
+
   it('rollback from the console reverts now; a second rollback is harmless', async () => {
     const h = await host();
     const a = await h.cli(['activate', h.toplevel('x'), '--timeout', '60']);
@@ -218,6 +238,10 @@ describe('agent on real Nix', { skip }, () => {
     assert.equal(again.code, 0);
     assert.equal(h.switchCalls().length, 2, 'the second rollback runs nothing');
     assert.equal(h.running(), h.gen1);
+    const late = await h.cli(['confirm', '--id', a.out.id]);
+    assert.equal(late.code, 1);
+    assert.equal(late.out.code, 'deployment-finished', 'a confirm for a finished deployment gets its own error');
+    assert.deepEqual(late.out.outcome, { outcome: 'reverted', reason: 'requested' });
   });
 
   it('revert is compare-and-swap: a system switched by someone else is left alone', async () => {
@@ -443,6 +467,12 @@ function waitFor(cond: () => boolean, timeoutMs = 20_000): Promise<void> {
     };
     tick();
   });
+}
+
+function readdirOf(h: ScratchHost, prefix: string): string | undefined {
+  return execFileSync('ls', [join(h.stateDir, 'runs')], { encoding: 'utf8' })
+    .split('\n')
+    .find((k) => k.startsWith(prefix));
 }
 
 /** Kills the detached switch run KEY of the host (the simulated power loss takes it too). */

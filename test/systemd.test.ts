@@ -94,6 +94,24 @@ describe('agent under systemd (test bed)', { skip, timeout: 600_000 }, () => {
     assert.equal(h.agent('confirm').code, 0);
   });
 
+  it('after a commit that changed its own unit (not restarted by the switch), the agent restarts itself', async (t) => {
+    const { h } = await host(t, 'self');
+    // Like restartIfChanged = false: the new unit is loaded, the running agent is left alone.
+    const x = h.toplevel('x', {
+      beforeLink: 'mkdir -p /etc/systemd/system/snapback-agent.service.d; printf "[Service]\\nEnvironment=SNAPBACK_GENERATION=x\\n" > /etc/systemd/system/snapback-agent.service.d/generation.conf; systemctl daemon-reload',
+    });
+    const a = h.agent(`activate ${x} --timeout 60`);
+    assert.equal(a.code, 0, JSON.stringify(a.out));
+    const pid = h.show('snapback-agent', ['MainPID']).MainPID;
+    assert.equal(h.agent('confirm').code, 0);
+    await h.until(() => {
+      const u = h.show('snapback-agent', ['MainPID', 'ActiveState']);
+      return u.MainPID !== pid && u.MainPID !== '0' && u.ActiveState === 'active';
+    }, 20_000, 'the agent to restart into its new unit');
+    assert.match(h.sh('journalctl -u snapback-agent --no-pager'), /restarting into the new agent/);
+    assert.equal(h.agent('status').out.last.outcome.outcome, 'confirmed');
+  });
+
   it('the agent stopped and masked during a trial: the fallback timer reverts within about a second of its time', async (t) => {
     const { h, gen1 } = await host(t, 'fallback');
     const x = h.toplevel('x');
