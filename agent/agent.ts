@@ -19,6 +19,7 @@ import type { Logger } from './log.ts';
 import { Nix, currentGeneration, generationPath, profiles, readCurrentSystem } from './nix.ts';
 import { StateDir } from './state-dir.ts';
 import { VERSION } from '../shared/version.ts';
+import type { HostStatus } from '../shared/protocol.ts';
 
 /** What listeners see while a deployment runs: lifecycle announcements plus raw output lines. */
 export type Progress = Announcement | { type: 'output'; id: string; line: string };
@@ -27,26 +28,8 @@ export type Result =
   | { ok: true; id?: string; outcome?: Outcome; deadline?: string; toplevel?: string }
   | { ok: false; code: ErrorCode; message: string; id?: string; outcome?: Outcome };
 
-export interface Status {
-  hostname: string;
-  version: string;
-  bootId: string;
-  currentSystem: string | null;
-  phase: Phase;
-  deployment?: {
-    id: string;
-    target: string;
-    toplevel?: string;
-    previous: string;
-    requestedBy: Actor;
-    deadline?: string;
-    secondsLeft?: number;
-    unhealthy?: string;
-  };
-  last?: { id: string; target: string; outcome: Outcome; finishedAt: string; by: Actor };
-  /** read from the state directory because the daemon is not running */
-  offline?: boolean;
-}
+/** What `status` answers, on the console and in `welcome` (the schema lives in shared/protocol.ts). */
+export type Status = HostStatus;
 
 /** The fallback timer fires this long after the deadline: the agent itself reverts first. */
 export const FALLBACK_MARGIN_SEC = 5;

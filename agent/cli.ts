@@ -14,6 +14,7 @@ import { ControlServer, request, type ControlRequest } from './control.ts';
 import { createLogger } from './log.ts';
 import { readCurrentSystem } from './nix.ts';
 import { StateDir } from './state-dir.ts';
+import { describeStatus as describeStatusText, duration } from '../shared/text.ts';
 import { WireServer } from './server.ts';
 import { keyFileSigner } from '../shared/ssh.ts';
 import { createNotifier, ownUnit, unitText } from './systemd.ts';
@@ -165,7 +166,7 @@ async function serve(config: AgentConfig, configPath: string): Promise<number> {
   const wire = await listenWire(config, agent, log);
   log.info({ version: VERSION, stateDir: config.stateDir, controlSocket: config.controlSocket, phase: agent.phase, runner: agent.runnerName, notify: notifier.via }, 'snapback-agent serving');
   notifier.ready();
-  const showStatus = () => notifier.status(describeStatusLine(agent.status()).split('\n')[0]!);
+  const showStatus = () => notifier.status(describeStatusText(agent.status()).split('\n')[0]!);
   showStatus();
   const statusTimer = setInterval(showStatus, 1000);
 
@@ -267,12 +268,6 @@ function wanted(cmd: string, o: Outcome): boolean {
   return o.outcome === 'confirmed';
 }
 
-export function duration(seconds: number): string {
-  const m = Math.floor(seconds / 60);
-  const h = Math.floor(m / 60);
-  if (h) return `${h}h${m % 60}m${seconds % 60}s`;
-  return m ? `${m}m${seconds % 60}s` : `${seconds}s`;
-}
 
 /** Asks the daemon; when it is down, reads the state directory (DESIGN §5). */
 async function status(config: AgentConfig, json: boolean): Promise<number> {
@@ -284,27 +279,10 @@ async function status(config: AgentConfig, json: boolean): Promise<number> {
     const state = new StateDir(config.stateDir).load();
     s = { ...describeStatus(state, readBootId(config.system.bootIdFile), readCurrentSystem(config.system.currentSystem)), offline: true };
   }
-  print(json ? JSON.stringify(s) : describeStatusLine(s));
+  print(json ? JSON.stringify(s) : describeStatusText(s));
   return EXIT.ok;
 }
 
-export function describeStatusLine(s: Status): string {
-  const lines: string[] = [];
-  const d = s.deployment;
-  if (s.phase === 'trial' && d) {
-    const left = d.secondsLeft !== undefined ? `reverting in ${duration(d.secondsLeft)}` : 'deadline unknown (new boot)';
-    lines.push(`trial of ${d.toplevel}, ${left} (deployment ${d.id}; confirm with: snapback-agent confirm)`);
-    if (d.unhealthy) lines.push(`  unhealthy: ${d.unhealthy}`);
-    lines.push(`  revert target: ${d.previous}`);
-  } else if (d) {
-    lines.push(`${s.phase}: deployment ${d.id} of ${d.toplevel ?? d.target}`);
-  } else {
-    lines.push(`idle, running ${s.currentSystem ?? 'an unknown system'}`);
-  }
-  if (s.last) lines.push(`last: deployment ${s.last.id} ${describeOutcome(s.last.outcome)} at ${s.last.finishedAt} (by ${s.last.by.who})`);
-  if (s.offline) lines.push('(the agent is not running; read from the state directory)');
-  return lines.join('\n');
-}
 
 async function history(config: AgentConfig, json: boolean, limit?: number): Promise<number> {
   let entries: HistoryEntry[];

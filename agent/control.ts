@@ -5,7 +5,7 @@ import { chmodSync, existsSync, mkdirSync, unlinkSync } from 'node:fs';
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
 import { z } from 'zod';
-import { SnapbackError } from '../shared/errors.ts';
+import { SnapbackError, describeIssues } from '../shared/errors.ts';
 import { targetSchema, type Actor } from '../shared/model.ts';
 import type { Agent, Progress, Result } from './agent.ts';
 import type { Logger } from './log.ts';
@@ -123,8 +123,7 @@ async function handle(line: string, agent: Agent, progress: (p: Progress) => voi
   }
   const parsed = controlRequestSchema.safeParse(raw);
   if (!parsed.success) {
-    const i = parsed.error.issues[0];
-    return { ok: false, code: 'bad-request', message: `${i?.path.join('.') || 'request'}: ${i?.message}` };
+    return { ok: false, code: 'bad-request', message: describeIssues(parsed.error).join('; ') };
   }
   const req = parsed.data;
   const by: Actor = { who: req.user ? `console:${req.user}` : 'console', channel: 'console' };

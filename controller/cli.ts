@@ -6,7 +6,7 @@ import { parseArgs } from 'node:util';
 import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
 import { loadFleet, type Fleet, type FleetHost } from '../shared/fleet.ts';
 import { describeOutcome, type Target } from '../shared/model.ts';
-import type { HostStatus as AgentStatus } from '../shared/protocol.ts';
+import { describeStatus } from '../shared/text.ts';
 import { VERSION } from '../shared/version.ts';
 import { deployHost, exitCodeOf, type HostResult } from './deploy.ts';
 import { resolveSigners } from './identity.ts';
@@ -216,15 +216,10 @@ async function status(fleet: Fleet, names: string[], json: boolean): Promise<num
     }),
   );
   if (json) process.stdout.write(JSON.stringify({ type: 'status', hosts: rows }) + '\n');
-  else for (const r of rows) process.stdout.write(`${r.host}: ${r.ok ? statusLine(r.status) : `unreachable: ${r.error}`}\n`);
+  else for (const r of rows) process.stdout.write(`${r.host}: ${r.ok ? describeStatus(r.status).split('\n').join('\n  ') : `unreachable: ${r.error}`}\n`);
   return rows.every((r) => r.ok) ? EXIT.ok : EXIT.unreachable;
 }
 
-export function statusLine(s: AgentStatus): string {
-  const d = s.deployment;
-  const now = d && s.phase === 'trial' ? `trial of ${d.toplevel}, reverting in ${d.secondsLeft ?? '?'}s (deployment ${d.id})` : d ? `${s.phase} (deployment ${d.id})` : `idle, running ${s.currentSystem}`;
-  return `${now}${s.last ? `; last: ${s.last.id} ${describeOutcome(s.last.outcome)}` : ''}`;
-}
 
 async function act(fleet: Fleet, name: string, what: 'confirm' | 'rollback', json: boolean): Promise<number> {
   return withSession(fleet, name, async (s) => {

@@ -231,7 +231,7 @@ describe('snapback deploy', { skip }, () => {
 
     await h.cli(['activate', h.toplevel('y'), '--timeout', '60']);
     const st = await h.snapback(['status', 'web1', '--fleet', fleet], { json: false });
-    assert.match(st.stdout, /web1: trial of \S+, reverting in \d+s/);
+    assert.match(st.stdout, /web1: trial of \S+, reverting in (\d+m)?\d+s/);
     const c = await h.snapback(['confirm', 'web1', '--fleet', fleet]);
     assert.equal(c.code, 0, c.stdout);
     assert.deepEqual(c.result.outcome, { outcome: 'confirmed' });
