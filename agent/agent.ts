@@ -66,12 +66,25 @@ export class Agent {
     this.state = state;
   }
 
-  /** Reads the state directory; a corrupt state file throws `state-corrupt` and nothing is touched. */
+  /**
+   * Takes the state directory (`busy` if another agent process acts on it) and reads it; a corrupt
+   * state file throws `state-corrupt` and nothing is touched.
+   */
   static open(config: AgentConfig, log: Logger, options: AgentOptions = {}): Agent {
     const dir = new StateDir(config.stateDir);
     dir.ensure();
-    return new Agent(config, log, dir.load(), options);
+    const release = dir.lock(readBootId(config.system.bootIdFile));
+    try {
+      const agent = new Agent(config, log, dir.load(), options);
+      agent.releaseLock = release;
+      return agent;
+    } catch (err) {
+      release();
+      throw err;
+    }
   }
+
+  private releaseLock: () => void = () => {};
 
   get runnerName(): 'direct' | 'systemd' {
     return this.runner.name;
@@ -87,6 +100,7 @@ export class Agent {
     this.closed = true;
     if (this.timer) clearTimeout(this.timer);
     await this.queue;
+    this.releaseLock();
   }
 
   /** Waits for background work (tests, one-shot `revert`). */

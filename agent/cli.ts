@@ -159,7 +159,7 @@ async function serve(config: AgentConfig, configPath: string): Promise<number> {
   } catch (err) {
     log.fatal({ code: (err as SnapbackError).code }, (err as Error).message);
     notifier.status(`not started: ${(err as Error).message}`);
-    return EXIT.usage;
+    return err instanceof SnapbackError ? err.exitCode : EXIT.usage;
   }
   const control = await ControlServer.listen(config.controlSocket, agent, log);
   await agent.start();
@@ -307,17 +307,31 @@ async function history(config: AgentConfig, json: boolean, limit?: number): Prom
  */
 async function revert(config: AgentConfig, id: string, json: boolean): Promise<number> {
   const req: ControlRequest = { cmd: 'revert', id };
-  try {
-    return await ask(config, req, json);
-  } catch (err) {
-    if (!(err instanceof SnapbackError) || err.code !== 'unreachable') throw err;
+  // A daemon that holds the state directory but does not answer is hung: the watchdog restarts it
+  // soon, and then it answers. Keep trying for a minute rather than act beside it.
+  for (let attempt = 0; attempt < 60; attempt++) {
+    try {
+      return await ask(config, req, json);
+    } catch (err) {
+      if (!(err instanceof SnapbackError) || err.code !== 'unreachable') throw err;
+    }
+    const log = createLogger(config.log.level, 2);
+    let agent: Agent;
+    try {
+      agent = Agent.open(config, log);
+    } catch (err) {
+      if (err instanceof SnapbackError && err.code === 'busy') {
+        await new Promise((r) => setTimeout(r, 1000));
+        continue;
+      }
+      throw err;
+    }
+    await agent.start();
+    const result = await agent.rollback({ id, by: { who: 'fallback-timer', channel: 'fallback-timer' }, reason: 'fallback-timer' });
+    await agent.idle();
+    await agent.close();
+    print(json ? JSON.stringify(result) : describeResult('revert', result));
+    return exitFor('revert', result);
   }
-  const log = createLogger(config.log.level);
-  const agent = Agent.open(config, log);
-  await agent.start();
-  const result = await agent.rollback({ id, by: { who: 'fallback-timer', channel: 'fallback-timer' }, reason: 'fallback-timer' });
-  await agent.idle();
-  await agent.close();
-  print(json ? JSON.stringify(result) : describeResult('revert', result));
-  return exitFor('revert', result);
+  throw new SnapbackError('unreachable', `the agent holding ${config.stateDir} neither answers nor lets go`);
 }

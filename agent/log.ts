@@ -20,8 +20,10 @@ function readable(line: string): string {
   }
 }
 
-export function createLogger(level: string, tty = process.stdout.isTTY === true): Logger {
+/** `fd` 1 for the daemon (journald reads stdout); 2 for a one-shot command whose stdout is its answer. */
+export function createLogger(level: string, fd: 1 | 2 = 1): Logger {
   const options = { level, base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.epochTime };
-  if (!tty) return pino(options, pino.destination({ dest: 1, sync: true }));
-  return pino(options, { write: (line: string) => void process.stdout.write(readable(line)) });
+  const stream = fd === 1 ? process.stdout : process.stderr;
+  if (!stream.isTTY) return pino(options, pino.destination({ dest: fd, sync: true }));
+  return pino(options, { write: (line: string) => void stream.write(readable(line)) });
 }

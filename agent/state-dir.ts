@@ -121,13 +121,57 @@ export class StateDir {
     return out;
   }
 
+  /**
+   * Makes this process the one that acts on the state directory (the daemon, or a fallback revert
+   * while the daemon is down): `lock` holds `PID BOOT_ID`. A holder that no longer runs, or ran in
+   * another boot, is stale and replaced. Returns the release function.
+   */
+  lock(bootId: string): () => void {
+    const path = join(this.root, 'lock');
+    const mine = `${process.pid} ${bootId}`;
+    const release = () => {
+      try {
+        if (readFileSync(path, 'utf8').trim() === mine) unlinkSync(path);
+      } catch {}
+    };
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        writeDurably(path, `${mine}\n`, 'x');
+        return release;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') {
+          throw new SnapbackError('state-unwritable', `cannot create ${path}: ${(err as Error).message}`);
+        }
+      }
+      let holder = ['', ''];
+      try {
+        holder = readFileSync(path, 'utf8').trim().split(' ');
+      } catch {}
+      const [pid, boot] = holder;
+      if (Number(pid) !== process.pid && boot === bootId && isAgent(Number(pid))) {
+        throw new SnapbackError('busy', `another snapback-agent (pid ${pid}) is acting on ${this.root}`, { pid: Number(pid) });
+      }
+      rmSync(path, { force: true }); // stale: its process is gone, or it was from another boot
+    }
+    throw new SnapbackError('busy', `cannot take ${path}`);
+  }
+
   removeRun(key: string): void {
     rmSync(this.runDir(key), { recursive: true, force: true });
   }
 }
 
-function writeDurably(path: string, data: string, flag: 'w' | 'a'): void {
-  const fd = openSync(path, flag === 'w' ? constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC : 'a', 0o600);
+function isAgent(pid: number): boolean {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('snapback-agent');
+  } catch {
+    return false;
+  }
+}
+
+function writeDurably(path: string, data: string, flag: 'w' | 'a' | 'x'): void {
+  const flags = { w: constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC, a: constants.O_WRONLY | constants.O_CREAT | constants.O_APPEND, x: constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL };
+  const fd = openSync(path, flags[flag], 0o600);
   try {
     const buf = Buffer.from(data);
     let off = 0;

@@ -440,6 +440,34 @@ describe('agent on real Nix', { skip }, () => {
     assert.equal(h.switchCalls().length, 0);
   });
 
+  it('revert --id (the fallback timer) reverts from the state directory while the daemon is down', async () => {
+    const h = await host();
+    const a = await h.cli(['activate', h.toplevel('x'), '--timeout', '60']);
+    await h.kill9();
+    const r = await h.cli(['revert', '--id', a.out.id]);
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    assert.deepEqual(r.out.outcome, { outcome: 'reverted', reason: 'fallback-timer' });
+    assert.equal(h.running(), h.gen1);
+    const end = h.history().at(-1);
+    assert.deepEqual(end.by, { who: 'fallback-timer', channel: 'fallback-timer' });
+    // Once more, with the agent back: nothing left to do, and nothing is done.
+    await h.start();
+    const again = await h.cli(['revert', '--id', a.out.id]);
+    assert.equal(again.code, 0);
+    assert.equal(h.switchCalls().length, 2);
+  });
+
+  it('a second agent on the same state directory refuses to start', async () => {
+    const h = await host();
+    h.writeConfig({ controlSocket: join(h.dir, 'other.sock') });
+    const r = spawn(process.execPath, [join(import.meta.dirname, '..', 'bin', 'snapback-agent.js'), 'serve', '--config', h.configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    r.stdout.on('data', (c) => (out += c));
+    const code = await new Promise((res) => r.on('exit', res));
+    assert.equal(code, 1);
+    assert.match(out, /another snapback-agent \(pid \d+\) is acting on/);
+  });
+
   it('status and history read the state directory when the daemon is down', async () => {
     const h = await host();
     const a = await h.cli(['activate', h.toplevel('x'), '--timeout', '60']);
