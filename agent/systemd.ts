@@ -36,6 +36,8 @@ export function createNotifier(log: Logger, env: NodeJS.ProcessEnv = process.env
   let send: (state: string) => void;
   let via: Notifier['via'];
   try {
+    // SNAPBACK_NOTIFY=systemd-notify forces the fallback (tests; a broken addon in the field).
+    if (env.SNAPBACK_NOTIFY === 'systemd-notify') throw new Error('SNAPBACK_NOTIFY=systemd-notify');
     const addon = createRequire(import.meta.url)('sd-notify') as SdNotifyAddon;
     send = (state) => addon.sendState(state);
     via = 'sd-notify';

@@ -55,6 +55,19 @@ describe('agent under systemd (test bed)', { skip, timeout: 600_000 }, () => {
     assert.equal(h.sh('readlink -f /nix/var/nix/profiles/system').trim(), x);
   });
 
+  it('without the sd-notify addon, systemd-notify reports ready, status and watchdog pings', async (t) => {
+    const { h } = await host(t, 'fallback-notify', { dropIn: 'Environment=SNAPBACK_NOTIFY=systemd-notify\nWatchdogSec=3s\n' });
+    assert.match(h.sh('journalctl -u snapback-agent --no-pager'), /using systemd-notify/);
+    assert.equal(h.show('snapback-agent', ['ActiveState']).ActiveState, 'active');
+    await h.until(() => /^idle, running \/nix\/store\//.test(h.show('snapback-agent', ['StatusText']).StatusText!), 5000, 'STATUS= through systemd-notify');
+    const pid = h.show('snapback-agent', ['MainPID']).MainPID;
+    // Pings keep a healthy agent alive across several watchdog periods.
+    const x = h.toplevel('x');
+    h.agent(`activate ${x} --timeout 8`);
+    await h.until(() => h.history().some((e) => e.to === 'idle'), 20_000, 'the trial to end at its deadline');
+    assert.equal(h.show('snapback-agent', ['MainPID']).MainPID, pid, 'not restarted by the watchdog');
+  });
+
   it('a frozen event loop is killed by the watchdog and restarted; the trial resumes', async (t) => {
     const { h, gen1 } = await host(t, 'watchdog', { dropIn: 'WatchdogSec=2s\n' });
     const x = h.toplevel('x');
