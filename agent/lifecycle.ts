@@ -530,14 +530,17 @@ function resume(state: State, event: Extract<Event, { type: 'start' }>, now: Now
     return finish(state, d, { outcome: 'reverted', reason: 'reboot' }, 'reboot', AGENT, now, detail);
   }
   switch (state.phase) {
-    case 'activating':
+    case 'activating': {
+      // A stop begun by the previous process may not have finished: the next tick issues it again.
+      const { stopping: _, ...activation } = d.activation!;
       return {
-        state,
+        state: { ...state, deployment: { ...d, activation } },
         effects: [
           { kind: 'arm', atMono: d.activation!.deadlineMono },
           { kind: 'activate', id: d.id, toplevel: d.toplevel!, resume: true },
         ],
       };
+    }
     case 'trial': {
       const left = inSeconds(now.mono, d.trial!.deadlineMono);
       // A confirm in flight died with the old process; the confirmer will retry.

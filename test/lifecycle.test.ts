@@ -91,6 +91,19 @@ describe('lifecycle', () => {
     assert.equal(step(r.state, { type: 'tick' }, at(30_500)).effects.length, 0);
   });
 
+  it('on start: a stop of an overdue switch that the previous process began is issued again', () => {
+    const s = run(initialState, [
+      [activate, at(0)],
+      [{ type: 'prepared', id: 'd1', toplevel: X }, at(0)],
+      [{ type: 'tick' }, at(30_000)],
+    ]).state;
+    assert.equal(s.deployment?.activation?.stopping, true);
+    const resumed = step(s, { type: 'start', bootId: 'b1', current: X }, at(31_000));
+    assert.ok(resumed.effects.some((e) => e.kind === 'activate' && e.resume));
+    const tick = step(resumed.state, { type: 'tick' }, at(31_000));
+    assert.ok(tick.effects.some((e) => e.kind === 'stop-activation'));
+  });
+
   it('keeps a trial after exit 4 but marks it, and a refused confirm makes the deadline revert health-failed', () => {
     const s = inTrial(4);
     assert.equal(s.phase, 'trial');
