@@ -5,7 +5,12 @@
 
 import assert from 'node:assert/strict';
 import { describe, it, type TestContext } from 'node:test';
-import { haveNix } from './helpers/nix.ts';
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { haveNix, type Behaviour } from './helpers/nix.ts';
+import { runController } from './helpers/host.ts';
 import { TestHost, ensureRootfs, testbedUnavailable } from './helpers/testbed.ts';
 
 /** Builds the root file system once per machine (debootstrap, 1-2 minutes) or says why it cannot. */
@@ -25,10 +30,10 @@ if (skip) console.warn(`SKIPPED: systemd test bed: ${skip}`);
 
 // One host at a time: test hosts share the machine's cgroup tree, and two systemd instances as
 // PID 1 would manage the same cgroups. Each test powers its host off when it ends.
-async function host(t: TestContext, name: string, opts: Parameters<typeof TestHost.create>[1] = {}): Promise<{ h: TestHost; gen1: string }> {
+async function host(t: TestContext, name: string, opts: Parameters<typeof TestHost.create>[1] = {}, gen1Behaviour: Behaviour = {}): Promise<{ h: TestHost; gen1: string }> {
   const h = await TestHost.create(name, opts);
   t.after(() => h.destroy());
-  const gen1 = h.install();
+  const gen1 = h.install(gen1Behaviour);
   return { h, gen1 };
 }
 
@@ -142,6 +147,45 @@ describe('agent under systemd (test bed)', { skip, timeout: 600_000 }, () => {
     assert.equal(h.sh('readlink -f /nix/var/nix/profiles/system').trim(), gen1);
     h.sh('systemctl unmask --runtime snapback-agent && systemctl start snapback-agent');
     assert.equal(phase(h), 'idle');
+  });
+
+  it('the conntrack trap: a firewall that keeps the old connection but drops new ones is reverted, not confirmed', async (t) => {
+    const keys = mkdtempSync(join(tmpdir(), 'snapback-trap-'));
+    t.after(() => rmSync(keys, { recursive: true, force: true }));
+    execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'root@trap', '-f', join(keys, 'host')]);
+    execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'op@test', '-f', join(keys, 'op')]);
+    const { h } = await host(t, 'trap', {
+      network: 7,
+      files: { '/etc/ssh/ssh_host_ed25519_key': { text: readFileSync(join(keys, 'host'), 'utf8'), mode: 0o600 } },
+      config: { listen: { host: '0.0.0.0', port: 7731 }, authorizedKeys: [readFileSync(join(keys, 'op.pub'), 'utf8').trim()] },
+    }, { afterLink: 'nft delete table inet bad 2>/dev/null; true' });
+    // The host's firewall: established connections pass (TESTBED.md, "the conntrack trap").
+    h.sh(`nft add table inet base && nft add chain inet base input '{ type filter hook input priority 0; policy accept; }' && nft add rule inet base input ct state established,related accept`);
+    const good = h.toplevel('good', { afterLink: 'nft delete table inet bad 2>/dev/null; true' });
+    const bad = h.toplevel('bad', {
+      afterLink: `nft add table inet bad; nft add chain inet bad input '{ type filter hook input priority 10; policy accept; }'; nft add rule inet bad input ct state new tcp dport 7731 drop`,
+    });
+    const fleet = (target: string) => {
+      const path = join(keys, 'snapback.json');
+      writeFileSync(path, JSON.stringify({
+        identity: { sshKey: join(keys, 'op') },
+        defaults: { confirmTimeoutSec: 4, outcomeGraceSec: 60 },
+        hosts: { trap: { url: `ws://${h.address}:7731`, hostKey: readFileSync(join(keys, 'host.pub'), 'utf8').trim(), target: { storePath: target } } },
+      }));
+      return path;
+    };
+    await h.until(() => h.try(`ss -ltn | grep -q ':7731'`).code === 0, 10_000, 'the agent to listen');
+
+    const ok = await runController(['deploy', 'trap', '--fleet', fleet(good)]);
+    assert.equal(ok.code, 0, ok.stdout + ok.stderr);
+
+    const trapped = await runController(['deploy', 'trap', '--fleet', fleet(bad)]);
+    assert.equal(trapped.code, 1, trapped.stdout + trapped.stderr);
+    assert.deepEqual(trapped.result.hosts[0].outcome, { outcome: 'reverted', reason: 'timeout' });
+    assert.ok(trapped.events.some((e) => e.event === 'reconnecting'), 'new connections were dropped during the trial');
+    assert.ok(!trapped.events.some((e) => e.event === 'confirming'));
+    assert.equal(h.running(), good);
+    assert.doesNotMatch(h.sh('nft list tables'), /inet bad/, 'the revert restored the firewall');
   });
 
   it('power loss during a trial: the host boots the previous generation and records reverted: reboot', async (t) => {

@@ -199,24 +199,9 @@ export class ScratchHost {
     return path;
   }
 
-  /** Runs the controller `snapback ARGS`; `--json` output is parsed into events and the result. */
-  snapback(args: string[], opts: { env?: NodeJS.ProcessEnv; json?: boolean; onSpawn?: (c: ChildProcess) => void } = {}): Promise<{ code: number; events: any[]; result: any; stdout: string; stderr: string }> {
-    const json = opts.json ?? true;
-    return new Promise((resolve) => {
-      const child = spawn(process.execPath, [CONTROLLER_BIN, ...args, ...(json ? ['--json'] : [])], {
-        stdio: ['ignore', 'pipe', 'pipe'],
-        env: { ...process.env, SSH_AUTH_SOCK: '', ...opts.env },
-      });
-      opts.onSpawn?.(child);
-      let stdout = '';
-      let stderr = '';
-      child.stdout.on('data', (c) => (stdout += c));
-      child.stderr.on('data', (c) => (stderr += c));
-      child.on('exit', (code, signal) => {
-        const lines = json ? stdout.split('\n').filter(Boolean).map((l) => { try { return JSON.parse(l); } catch { return { unparsed: l }; } }) : [];
-        resolve({ code: code ?? (signal ? 128 : -1), events: lines.filter((l) => l.type === 'event'), result: lines.find((l) => l.type !== 'event'), stdout, stderr });
-      });
-    });
+  /** Runs the controller `snapback ARGS` (see runController). */
+  snapback(args: string[], opts: ControllerOptions = {}): Promise<ControllerRun> {
+    return runController(args, opts);
   }
 
   // ---- the console ------------------------------------------------------------------------------
@@ -281,4 +266,48 @@ export class ScratchHost {
     await this.kill9();
     rmSync(this.dir, { recursive: true, force: true });
   }
+}
+
+export interface ControllerOptions {
+  env?: NodeJS.ProcessEnv;
+  json?: boolean;
+  onSpawn?: (c: ChildProcess) => void;
+}
+export interface ControllerRun {
+  code: number;
+  events: any[];
+  result: any;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs the controller `snapback ARGS`; `--json` output is parsed into events and the result. */
+export function runController(args: string[], opts: ControllerOptions = {}): Promise<ControllerRun> {
+  const json = opts.json ?? true;
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [CONTROLLER_BIN, ...args, ...(json ? ['--json'] : [])], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, SSH_AUTH_SOCK: '', ...opts.env },
+    });
+    opts.onSpawn?.(child);
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (c) => (stdout += c));
+    child.stderr.on('data', (c) => (stderr += c));
+    child.on('exit', (code, signal) => {
+      const lines = json
+        ? stdout
+            .split('\n')
+            .filter(Boolean)
+            .map((l) => {
+              try {
+                return JSON.parse(l);
+              } catch {
+                return { unparsed: l };
+              }
+            })
+        : [];
+      resolve({ code: code ?? (signal ? 128 : -1), events: lines.filter((l) => l.type === 'event'), result: lines.find((l) => l.type !== 'event'), stdout, stderr });
+    });
+  });
 }

@@ -22,7 +22,7 @@ const PACKAGES = 'systemd,systemd-sysv,dbus,iproute2,nftables,nix-bin,libdbi-per
 /** Why the test bed cannot run here, or undefined. */
 export function testbedUnavailable(): string | undefined {
   if (process.getuid?.() !== 0) return 'the test bed needs root';
-  for (const tool of ['unshare', 'nsenter', 'mount']) {
+  for (const tool of ['unshare', 'nsenter', 'mount', 'ip']) {
     try {
       execFileSync('sh', ['-c', `command -v ${tool}`], { stdio: 'ignore' });
     } catch {
@@ -111,6 +111,8 @@ export class TestHost {
   private unshare: ChildProcess | undefined;
   private readonly cgroups: string[] = [];
   readonly name: string;
+  /** n: a veth pair, 10.231.n.1 on the machine, 10.231.n.2 in the host (re-created at every boot) */
+  network: number | undefined;
   pid1 = 0;
 
   private constructor(name: string, lower: string) {
@@ -124,8 +126,12 @@ export class TestHost {
   }
 
   /** A new host: the shipped unit file, the agent's config, Nix config, then the first boot. */
-  static async create(name: string, opts: { dropIn?: string; config?: Record<string, unknown> } = {}): Promise<TestHost> {
+  static async create(
+    name: string,
+    opts: { dropIn?: string; config?: Record<string, unknown>; files?: Record<string, { text: string; mode?: number }>; network?: number } = {},
+  ): Promise<TestHost> {
     const h = new TestHost(name, ensureRootfs());
+    h.network = opts.network;
     const put = (path: string, text: string, mode = 0o644) => {
       const full = join(h.upper, path);
       mkdirSync(join(full, '..'), { recursive: true });
@@ -144,6 +150,7 @@ export class TestHost {
     put('etc/snapback/agent.json', JSON.stringify({ ...AGENT_CONFIG, ...opts.config }, null, 2));
     put('etc/nix/nix.conf', 'sandbox = false\nbuild-users-group =\nsubstituters =\nexperimental-features = nix-command flakes\n');
     put('etc/hostname', `${name}\n`);
+    for (const [path, f] of Object.entries(opts.files ?? {})) put(path.replace(/^\//, ''), f.text, f.mode ?? 0o644);
     // Units that make no sense in a container test host.
     for (const unit of ['nftables.service', 'systemd-timesyncd.service', 'getty@tty1.service', 'console-getty.service']) {
       execFileSync('ln', ['-sf', '/dev/null', join(h.upper, 'etc/systemd/system', unit)]);
@@ -178,10 +185,27 @@ export class TestHost {
       if (child.exitCode !== null || i > 200) throw new Error(`the test host did not boot: ${stderr}`);
       await sleep(25);
     }
+    if (this.network !== undefined) this.plugNetwork(this.network);
     await this.until(() => {
       const r = this.sh('systemctl is-system-running 2>/dev/null || true');
       return /^(running|degraded)/.test(r);
     }, 60_000, 'systemd to finish booting');
+  }
+
+  /** The host's address on its veth link (TESTBED.md: network namespaces). */
+  get address(): string {
+    return `10.231.${this.network}.2`;
+  }
+
+  private plugNetwork(n: number): void {
+    const outside = `sb-h${n}a`;
+    const inside = `sb-h${n}b`;
+    execFileSync('sh', ['-c', `ip link del ${outside} 2>/dev/null; true`]);
+    execFileSync('ip', ['link', 'add', outside, 'type', 'veth', 'peer', 'name', inside]);
+    execFileSync('ip', ['link', 'set', inside, 'netns', String(this.pid1)]);
+    execFileSync('ip', ['addr', 'add', `10.231.${n}.1/30`, 'dev', outside]);
+    execFileSync('ip', ['link', 'set', outside, 'up']);
+    this.sh(`ip link set lo up && ip addr add ${this.address}/30 dev ${inside} && ip link set ${inside} up`);
   }
 
   /** Runs a shell command inside the host as root; returns stdout (throws on failure). */
@@ -232,8 +256,8 @@ export class TestHost {
   }
 
   /** The "installed" system: generation 1 of the profile, running. */
-  install(): string {
-    const gen1 = this.toplevel('gen1');
+  install(b: Behaviour = {}): string {
+    const gen1 = this.toplevel('gen1', b);
     this.sh(`nix-env -p /nix/var/nix/profiles/system --set ${gen1} && ln -sfn ${gen1} /run/current-system`);
     return gen1;
   }
@@ -286,6 +310,7 @@ export class TestHost {
 
   async destroy(): Promise<void> {
     await this.powerOff();
+    if (this.network !== undefined) execFileSync('sh', ['-c', `ip link del sb-h${this.network}a 2>/dev/null; true`]);
     for (const cg of this.cgroups) removeCgroup(cg);
     rmSync(this.dir, { recursive: true, force: true });
   }
