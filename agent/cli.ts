@@ -4,6 +4,7 @@
 import { realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
+import { UsageError, parseCommandLine, positiveInt, reportError } from '../shared/cli.ts';
 import { DEFAULT_CONFIG_PATH, loadAgentConfig, type AgentConfig } from '../shared/config.ts';
 import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
 import { describeOutcome, type HistoryEntry, type Outcome, type Target } from '../shared/model.ts';
@@ -37,12 +38,9 @@ usage: snapback-agent <command> [options]
 options: --config FILE (default ${DEFAULT_CONFIG_PATH}, or $SNAPBACK_CONFIG), --json, --help, --version
 exit codes: 0 ok, 1 refused/reverted/failed, 2 usage or configuration error, 3 agent unreachable, 4 outcome unknown`;
 
-class UsageError extends Error {}
-
 export async function main(argv: string[]): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
+  const parsed = parseCommandLine('snapback-agent', USAGE, () =>
+    parseArgs({
       args: argv,
       allowPositionals: true,
       options: {
@@ -56,18 +54,11 @@ export async function main(argv: string[]): Promise<number> {
         help: { type: 'boolean', short: 'h', default: false },
         version: { type: 'boolean', default: false },
       },
-    });
-  } catch (err) {
-    process.stderr.write(`snapback-agent: ${(err as Error).message}\n\n${USAGE}\n`);
-    return EXIT.usage;
-  }
+    }),
+  );
+  if (typeof parsed === 'number') return parsed;
   const { values: o, positionals } = parsed;
-  if (o.version) return print(VERSION), EXIT.ok;
-  const [command, ...rest] = positionals;
-  if (o.help || !command) {
-    process[o.help ? 'stdout' : 'stderr'].write(USAGE + '\n');
-    return o.help ? EXIT.ok : EXIT.usage;
-  }
+  const [command, ...rest] = positionals as [string, ...string[]];
   const configPath = o.config ?? process.env.SNAPBACK_CONFIG ?? DEFAULT_CONFIG_PATH;
   let config: AgentConfig;
   try {
@@ -108,26 +99,12 @@ export async function main(argv: string[]): Promise<number> {
         throw new UsageError(`unknown command "${command}"`);
     }
   } catch (err) {
-    if (err instanceof UsageError) {
-      process.stderr.write(`snapback-agent: ${err.message}\n\n${USAGE}\n`);
-      return EXIT.usage;
-    }
-    if (err instanceof SnapbackError) {
-      if (o.json) print(JSON.stringify({ ok: false, code: err.code, message: err.message }));
-      else process.stderr.write(`snapback-agent: ${err.message}\n`);
-      return err.exitCode;
-    }
-    throw err;
+    return reportError('snapback-agent', USAGE, err, o.json);
   }
 }
 
 function print(s: string): void {
   process.stdout.write(s + '\n');
-}
-
-function positiveInt(s: string, what: string): number {
-  if (!/^\d+$/.test(s) || Number(s) <= 0) throw new UsageError(`${what} must be a positive whole number of seconds, not "${s}"`);
-  return Number(s);
 }
 
 function parseTarget(rest: string[], flake: string | undefined, generation: string | undefined): Target {

@@ -3,6 +3,7 @@
 // 3 could not reach or authenticate a host before changing anything; 4 outcome unknown.
 
 import { parseArgs } from 'node:util';
+import { UsageError, parseCommandLine, positiveInt, reportError } from '../shared/cli.ts';
 import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
 import { loadFleet, type Fleet, type FleetHost } from '../shared/fleet.ts';
 import { describeOutcome, type Target } from '../shared/model.ts';
@@ -30,12 +31,9 @@ options: --fleet FILE (default ./snapback.json), --json, --help, --version
 exit codes: 0 all confirmed; 1 some host reverted or failed; 2 usage or config error;
             3 could not reach or authenticate a host before changing anything; 4 outcome unknown`;
 
-class UsageError extends Error {}
-
 export async function main(argv: string[]): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
+  const parsed = parseCommandLine('snapback', USAGE, () =>
+    parseArgs({
       args: argv,
       allowPositionals: true,
       options: {
@@ -50,18 +48,11 @@ export async function main(argv: string[]): Promise<number> {
         help: { type: 'boolean', short: 'h', default: false },
         version: { type: 'boolean', default: false },
       },
-    });
-  } catch (err) {
-    process.stderr.write(`snapback: ${(err as Error).message}\n\n${USAGE}\n`);
-    return EXIT.usage;
-  }
+    }),
+  );
+  if (typeof parsed === 'number') return parsed;
   const { values: o, positionals } = parsed;
-  if (o.version) return process.stdout.write(VERSION + '\n'), EXIT.ok;
-  const [command, ...names] = positionals;
-  if (o.help || !command) {
-    process[o.help ? 'stdout' : 'stderr'].write(USAGE + '\n');
-    return o.help ? EXIT.ok : EXIT.usage;
-  }
+  const [command, ...names] = positionals as [string, ...string[]];
   try {
     const fleet = loadFleet(o.fleet);
     switch (command) {
@@ -84,22 +75,8 @@ export async function main(argv: string[]): Promise<number> {
         throw new UsageError(`unknown command "${command}"`);
     }
   } catch (err) {
-    if (err instanceof UsageError) {
-      process.stderr.write(`snapback: ${err.message}\n\n${USAGE}\n`);
-      return EXIT.usage;
-    }
-    if (err instanceof SnapbackError) {
-      if (o.json) process.stdout.write(JSON.stringify({ type: 'error', code: err.code, message: err.message }) + '\n');
-      else process.stderr.write(`snapback: ${err.message}\n`);
-      return err.exitCode;
-    }
-    throw err;
+    return reportError('snapback', USAGE, err, o.json);
   }
-}
-
-function positiveInt(s: string, what: string): number {
-  if (!/^\d+$/.test(s) || Number(s) <= 0) throw new UsageError(`${what} must be a positive whole number, not "${s}"`);
-  return Number(s);
 }
 
 /** Hosts named on the command line, or `--all`, or by `--tag`; in fleet-file order. */
