@@ -77,6 +77,8 @@ in
         Restart = "always";
         RestartSec = "1s";
         WatchdogSec = "30s";
+        # Node.js catches SIGABRT (the default watchdog signal); a frozen agent must die outright.
+        WatchdogSignal = "SIGKILL";
         TimeoutStopSec = "30s";
         StateDirectory = "snapback";
         StateDirectoryMode = "0700";

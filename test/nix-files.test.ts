@@ -51,6 +51,7 @@ describe('unit file and module', () => {
       ['NotifyAccess=all', /NotifyAccess = "all";/],
       ['Restart=always', /Restart = "always";/],
       ['WatchdogSec=30s', /WatchdogSec = "30s";/],
+      ['WatchdogSignal=SIGKILL', /WatchdogSignal = "SIGKILL";/],
       ['StateDirectory=snapback', /StateDirectory = "snapback";/],
       ['RuntimeDirectory=snapback', /RuntimeDirectory = "snapback";/],
       ['X-StopOnRemoval=false', /X-StopOnRemoval = false;/],

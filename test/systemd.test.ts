@@ -81,7 +81,7 @@ describe('agent under systemd (test bed)', { skip, timeout: 600_000 }, () => {
     const before = h.show('snapback-agent', ['MainPID', 'NRestarts']);
     h.sh('systemctl kill -s SIGUSR2 --kill-whom=main snapback-agent');
     await h.until(() => Number(h.show('snapback-agent', ['NRestarts']).NRestarts) > Number(before.NRestarts), 20_000, 'systemd to restart the agent');
-    assert.match(h.sh('journalctl -u snapback-agent --no-pager'), /Watchdog timeout/);
+    assert.match(h.sh('journalctl -u snapback-agent --no-pager'), /Watchdog timeout[\s\S]*SIGKILL/);
     await h.until(() => h.show('snapback-agent', ['ActiveState']).ActiveState === 'active', 10_000, 'the new agent to be ready');
     const st = h.agent('status').out;
     assert.equal(st.phase, 'trial');
@@ -142,7 +142,7 @@ describe('agent under systemd (test bed)', { skip, timeout: 600_000 }, () => {
     assert.deepEqual(end.outcome, { outcome: 'reverted', reason: 'fallback-timer' });
     assert.equal(end.by.channel, 'fallback-timer');
     const late = Date.parse(end.at) - fireAt;
-    assert.ok(late > -1000 && late < 2500, `reverted ${late} ms after the timer's time`);
+    assert.ok(late > -1000 && late < 3000, `reverted ${late} ms after the timer's time`);
     assert.equal(h.running(), gen1);
     assert.equal(h.sh('readlink -f /nix/var/nix/profiles/system').trim(), gen1);
     h.sh('systemctl unmask --runtime snapback-agent && systemctl start snapback-agent');
