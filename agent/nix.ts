@@ -22,12 +22,15 @@ export class Nix {
     this.settings = settings;
   }
 
-  /** `--option` flags that make Nix use exactly the agent's caches and keys (when configured). */
+  /**
+   * `--option` flags adding the agent's caches and keys to Nix's own: naming only your cache must
+   * not cut the host off from the cache the rest of the closure comes from.
+   */
   private trustOptions(): string[] {
     const { substituters, trustedPublicKeys } = this.settings;
     const out: string[] = [];
-    if (substituters.length) out.push('--option', 'substituters', substituters.join(' '));
-    if (trustedPublicKeys.length) out.push('--option', 'trusted-public-keys', trustedPublicKeys.join(' '));
+    if (substituters.length) out.push('--option', 'extra-substituters', substituters.join(' '));
+    if (trustedPublicKeys.length) out.push('--option', 'extra-trusted-public-keys', trustedPublicKeys.join(' '));
     return out;
   }
 

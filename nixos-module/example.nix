@@ -2,11 +2,9 @@
 # and checked in CI: the agent must accept what the module writes for it).
 {
   listen.port = 7731;
-  nix.substituters = [ "https://cache.nixos.org" "https://cache.example.org" ];
-  nix.trustedPublicKeys = [
-    "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
-    "cache.example.org-1:Kz7GzZgP1ZxIBm1yoVEqN4nZ6W7A0bqzH5+9SnxFc3c="
-  ];
+  # In addition to the host's own nix.settings.substituters and trusted-public-keys.
+  nix.substituters = [ "https://cache.example.org" ];
+  nix.trustedPublicKeys = [ "cache.example.org-1:Kz7GzZgP1ZxIBm1yoVEqN4nZ6W7A0bqzH5+9SnxFc3c=" ];
   confirm = {
     defaultTimeoutSec = 120;
     maxTimeoutSec = 1800;
