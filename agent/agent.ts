@@ -25,7 +25,7 @@ import type { HostStatus } from '../shared/protocol.ts';
 export type Progress = Announcement | { type: 'output'; id: string; line: string };
 
 export type Result =
-  | { ok: true; id?: string; outcome?: Outcome; deadline?: string; toplevel?: string }
+  | { ok: true; id?: string; outcome?: Outcome; deadline?: string; toplevel?: string; dryRun?: { exit: number | null } }
   | { ok: false; code: ErrorCode; message: string; id?: string; outcome?: Outcome };
 
 /** What `status` answers, on the console and in `welcome` (the schema lives in shared/protocol.ts). */
@@ -343,6 +343,31 @@ export class Agent {
       (p) => (p.type === 'phase' && p.phase === 'trial' ? { ok: true, id, deadline: p.deadline!, toplevel: p.toplevel! } : undefined),
       onProgress,
     );
+  }
+
+  /**
+   * Builds or fetches the target and runs only `switch-to-configuration dry-activate`, streaming
+   * what it says would change. No deployment, no state change, no history entry.
+   */
+  async dryRun(req: { target: Target; by: Actor }, onProgress?: (p: Progress) => void): Promise<Result> {
+    const { system } = this.config;
+    if (await switchLockHeld(system.switchLock)) {
+      return refuse('switch-locked', `${system.switchLock} is held: another switch-to-configuration is running`);
+    }
+    const id = `dry-${newDeploymentId()}`;
+    const root = this.dir.gcRoot(id);
+    const onLine = (line: string) => onProgress?.({ type: 'output', id, line });
+    try {
+      const toplevel = await this.nix.obtain(req.target, root, system.profile, onLine);
+      const { exit } = await this.runner.run(`dry-activate-${id}`, toplevel, 'dry-activate', onLine);
+      this.log.info({ deployment: id, by: req.by.who, exit }, `dry run of ${toplevel}: dry-activate exited ${exit ?? 'without a status'}`);
+      return { ok: true, id, toplevel, dryRun: { exit } };
+    } catch (err) {
+      const e = asSnapbackError(err);
+      return refuse(e.code, e.message, id);
+    } finally {
+      rmSync(root, { force: true });
+    }
   }
 
   /** Confirms the trial; resolves with the outcome (confirmed, or reverted: commit-failed) or a refusal. */

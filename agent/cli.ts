@@ -25,8 +25,9 @@ const USAGE = `snapback-agent ${VERSION} — commit-confirmed activation of NixO
 usage: snapback-agent <command> [options]
 
   serve                               run the agent (the systemd unit does this)
-  activate STORE_PATH | --flake REF#HOST | --generation N  [--timeout S]
+  activate STORE_PATH | --flake REF#HOST | --generation N  [--timeout S] [--dry-run]
                                       build or fetch, activate as a trial, print the deadline
+                                      (--dry-run: only show what dry-activate would change)
   status                              the running trial and its countdown, or the last outcome
   confirm [--id ID]                   commit the trial (profile + boot default)
   rollback [--id ID]                  revert the trial now
@@ -51,6 +52,7 @@ export async function main(argv: string[]): Promise<number> {
         timeout: { type: 'string' },
         id: { type: 'string' },
         limit: { type: 'string' },
+        'dry-run': { type: 'boolean', default: false },
         help: { type: 'boolean', short: 'h', default: false },
         version: { type: 'boolean', default: false },
       },
@@ -81,7 +83,8 @@ export async function main(argv: string[]): Promise<number> {
       case 'activate': {
         const target = parseTarget(rest, o.flake, o.generation);
         const timeoutSec = o.timeout ? positiveInt(o.timeout, '--timeout') : undefined;
-        return await ask(config, { cmd: 'activate', target, ...(timeoutSec ? { timeoutSec } : {}), ...user() }, o.json);
+        const dryRun = o['dry-run'] ? { dryRun: true } : {};
+        return await ask(config, { cmd: 'activate', target, ...(timeoutSec ? { timeoutSec } : {}), ...dryRun, ...user() }, o.json);
       }
       case 'confirm':
         return await ask(config, { cmd: 'confirm', ...(o.id ? { id: o.id } : {}), ...user() }, o.json);
@@ -225,6 +228,7 @@ function showProgress(p: Progress): void {
 
 function describeResult(cmd: string, r: Result): string {
   if (!r.ok) return `${cmd} refused (${r.code}): ${r.message}`;
+  if (r.dryRun) return `dry run of ${r.toplevel}: switch-to-configuration dry-activate exited ${r.dryRun.exit ?? 'without a status'}; nothing was changed`;
   if (r.outcome) return `deployment ${r.id}: ${describeOutcome(r.outcome)}`;
   if (r.deadline) {
     const left = Math.max(0, Math.round((Date.parse(r.deadline) - Date.now()) / 1000));
@@ -236,6 +240,7 @@ function describeResult(cmd: string, r: Result): string {
 
 function exitFor(cmd: string, r: Result): number {
   if (!r.ok) return exitCodeFor(r.code);
+  if (r.dryRun) return r.dryRun.exit === 0 ? EXIT.ok : EXIT.failed;
   if (!r.outcome) return EXIT.ok;
   return wanted(cmd, r.outcome) ? EXIT.ok : EXIT.failed;
 }

@@ -13,7 +13,13 @@ import type { Logger } from './log.ts';
 export const controlRequestSchema = z.discriminatedUnion('cmd', [
   z.strictObject({ cmd: z.literal('status'), user: z.string().optional() }),
   z.strictObject({ cmd: z.literal('history'), limit: z.number().int().positive().optional(), user: z.string().optional() }),
-  z.strictObject({ cmd: z.literal('activate'), target: targetSchema, timeoutSec: z.number().int().positive().optional(), user: z.string().optional() }),
+  z.strictObject({
+    cmd: z.literal('activate'),
+    target: targetSchema,
+    timeoutSec: z.number().int().positive().optional(),
+    dryRun: z.boolean().optional(),
+    user: z.string().optional(),
+  }),
   z.strictObject({ cmd: z.literal('confirm'), id: z.string().optional(), user: z.string().optional() }),
   z.strictObject({ cmd: z.literal('rollback'), id: z.string().optional(), user: z.string().optional() }),
   z.strictObject({ cmd: z.literal('extend'), seconds: z.number().int(), id: z.string().optional(), user: z.string().optional() }),
@@ -133,6 +139,7 @@ async function handle(line: string, agent: Agent, progress: (p: Progress) => voi
     case 'history':
       return { ok: true, history: agent.history(req.limit) };
     case 'activate':
+      if (req.dryRun) return agent.dryRun({ target: req.target, by }, progress);
       return agent.activate({ target: req.target, ...(req.timeoutSec ? { timeoutSec: req.timeoutSec } : {}), by }, progress);
     case 'confirm':
       // Root on the box needs no token: the token proves a fresh network path, not identity.

@@ -248,6 +248,7 @@ export class WireServer {
         return this.send(s, { type: 'history', entries: msg.limit ? entries.slice(-msg.limit) : entries });
       }
       case 'activate':
+        if (msg.dryRun) return this.reply(s, msg.seq, await this.agent.dryRun({ target: msg.target, by }, progress));
         return this.reply(s, msg.seq, await this.agent.activate({ target: msg.target, ...(msg.timeoutSec ? { timeoutSec: msg.timeoutSec } : {}), by }, progress));
       case 'confirm': {
         // Promise 5, enforced twice: the token is handed out only on fresh connections, and a
@@ -276,6 +277,7 @@ export class WireServer {
     if (!r.ok) {
       return this.send(s, { type: 'error', code: r.code, message: r.message, retryable: retryable(r.code), re, ...(r.id ? { id: r.id } : {}), ...(r.outcome ? { outcome: r.outcome } : {}) });
     }
+    if (r.dryRun) return this.send(s, { type: 'dry-run', id: r.id!, toplevel: r.toplevel!, exit: r.dryRun.exit, re });
     if (r.outcome) return this.send(s, { type: 'outcome', id: r.id!, outcome: r.outcome, re });
     if (r.deadline) {
       const secondsLeft = Math.max(0, Math.floor((Date.parse(r.deadline) - Date.now()) / 1000));

@@ -22,6 +22,7 @@ usage: snapback <command> [options]
          [--flake REF]            the hosts build REF#<host> themselves
          [--timeout S]            confirm window (else the host's confirmTimeoutSec, defaults, or the agent's default)
          [--parallel N]           hosts at once (default: defaults.parallel, 10)
+         [--dry-run]              build or fetch, then only show what dry-activate would change
   status [HOST…]                 state, countdown and last outcome of each host (default: all)
   confirm HOST                   confirm HOST's running trial (over a fresh connection)
   rollback HOST                  revert HOST's running trial now
@@ -45,6 +46,7 @@ export async function main(argv: string[]): Promise<number> {
         timeout: { type: 'string' },
         parallel: { type: 'string' },
         limit: { type: 'string' },
+        'dry-run': { type: 'boolean', default: false },
         help: { type: 'boolean', short: 'h', default: false },
         version: { type: 'boolean', default: false },
       },
@@ -60,7 +62,7 @@ export async function main(argv: string[]): Promise<number> {
         const hosts = select(fleet, names, o.all, o.tag ?? [], true);
         const timeoutSec = o.timeout ? positiveInt(o.timeout, '--timeout') : undefined;
         const parallel = o.parallel ? positiveInt(o.parallel, '--parallel') : fleet.defaults.parallel;
-        return await deploy(fleet, hosts, { json: o.json, parallel, ...(o.flake ? { flake: o.flake } : {}), ...(timeoutSec ? { timeoutSec } : {}) });
+        return await deploy(fleet, hosts, { json: o.json, parallel, dryRun: o['dry-run'], ...(o.flake ? { flake: o.flake } : {}), ...(timeoutSec ? { timeoutSec } : {}) });
       }
       case 'status':
         return await status(fleet, select(fleet, names, o.all || names.length === 0, o.tag ?? [], false), o.json);
@@ -99,7 +101,7 @@ function targetFor(name: string, host: FleetHost, flake?: string): Target {
  * Runs the deploy flow per host, at most `parallel` at once; a host whose `dependsOn` (among the
  * selected hosts) did not confirm is not started.
  */
-async function deploy(fleet: Fleet, names: string[], opts: { json: boolean; parallel: number; flake?: string; timeoutSec?: number }): Promise<number> {
+async function deploy(fleet: Fleet, names: string[], opts: { json: boolean; parallel: number; dryRun: boolean; flake?: string; timeoutSec?: number }): Promise<number> {
   const targets = new Map(names.map((n) => [n, targetFor(n, fleet.hosts[n]!, opts.flake)]));
   checkAcyclic(fleet, names);
   const signers = await resolveSigners(fleet);
@@ -122,7 +124,8 @@ async function deploy(fleet: Fleet, names: string[], opts: { json: boolean; para
     const p = (async (): Promise<HostResult> => {
       const deps = host.dependsOn.filter((d) => names.includes(d));
       const depResults = await Promise.all(deps.map(run));
-      const blocked = depResults.find((r) => r.status !== 'confirmed');
+      // A dry run changes nothing, so nothing waits for anything.
+      const blocked = opts.dryRun ? undefined : depResults.find((r) => r.status !== 'confirmed');
       if (blocked) {
         const result: HostResult = { host: name, status: 'failed', message: `not started: dependency ${blocked.host} is ${blocked.status}` };
         out.event({ type: 'done', host: name, result });
@@ -139,6 +142,7 @@ async function deploy(fleet: Fleet, names: string[], opts: { json: boolean; para
           probes: host.probes ?? fleet.defaults.probes ?? [],
           probeTimeoutSec: fleet.defaults.probeTimeoutSec,
           graceSec: fleet.defaults.outcomeGraceSec,
+          dryRun: opts.dryRun,
           signers,
           emit: (e) => out.event(e),
         });

@@ -13,7 +13,7 @@ import type { Signer } from '../shared/ssh.ts';
 import { runProbes, type ProbeResult } from './probes.ts';
 import { Session, type SessionOptions } from './session.ts';
 
-export type HostStatus = 'confirmed' | 'reverted' | 'failed' | 'unreachable' | 'unknown';
+export type HostStatus = 'confirmed' | 'reverted' | 'failed' | 'unreachable' | 'unknown' | 'dry-run';
 
 export interface HostResult {
   host: string;
@@ -49,6 +49,8 @@ export interface DeployHostOptions {
   session?: SessionOptions;
   /** how long to keep asking for the outcome after the deadline (default 120 s) */
   graceSec?: number;
+  /** only build or fetch and `switch-to-configuration dry-activate`: show what would change */
+  dryRun?: boolean;
 }
 
 const mono = () => performance.now();
@@ -68,6 +70,7 @@ async function flow(o: DeployHostOptions): Promise<HostResult> {
     return unreachable(name, err);
   }
   o.emit({ type: 'connected', host: name, as: first.welcome.you });
+  if (o.dryRun) return dryRun(o, first);
 
   let id: string | undefined;
   const answer = await first.command({ type: 'activate', target: o.target, ...(o.timeoutSec ? { timeoutSec: o.timeoutSec } : {}) }, (m) => {
@@ -137,6 +140,19 @@ async function flow(o: DeployHostOptions): Promise<HostResult> {
   }
   session.close();
   return settle(o, id, deadline, r);
+}
+
+async function dryRun(o: DeployHostOptions, session: Session): Promise<HostResult> {
+  const answer = await session.command({ type: 'activate', target: o.target, dryRun: true }, (m) => {
+    if (m.type === 'progress' && m.line !== undefined) o.emit({ type: 'line', host: o.name, id: m.id, line: m.line });
+  });
+  session.close();
+  if (answer.type === 'dry-run') {
+    const ok = answer.exit === 0;
+    return { host: o.name, status: ok ? 'dry-run' : 'failed', id: answer.id, message: `dry-activate of ${answer.toplevel} exited ${answer.exit ?? 'without a status'}; nothing was changed` };
+  }
+  if (answer.type === 'error') return { host: o.name, status: 'failed', message: `dry run refused (${answer.code}): ${answer.message}` };
+  return { host: o.name, status: 'unknown', message: `unexpected answer "${answer.type}" to a dry run` };
 }
 
 /** Turns the final answer to confirm/rollback into a result; asks again if the connection dropped. */

@@ -56,6 +56,7 @@ function describe(e: DeployEvent): string | undefined {
       return `waiting ${e.seconds}s for the deadline: ${e.why}`;
     case 'done':
       if (e.result.status === 'confirmed') return 'confirmed';
+      if (e.result.status === 'dry-run') return e.result.message;
       return e.result.outcome ? e.result.message : `${e.result.status}: ${e.result.message}`;
   }
 }

@@ -38,6 +38,8 @@ export const activateSchema = z.strictObject({
   seq,
   target: targetSchema,
   timeoutSec: z.number().int().positive().optional(),
+  /** build or fetch, then only `switch-to-configuration dry-activate`: nothing changes */
+  dryRun: z.boolean().optional(),
   sig: signature,
 });
 export const confirmSchema = z.strictObject({ type: z.literal('confirm'), seq, id, token: z.string().min(1).max(256), sig: signature });
@@ -136,7 +138,17 @@ export const trialSchema = z.strictObject({
   re: seq.optional(),
 });
 
+/** the answer to a dry-run `activate`: what `dry-activate` said is in the progress lines before it */
+export const dryRunSchema = z.strictObject({
+  type: z.literal('dry-run'),
+  id,
+  toplevel: z.string(),
+  exit: z.number().int().nullable(),
+  re: seq.optional(),
+});
+
 export const serverMessageSchema = z.discriminatedUnion('type', [
+  dryRunSchema,
   challengeSchema,
   welcomeSchema,
   progressSchema,

@@ -5,7 +5,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { haveNix, nix, nixStore, writeFlake } from './helpers/nix.ts';
@@ -389,6 +389,21 @@ describe('agent on real Nix', { skip }, () => {
     assert.equal(missing.code, 0);
     const none = await h.cli(['activate', '--generation', '9']);
     assert.equal(none.out.outcome.code, 'bad-target');
+  });
+
+  it('--dry-run builds, shows what dry-activate would change, and changes nothing', async () => {
+    const h = await host();
+    const x = h.toplevel('x');
+    const text = await h.cli(['activate', x, '--dry-run'], { json: false });
+    assert.equal(text.code, 0, text.stderr);
+    assert.match(text.stderr, /would restart the following units: demo\.service/);
+    assert.match(text.stdout, /dry-activate exited 0; nothing was changed/);
+    assert.deepEqual(h.switchCalls(), [[x, 'dry-activate']]);
+    assert.equal(h.running(), h.gen1);
+    assert.deepEqual(h.generations(), [1]);
+    assert.deepEqual(h.history(), [], 'a dry run is not a deployment');
+    assert.deepEqual(readdirSync(join(h.stateDir, 'gcroots')), [], 'its GC root is gone');
+    assert.equal((await h.cli(['status'])).out.phase, 'idle');
   });
 
   it('refuses a path without bin/switch-to-configuration before anything changes', async () => {

@@ -55,6 +55,19 @@ describe('snapback deploy', { skip }, () => {
     assert.match(committed.by.who, /^SHA256:\S+ \(op@test\)$/);
   });
 
+  it('--dry-run: the host builds and runs dry-activate only; its output reaches the operator', async () => {
+    const h = await wireHost();
+    const x = h.toplevel('x');
+    const fleet = await h.fleet({ target: { storePath: x } });
+    const r = await h.snapback(['deploy', 'web1', '--dry-run', '--fleet', fleet]);
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    assert.equal(r.result.hosts[0].status, 'dry-run');
+    assert.ok(r.events.some((e) => e.event === 'line' && /would restart the following units/.test(e.line)));
+    assert.deepEqual(h.switchCalls(), [[x, 'dry-activate']]);
+    assert.equal(h.running(), h.gen1);
+    assert.deepEqual(h.history(), []);
+  });
+
   it('a failed probe rolls back, names the probe, exit 1', async () => {
     const h = await wireHost();
     const x = h.toplevel('x');

@@ -48,6 +48,9 @@ case "$1" in
   boot)
     ${b.boot ?? ':'}
     ;;
+  dry-activate)
+    echo "would restart the following units: demo.service"
+    ;;
 esac
 exit 0
 `;
