@@ -37,9 +37,18 @@ export function testbedUnavailable(): string | undefined {
     }
   }
   try {
-    execFileSync('unshare', ['--pid', '--fork', '--mount', '--net', 'true'], { stdio: 'ignore' });
+    execFileSync('unshare', ['--pid', '--fork', '--mount', '--net', '--cgroup', 'true'], { stdio: 'ignore' });
   } catch {
-    return 'cannot create PID, mount and network namespaces here';
+    return 'cannot create PID, mount, network and cgroup namespaces here';
+  }
+  const probe = mkdtempSync(join('/tmp', 'snapback-tb-probe-'));
+  try {
+    for (const d of ['lower', 'upper', 'work', 'merged']) mkdirSync(join(probe, d));
+    execFileSync('unshare', ['--mount', 'sh', '-c', `mount -t overlay overlay -o lowerdir=${probe}/lower,upperdir=${probe}/upper,workdir=${probe}/work ${probe}/merged`], { stdio: 'ignore' });
+  } catch {
+    return 'cannot mount overlayfs here';
+  } finally {
+    rmSync(probe, { recursive: true, force: true });
   }
   return undefined;
 }
