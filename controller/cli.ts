@@ -105,7 +105,7 @@ async function deploy(fleet: Fleet, names: string[], opts: { json: boolean; para
   const targets = new Map(names.map((n) => [n, targetFor(n, fleet.hosts[n]!, opts.flake)]));
   checkAcyclic(fleet, names);
   const signers = await resolveSigners(fleet);
-  const out = renderer(opts.json ? 'json' : 'text');
+  const out = renderer(opts.json ? 'json' : process.stdout.isTTY ? 'live' : 'text');
   const started = new Map<string, Promise<HostResult>>();
   let running = 0;
   const queue: (() => void)[] = [];
