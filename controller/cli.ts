@@ -9,7 +9,8 @@ import { loadFleet, type Fleet, type FleetHost } from '../shared/fleet.ts';
 import { describeOutcome, type Target } from '../shared/model.ts';
 import { describeStatus } from '../shared/text.ts';
 import { VERSION } from '../shared/version.ts';
-import { deployHost, exitCodeOf, type HostResult } from './deploy.ts';
+import { exitCodeOf } from './deploy.ts';
+import { deployFleet } from './orchestrate.ts';
 import { resolveSigners } from './identity.ts';
 import { renderer } from './render.ts';
 import { Session } from './session.ts';
@@ -22,6 +23,7 @@ usage: snapback <command> [options]
          [--flake REF]            the hosts build REF#<host> themselves
          [--timeout S]            confirm window (else the host's confirmTimeoutSec, defaults, or the agent's default)
          [--parallel N]           hosts at once (default: defaults.parallel, 10)
+         [--atomic]               confirm nobody until every host passed its probes, else roll all back
          [--dry-run]              build or fetch, then only show what dry-activate would change
   status [HOST…]                 state, countdown and last outcome of each host (default: all)
   confirm HOST                   confirm HOST's running trial (over a fresh connection)
@@ -47,6 +49,7 @@ export async function main(argv: string[]): Promise<number> {
         parallel: { type: 'string' },
         limit: { type: 'string' },
         'dry-run': { type: 'boolean', default: false },
+        atomic: { type: 'boolean', default: false },
         help: { type: 'boolean', short: 'h', default: false },
         version: { type: 'boolean', default: false },
       },
@@ -62,7 +65,7 @@ export async function main(argv: string[]): Promise<number> {
         const hosts = select(fleet, names, o.all, o.tag ?? [], true);
         const timeoutSec = o.timeout ? positiveInt(o.timeout, '--timeout') : undefined;
         const parallel = o.parallel ? positiveInt(o.parallel, '--parallel') : fleet.defaults.parallel;
-        return await deploy(fleet, hosts, { json: o.json, parallel, dryRun: o['dry-run'], ...(o.flake ? { flake: o.flake } : {}), ...(timeoutSec ? { timeoutSec } : {}) });
+        return await deploy(fleet, hosts, { json: o.json, parallel, dryRun: o['dry-run'], atomic: o.atomic, ...(o.flake ? { flake: o.flake } : {}), ...(timeoutSec ? { timeoutSec } : {}) });
       }
       case 'status':
         return await status(fleet, select(fleet, names, o.all || names.length === 0, o.tag ?? [], false), o.json);
@@ -97,63 +100,20 @@ function targetFor(name: string, host: FleetHost, flake?: string): Target {
   throw new SnapbackError('config-invalid', `hosts.${name}.target is missing (or pass --flake REF to let the host build REF#${name})`);
 }
 
-/**
- * Runs the deploy flow per host, at most `parallel` at once; a host whose `dependsOn` (among the
- * selected hosts) did not confirm is not started.
- */
-async function deploy(fleet: Fleet, names: string[], opts: { json: boolean; parallel: number; dryRun: boolean; flake?: string; timeoutSec?: number }): Promise<number> {
+async function deploy(fleet: Fleet, names: string[], opts: { json: boolean; parallel: number; dryRun: boolean; atomic: boolean; flake?: string; timeoutSec?: number }): Promise<number> {
   const targets = new Map(names.map((n) => [n, targetFor(n, fleet.hosts[n]!, opts.flake)]));
   checkAcyclic(fleet, names);
   const signers = await resolveSigners(fleet);
   const out = renderer(opts.json ? 'json' : process.stdout.isTTY ? 'live' : 'text');
-  const started = new Map<string, Promise<HostResult>>();
-  let running = 0;
-  const queue: (() => void)[] = [];
-  const slot = async () => {
-    if (running >= opts.parallel) await new Promise<void>((r) => queue.push(r));
-    running++;
-  };
-  const release = () => {
-    running--;
-    queue.shift()?.();
-  };
-  const run = (name: string): Promise<HostResult> => {
-    const existing = started.get(name);
-    if (existing) return existing;
-    const host = fleet.hosts[name]!;
-    const p = (async (): Promise<HostResult> => {
-      const deps = host.dependsOn.filter((d) => names.includes(d));
-      const depResults = await Promise.all(deps.map(run));
-      // A dry run changes nothing, so nothing waits for anything.
-      const blocked = opts.dryRun ? undefined : depResults.find((r) => r.status !== 'confirmed');
-      if (blocked) {
-        const result: HostResult = { host: name, status: 'failed', message: `not started: dependency ${blocked.host} is ${blocked.status}` };
-        out.event({ type: 'done', host: name, result });
-        return result;
-      }
-      await slot();
-      try {
-        const timeoutSec = opts.timeoutSec ?? host.confirmTimeoutSec ?? fleet.defaults.confirmTimeoutSec;
-        return await deployHost({
-          name,
-          host,
-          target: targets.get(name)!,
-          ...(timeoutSec ? { timeoutSec } : {}),
-          probes: host.probes ?? fleet.defaults.probes ?? [],
-          probeTimeoutSec: fleet.defaults.probeTimeoutSec,
-          graceSec: fleet.defaults.outcomeGraceSec,
-          dryRun: opts.dryRun,
-          signers,
-          emit: (e) => out.event(e),
-        });
-      } finally {
-        release();
-      }
-    })();
-    started.set(name, p);
-    return p;
-  };
-  const results = await Promise.all(names.map(run));
+  const results = await deployFleet(fleet, names, {
+    targets,
+    parallel: opts.parallel,
+    atomic: opts.atomic,
+    dryRun: opts.dryRun,
+    ...(opts.timeoutSec ? { timeoutSec: opts.timeoutSec } : {}),
+    signers,
+    emit: (e) => out.event(e),
+  });
   const exit = exitCodeOf(results);
   out.result(results, exit);
   return exit;

@@ -2,7 +2,9 @@
 //   authenticate → activate (stream progress) → close → dial a *fresh* connection → probes
 //   → confirm (or rollback when a probe fails) → report.
 // If no fresh connection gets through inside the window, wait past the deadline and ask again, so
-// the report is the host's own outcome, never a guess.
+// the report is the host's own outcome, never a guess. The flow is two halves, `trial` (up to
+// passed probes) and `finish` (confirm or roll back), so that `--atomic` can hold every host
+// between them until all have passed.
 
 import { setTimeout as sleep } from 'node:timers/promises';
 import { EXIT, SnapbackError, type ExitCode } from '../shared/errors.ts';
@@ -55,13 +57,35 @@ export interface DeployHostOptions {
 
 const mono = () => performance.now();
 
+/** A host whose trial runs and whose probes passed, held on a fresh connection that may confirm. */
+export interface Passed {
+  kind: 'passed';
+  host: string;
+  id: string;
+  session: Session;
+  token: string;
+  /** monotonic ms: the host's deadline, and the latest moment to send confirm or rollback */
+  deadline: number;
+  lastCall: number;
+}
+
 export async function deployHost(o: DeployHostOptions): Promise<HostResult> {
-  const result = await flow(o);
+  const t = await trial(o);
+  return t.kind === 'passed' ? finish(o, t, { confirm: true }) : t.result;
+}
+
+function done(o: DeployHostOptions, result: HostResult): HostResult {
   o.emit({ type: 'done', host: o.name, result });
   return result;
 }
 
-async function flow(o: DeployHostOptions): Promise<HostResult> {
+/** The first half: everything up to passed probes. Anything else ends here, reported, with its result. */
+export async function trial(o: DeployHostOptions): Promise<Passed | { kind: 'ended'; result: HostResult }> {
+  const r = await trialFlow(o);
+  return 'kind' in r ? r : { kind: 'ended', result: done(o, r) };
+}
+
+async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
   const { name } = o;
   let first: Session;
   try {
@@ -110,7 +134,6 @@ async function flow(o: DeployHostOptions): Promise<HostResult> {
     return learnOutcome(o, id, deadline);
   }
   const { session, token } = fresh;
-  const trialId = id;
 
   const budget = deadline - margin - mono();
   const results = await runProbes(o.probes, o.probeTimeoutSec, budget, (r) =>
@@ -126,20 +149,36 @@ async function flow(o: DeployHostOptions): Promise<HostResult> {
     return { ...outcome, failedProbes: failed, message: `${outcome.message} — ${why}` };
   }
 
+  return { kind: 'passed', host: name, id, session, token, deadline, lastCall: deadline - margin };
+}
+
+/**
+ * The second half: confirm (the host's health gate may still refuse: then roll back rather than
+ * leave it waiting for its deadline), or roll back with the reason given.
+ */
+export async function finish(o: DeployHostOptions, p: Passed, decision: { confirm: true } | { confirm: false; why: string }): Promise<HostResult> {
+  const { name } = o;
+  const { session, id, deadline } = p;
+  if (!decision.confirm) {
+    o.emit({ type: 'rolling-back', host: name, id, why: decision.why });
+    const back = await session.command({ type: 'rollback', id });
+    session.close();
+    const outcome = await settle(o, id, deadline, back);
+    return done(o, { ...outcome, message: `${outcome.message} — ${decision.why}` });
+  }
   o.emit({ type: 'confirming', host: name, id });
-  const r = await session.command({ type: 'confirm', id, token }, (m) => {
-    if (m.type === 'progress' && m.problems) o.emit({ type: 'line', host: name, id: trialId, line: `health gate: ${m.problems.join('; ')}` });
+  const r = await session.command({ type: 'confirm', id, token: p.token }, (m) => {
+    if (m.type === 'progress' && m.problems) o.emit({ type: 'line', host: name, id, line: `health gate: ${m.problems.join('; ')}` });
   });
   if (r.type === 'error' && r.code === 'health-failed') {
-    // The host refuses to commit; do not leave it waiting for the deadline.
     o.emit({ type: 'rolling-back', host: name, id, why: r.message });
     const back = await session.command({ type: 'rollback', id });
     session.close();
     const outcome = await settle(o, id, deadline, back);
-    return { ...outcome, message: `${outcome.message} — ${r.message}` };
+    return done(o, { ...outcome, message: `${outcome.message} — ${r.message}` });
   }
   session.close();
-  return settle(o, id, deadline, r);
+  return done(o, await settle(o, id, deadline, r));
 }
 
 async function dryRun(o: DeployHostOptions, session: Session): Promise<HostResult> {

@@ -1,0 +1,148 @@
+// Deploying a fleet: hosts in parallel (at most `parallel` at once), each starting only after the
+// hosts it depends on; with `atomic`, nobody is confirmed until every host passed its probes, and
+// if one fails — or a passed host's window runs out while it waits — every host is rolled back.
+
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Fleet } from '../shared/fleet.ts';
+import type { Target } from '../shared/model.ts';
+import type { Signer } from '../shared/ssh.ts';
+import { deployHost, finish, trial, type DeployEvent, type DeployHostOptions, type HostResult, type Passed } from './deploy.ts';
+
+export interface FleetDeployOptions {
+  targets: Map<string, Target>;
+  parallel: number;
+  atomic: boolean;
+  dryRun: boolean;
+  timeoutSec?: number;
+  signers: Signer[];
+  emit: (e: DeployEvent) => void;
+}
+
+const mono = () => performance.now();
+
+export async function deployFleet(fleet: Fleet, names: string[], opts: FleetDeployOptions): Promise<HostResult[]> {
+  const hostOptions = (name: string): DeployHostOptions => {
+    const host = fleet.hosts[name]!;
+    const timeoutSec = opts.timeoutSec ?? host.confirmTimeoutSec ?? fleet.defaults.confirmTimeoutSec;
+    return {
+      name,
+      host,
+      target: opts.targets.get(name)!,
+      ...(timeoutSec ? { timeoutSec } : {}),
+      probes: host.probes ?? fleet.defaults.probes ?? [],
+      probeTimeoutSec: fleet.defaults.probeTimeoutSec,
+      graceSec: fleet.defaults.outcomeGraceSec,
+      dryRun: opts.dryRun,
+      signers: opts.signers,
+      emit: opts.emit,
+    };
+  };
+  const slots = semaphore(opts.parallel);
+  const notStarted = (name: string, dep: string, status: string): HostResult => {
+    const result: HostResult = { host: name, status: 'failed', message: `not started: dependency ${dep} is ${status}` };
+    opts.emit({ type: 'done', host: name, result });
+    return result;
+  };
+  const deps = (name: string) => fleet.hosts[name]!.dependsOn.filter((d) => names.includes(d));
+
+  if (!opts.atomic || opts.dryRun) {
+    // A dependency must be confirmed first; a dry run changes nothing, so nothing waits for it.
+    const started = new Map<string, Promise<HostResult>>();
+    const run = (name: string): Promise<HostResult> => {
+      let p = started.get(name);
+      if (!p) {
+        p = (async () => {
+          const before = await Promise.all(deps(name).map(run));
+          const blocked = opts.dryRun ? undefined : before.find((r) => r.status !== 'confirmed');
+          if (blocked) return notStarted(name, blocked.host, blocked.status);
+          return slots.with(() => deployHost(hostOptions(name)));
+        })();
+        started.set(name, p);
+      }
+      return p;
+    };
+    return Promise.all(names.map(run));
+  }
+
+  // Atomic: trials first, then one decision for everybody.
+  const results = new Map<string, HostResult>();
+  const passed = new Map<string, Passed>();
+  const finishing: Promise<void>[] = [];
+  let abortedBecause: string | undefined;
+  const rollBack = (p: Passed, why: string) =>
+    finishing.push(finish(hostOptions(p.host), p, { confirm: false, why: `atomic: ${why}` }).then((r) => void results.set(p.host, r)));
+  const abort = (why: string) => {
+    if (abortedBecause) return;
+    abortedBecause = why;
+    for (const p of passed.values()) rollBack(p, why);
+    passed.clear();
+  };
+
+  const trials = new Map<string, Promise<'passed' | 'ended'>>();
+  const run = (name: string): Promise<'passed' | 'ended'> => {
+    let p = trials.get(name);
+    if (!p) {
+      p = (async () => {
+        const before = await Promise.all(deps(name).map(run));
+        const blocker = deps(name).find((_, i) => before[i] !== 'passed');
+        if (blocker || abortedBecause) {
+          results.set(name, notStarted(name, blocker ?? 'another host', blocker ? results.get(blocker)?.status ?? 'failed' : 'rolled back'));
+          abort(`${name} was not started`);
+          return 'ended';
+        }
+        // Hosts hold no slot while they wait for the decision, or a small --parallel would deadlock.
+        const t = await slots.with(() => trial(hostOptions(name)));
+        if (t.kind === 'ended') {
+          results.set(name, t.result);
+          abort(`${name} ${t.result.status}: ${t.result.message}`);
+          return 'ended';
+        }
+        if (abortedBecause) {
+          rollBack(t, abortedBecause);
+          return 'passed';
+        }
+        passed.set(name, t);
+        opts.emit({ type: 'waiting', host: name, id: t.id, seconds: Math.max(0, Math.floor((t.lastCall - mono()) / 1000)), why: 'probes passed; holding until every host has (--atomic)' });
+        return 'passed';
+      })();
+      trials.set(name, p);
+    }
+    return p;
+  };
+
+  // While hosts wait, a window may run out: decide before any host reverts on its own.
+  let watching = true;
+  const watch = (async () => {
+    while (watching && !abortedBecause) {
+      const late = [...passed.values()].find((p) => mono() >= p.lastCall);
+      if (late) abort(`${late.host}'s confirm window ran out while waiting for the others`);
+      await sleep(200);
+    }
+  })();
+  await Promise.all(names.map(run));
+  watching = false;
+  await watch;
+
+  if (!abortedBecause) {
+    await Promise.all([...passed.values()].map(async (p) => results.set(p.host, await finish(hostOptions(p.host), p, { confirm: true }))));
+  }
+  await Promise.all(finishing);
+  return names.map((n) => results.get(n)!);
+}
+
+function semaphore(limit: number) {
+  let running = 0;
+  const queue: (() => void)[] = [];
+  return {
+    async with<T>(fn: () => Promise<T>): Promise<T> {
+      if (running >= limit) await new Promise<void>((r) => queue.push(r));
+      running++;
+      try {
+        return await fn();
+      } finally {
+        running--;
+        queue.shift()?.();
+      }
+    },
+  };
+}
