@@ -2,10 +2,12 @@
 // Exit codes (DESIGN §6): 0 all confirmed; 1 some host reverted or failed; 2 usage or config error;
 // 3 could not reach or authenticate a host before changing anything; 4 outcome unknown.
 
+import { existsSync } from 'node:fs';
 import { parseArgs } from 'node:util';
+import { execa } from 'execa';
 import { UsageError, parseCommandLine, positiveInt, reportError } from '../shared/cli.ts';
 import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
-import { loadFleet, type Fleet, type FleetHost } from '../shared/fleet.ts';
+import { loadFleet, parseFleet, type Fleet, type FleetHost } from '../shared/fleet.ts';
 import { describeOutcome, type Target } from '../shared/model.ts';
 import { describeStatus } from '../shared/text.ts';
 import { VERSION } from '../shared/version.ts';
@@ -30,7 +32,8 @@ usage: snapback <command> [options]
   rollback HOST                  revert HOST's running trial now
   history HOST [--limit N]       HOST's deployment history
 
-options: --fleet FILE (default ./snapback.json), --json, --help, --version
+options: --fleet FILE (default ./snapback.json; without it, --flake REF reads the flake's 'snapback' output),
+         --json, --help, --version
 exit codes: 0 all confirmed; 1 some host reverted or failed; 2 usage or config error;
             3 could not reach or authenticate a host before changing anything; 4 outcome unknown`;
 
@@ -40,7 +43,7 @@ export async function main(argv: string[]): Promise<number> {
       args: argv,
       allowPositionals: true,
       options: {
-        fleet: { type: 'string', default: 'snapback.json' },
+        fleet: { type: 'string' },
         json: { type: 'boolean', default: false },
         all: { type: 'boolean', default: false },
         tag: { type: 'string', multiple: true },
@@ -59,7 +62,7 @@ export async function main(argv: string[]): Promise<number> {
   const { values: o, positionals } = parsed;
   const [command, ...names] = positionals as [string, ...string[]];
   try {
-    const fleet = loadFleet(o.fleet);
+    const fleet = await fleetFrom(o.fleet, o.flake);
     switch (command) {
       case 'deploy': {
         const hosts = select(fleet, names, o.all, o.tag ?? [], true);
@@ -92,6 +95,21 @@ function select(fleet: Fleet, names: string[], all: boolean, tags: string[], req
     .map(([name]) => name);
   if (requireChoice && !chosen.length) throw new UsageError(names.length || tags.length ? 'no host matches' : 'name the hosts to deploy, or --all, or --tag T');
   return chosen;
+}
+
+/**
+ * `--fleet FILE`, else ./snapback.json, else — with `--flake REF` — the flake's `snapback` output
+ * (`nix eval --json REF#snapback`), so one flake can carry both the systems and the fleet.
+ */
+async function fleetFrom(file: string | undefined, flake: string | undefined): Promise<Fleet> {
+  if (file || !flake || existsSync('snapback.json')) return loadFleet(file ?? 'snapback.json');
+  const installable = `${flake}#snapback`;
+  const r = await execa('nix', ['--extra-experimental-features', 'nix-command flakes', 'eval', '--json', installable], { reject: false, stdin: 'ignore' });
+  if (r.exitCode !== 0) {
+    const why = String(r.stderr).trim().split('\n').filter(Boolean).slice(-2).join(' | ');
+    throw new SnapbackError('config-invalid', `no snapback.json here, and nix eval ${installable} failed: ${why}`);
+  }
+  return parseFleet(String(r.stdout), installable);
 }
 
 function targetFor(name: string, host: FleetHost, flake?: string): Target {

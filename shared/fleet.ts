@@ -78,6 +78,12 @@ export function loadFleet(path: string): Fleet {
   } catch (err) {
     throw new SnapbackError('config-invalid', `cannot read the fleet file ${path}: ${(err as Error).message}`);
   }
+  return parseFleet(text, path);
+}
+
+/** Validates fleet JSON from a file or from `nix eval --json REF#snapback`. */
+export function parseFleet(text: string, source: string): Fleet {
+  const path = source;
   let raw: unknown;
   try {
     raw = JSON.parse(text);

@@ -232,6 +232,30 @@ describe('snapback deploy', { skip }, () => {
     assert.match(h.running(), /nixos-system-web1-flake$/);
   });
 
+  it('--flake REF without a fleet file: the fleet comes from the flake\'s snapback output', async () => {
+    const h = await wireHost();
+    const dir = join(h.dir, 'infra');
+    const ref = writeFlake(dir, 'web1', h.calls, h.current);
+    writeFileSync(join(dir, 'fleet.json'), readFileSync(await h.fleet({ confirmTimeoutSec: 30 }), 'utf8'));
+    writeFileSync(
+      join(dir, 'flake.nix'),
+      `{
+  outputs = { self }: {
+    nixosConfigurations.web1.config.system.build.toplevel = import ./toplevel.nix;
+    snapback = builtins.fromJSON (builtins.readFile ./fleet.json);
+  };
+}
+`,
+    );
+    const elsewhere = join(h.dir, 'elsewhere');
+    execFileSync('mkdir', ['-p', elsewhere]);
+    const r = await h.snapback(['deploy', 'web1', '--flake', ref], { cwd: elsewhere });
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    assert.match(h.running(), /nixos-system-web1-flake$/);
+    const none = await h.snapback(['status'], { cwd: elsewhere });
+    assert.equal(none.code, 2, 'without --flake, a missing snapback.json is a usage error');
+  });
+
   it('status, confirm, rollback and history from the controller; console and controller share the history', async () => {
     const h = await wireHost();
     const fleet = await h.fleet({ target: { storePath: h.toplevel('x') } });

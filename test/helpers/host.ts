@@ -270,6 +270,7 @@ export class ScratchHost {
 
 export interface ControllerOptions {
   env?: NodeJS.ProcessEnv;
+  cwd?: string;
   json?: boolean;
   onSpawn?: (c: ChildProcess) => void;
 }
@@ -288,6 +289,7 @@ export function runController(args: string[], opts: ControllerOptions = {}): Pro
     const child = spawn(process.execPath, [CONTROLLER_BIN, ...args, ...(json ? ['--json'] : [])], {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, SSH_AUTH_SOCK: '', ...opts.env },
+      ...(opts.cwd ? { cwd: opts.cwd } : {}),
     });
     opts.onSpawn?.(child);
     let stdout = '';
