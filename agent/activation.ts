@@ -50,6 +50,9 @@ abstract class StatusFileRunner implements Runner {
 
   async run(key: string, toplevel: string, mode: SwitchMode, onLine?: (line: string) => void): Promise<RunResult> {
     const p = this.paths(key);
+    // Still running from before a restart of the agent (a revert it resumes): wait for that run
+    // rather than start the switch a second time beside it.
+    if (await this.alive(key)) return this.watch(key, onLine);
     mkdirSync(p.dir, { recursive: true, mode: 0o700 });
     rmSync(p.status, { force: true });
     if (!(await this.start(key, join(toplevel, 'bin', 'switch-to-configuration'), mode))) return { exit: null };

@@ -228,6 +228,27 @@ describe('agent on real Nix', { skip }, () => {
     assert.deepEqual(h.switchCalls().map((c) => c[1]), ['test', 'boot'], 'the switch ran once');
   });
 
+  it('an agent killed mid-revert waits for that revert when it restarts instead of running a second one', async () => {
+    const h = new ScratchHost('agent');
+    hosts.push(h);
+    const slow = join(h.dir, 'slow-revert');
+    const release = join(h.dir, 'release');
+    h.install({ beforeLink: `if [ -e ${slow} ]; then while [ ! -e ${release} ]; do sleep 0.05; done; fi` });
+    await h.start();
+    const a = await h.cli(['activate', h.toplevel('x'), '--timeout', '60']);
+    writeFileSync(slow, '');
+    const rollback = h.cli(['rollback']);
+    await waitFor(() => h.switchCalls().some(([p, m]) => p === h.gen1 && m === 'test'));
+    await h.kill9();
+    await rollback;
+    await h.start();
+    writeFileSync(release, '');
+    const end = await h.waitOutcome(a.out.id);
+    assert.match(end.msg, /reverted: requested/);
+    assert.equal(h.switchCalls().filter(([p]) => p === h.gen1).length, 1, 'the revert ran once');
+    assert.equal(h.running(), h.gen1);
+  });
+
   it('rollback from the console reverts now; a second rollback is harmless', async () => {
     const h = await host();
     const a = await h.cli(['activate', h.toplevel('x'), '--timeout', '60']);

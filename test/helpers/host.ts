@@ -58,8 +58,8 @@ export class ScratchHost {
   }
 
   /** The "installed" system: generation 1 of the profile, and running. */
-  install(): this {
-    this.gen1 = this.toplevel('gen1');
+  install(b: Behaviour = {}): this {
+    this.gen1 = this.toplevel('gen1', b);
     execFileSync('nix-env', ['-p', this.profile, '--set', this.gen1], { stdio: 'ignore' });
     symlinkSync(this.gen1, this.current);
     return this;
