@@ -82,6 +82,14 @@ describe('wire protocol', { skip }, () => {
     await intact(h, port, op);
   });
 
+  it('a connection that does not authenticate within the handshake timeout is closed', async () => {
+    const { port } = await wireHost();
+    const c = client(port);
+    await c.next((m) => m.type === 'challenge');
+    assert.equal(await c.closed, 1008);
+    assert.match(c.messages.find((m) => m.type === 'error').message, /did not complete in time/);
+  });
+
   it('rejects connections without the snapback.v1 subprotocol', async () => {
     const { port } = await wireHost();
     const c = client(port, 'chat');
