@@ -8,6 +8,7 @@
   lib,
   buildNpmPackage,
   nodejs_24,
+  typescript,
   makeWrapper,
   pkg-config,
   python3,
@@ -24,6 +25,8 @@ buildNpmPackage {
     fileset = lib.fileset.unions [
       ../package.json
       ../package-lock.json
+      ../tsconfig.json
+      ../tsconfig.build.json
       ../bin
       ../agent
       ../controller
@@ -37,22 +40,24 @@ buildNpmPackage {
   # The `node` dev dependency would download a Node binary in its install script: skip every
   # install script, then build the one native addon (sd-notify, libsystemd) by hand.
   npmRebuildFlags = [ "--ignore-scripts" ];
-  nativeBuildInputs = [ makeWrapper pkg-config python3 ];
+  nativeBuildInputs = [ makeWrapper pkg-config python3 typescript ];
   buildInputs = [ systemdMinimal ];
   dontNpmBuild = true;
+  # Compiled JavaScript (dist/, which bin/ prefers) starts faster and takes about 25 MiB less
+  # memory per agent than stripping types at run time (npm run bench). nixpkgs' tsc (5.8 or newer)
+  # reads the same tsconfig as the TypeScript 7 used in development.
   buildPhase = ''
     runHook preBuild
     npm rebuild sd-notify --ignore-scripts=false --nodedir=${nodejs_24}
+    tsc -p tsconfig.build.json
     runHook postBuild
   '';
 
-  # Node runs the TypeScript sources directly (type stripping), which it refuses to do under a
-  # node_modules directory: install into share/snapback instead of lib/node_modules.
   installPhase = ''
     runHook preInstall
     npm prune --omit=dev --ignore-scripts --no-save
     mkdir -p $out/share/snapback $out/bin
-    cp -r package.json bin agent controller shared node_modules $out/share/snapback/
+    cp -r package.json bin dist node_modules $out/share/snapback/
     makeWrapper ${lib.getExe nodejs_24} $out/bin/snapback-agent \
       --add-flags $out/share/snapback/bin/snapback-agent.js \
       --prefix PATH : ${lib.makeBinPath [ nix systemd util-linux ]}
