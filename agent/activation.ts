@@ -178,6 +178,9 @@ export class SystemdRunner extends StatusFileRunner {
         '--collect',
         '--quiet',
         '--no-ask-password',
+        // The agent's PATH (on NixOS: the unit's `path`), for ExecStopPost's printenv and mv;
+        // a transient unit's default PATH names directories NixOS does not have.
+        '-E', 'PATH',
         '-E', 'LOCALE_ARCHIVE',
         '-E', 'NIXOS_INSTALL_BOOTLOADER',
         '-p', `StandardOutput=append:${p.log}`,

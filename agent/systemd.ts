@@ -116,6 +116,8 @@ export class FallbackTimer {
         `--unit=${unit}`,
         `--on-active=${Math.max(1, Math.ceil(inSec))}s`,
         '--timer-property=AccuracySec=1s',
+        // The revert needs nix-env and systemd-run: give it the agent's PATH (the unit's `path`).
+        '-E', 'PATH',
         '--collect',
         '--quiet',
         '--no-ask-password',
