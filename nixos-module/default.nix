@@ -66,6 +66,8 @@ in
       wants = [ "network-online.target" ];
       path = [ config.nix.package config.systemd.package pkgs.util-linux pkgs.coreutils ];
       restartTriggers = [ configFile ];
+      # Nix keeps its fetcher and evaluation caches under XDG_CACHE_HOME; the home is read-only.
+      environment.XDG_CACHE_HOME = "%C/snapback";
       # A switch that changes this unit restarts it once, after activation; the agent then resumes
       # the trial from its state directory. A configuration without the agent leaves it running.
       stopIfChanged = false;
@@ -84,6 +86,7 @@ in
         StateDirectoryMode = "0700";
         RuntimeDirectory = "snapback";
         RuntimeDirectoryMode = "0755";
+        CacheDirectory = "snapback";
         # Hardening that still lets it switch the system: the switch runs in a transient unit
         # started by PID 1, so none of this applies to it.
         ProtectSystem = "full";

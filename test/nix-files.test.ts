@@ -54,6 +54,8 @@ describe('unit file and module', () => {
       ['WatchdogSignal=SIGKILL', /WatchdogSignal = "SIGKILL";/],
       ['StateDirectory=snapback', /StateDirectory = "snapback";/],
       ['RuntimeDirectory=snapback', /RuntimeDirectory = "snapback";/],
+      ['CacheDirectory=snapback', /CacheDirectory = "snapback";/],
+      ['Environment=XDG_CACHE_HOME=%C/snapback', /environment\.XDG_CACHE_HOME = "%C\/snapback";/],
       ['X-StopOnRemoval=false', /X-StopOnRemoval = false;/],
       ['X-StopIfChanged=false', /stopIfChanged = false;/],
       ['ProtectSystem=full', /ProtectSystem = "full";/],

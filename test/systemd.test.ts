@@ -58,6 +58,12 @@ describe('agent under systemd (test bed)', { skip, timeout: 600_000 }, () => {
     assert.equal(c.code, 0, JSON.stringify(c.out));
     await h.until(() => h.sh("systemctl list-timers --all --no-legend 'snapback-fallback-*'").trim() === '', 5000, 'the fallback timer to be cancelled');
     assert.equal(h.sh('readlink -f /nix/var/nix/profiles/system').trim(), x);
+
+    // A flake builds inside the hardened unit too (Nix's caches must not need the read-only home).
+    const f = h.agent(`activate --flake ${h.flake('web1')}#web1 --timeout 60`);
+    assert.equal(f.code, 0, JSON.stringify(f.out));
+    assert.match(h.running(), /nixos-system-web1-flake$/);
+    assert.equal(h.agent('confirm').code, 0);
   });
 
   it('without the sd-notify addon, systemd-notify reports ready, status and watchdog pings', async (t) => {

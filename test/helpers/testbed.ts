@@ -264,6 +264,17 @@ export class TestHost {
     return this.sh(`nix-build ${dir}/${name}.nix --no-out-link 2>/dev/null`, { timeoutMs: 120_000 }).trim();
   }
 
+  /** A `path:` flake inside the host whose nixosConfigurations.HOST is a fake toplevel; returns its ref. */
+  flake(host: string, b: Behaviour = {}): string {
+    const dir = '/var/lib/testbed/flake';
+    this.sh(`mkdir -p ${dir}`);
+    const outside = join(this.upper, dir.slice(1));
+    writeFileSync(join(outside, 'switch.sh'), switchScript('/var/lib/testbed/calls.log', '/run/current-system', b));
+    writeFileSync(join(outside, 'toplevel.nix'), toplevelExpr(`${host}-flake`, 'switch.sh'));
+    writeFileSync(join(outside, 'flake.nix'), `{ outputs = { self }: { nixosConfigurations.${host}.config.system.build.toplevel = import ./toplevel.nix; }; }\n`);
+    return `path:${dir}`;
+  }
+
   /** The "installed" system: generation 1 of the profile, running. */
   install(b: Behaviour = {}): string {
     const gen1 = this.toplevel('gen1', b);
