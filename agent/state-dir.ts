@@ -1,5 +1,6 @@
 // The agent's state directory: the pending record (state.json, replaced atomically), the append-only
-// history (history.jsonl, fsynced), GC roots for trial systems, and per-run switch output.
+// history (history.jsonl, fsynced), GC roots for trial systems, per-run switch output, and the lock
+// that lets one process at a time act on all of it.
 
 import { closeSync, constants, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
 import { rmSync } from 'node:fs';
