@@ -126,7 +126,7 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
 
   const window = Math.max(0, deadline - mono());
   const margin = Math.min(10_000, Math.max(1000, window * 0.1));
-  const fresh = await freshTrialSession(o, id, deadline - margin);
+  const fresh = await freshTrialSession(o, id, deadline - margin, window);
   if (fresh.kind === 'outcome') return fromOutcome(name, id, fresh.outcome);
   if (fresh.kind === 'none') {
     const seconds = Math.ceil((deadline - mono()) / 1000);
@@ -134,6 +134,8 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
     return learnOutcome(o, id, deadline);
   }
   const { session, token } = fresh;
+  // The host's own countdown is the truth (our estimate is rough if the first connection was lost).
+  if (fresh.secondsLeft !== undefined) deadline = mono() + fresh.secondsLeft * 1000;
 
   const budget = deadline - margin - mono();
   const results = await runProbes(o.probes, o.probeTimeoutSec, budget, (r) =>
@@ -203,10 +205,10 @@ async function settle(o: DeployHostOptions, id: string, deadline: number, m: Ser
   return { host: o.name, status: 'unknown', id, message: `unexpected answer "${m.type}"` };
 }
 
-type Fresh = { kind: 'session'; session: Session; token: string } | { kind: 'outcome'; outcome: Outcome } | { kind: 'none' };
+type Fresh = { kind: 'session'; session: Session; token: string; secondsLeft?: number } | { kind: 'outcome'; outcome: Outcome } | { kind: 'none' };
 
 /** Dials new connections with backoff until one carries the confirm token for `id`, or `until`. */
-async function freshTrialSession(o: DeployHostOptions, id: string, until: number): Promise<Fresh> {
+async function freshTrialSession(o: DeployHostOptions, id: string, until: number, windowMs: number): Promise<Fresh> {
   let delay = 250;
   for (let attempt = 1; mono() < until; attempt++) {
     let error: string;
@@ -215,12 +217,15 @@ async function freshTrialSession(o: DeployHostOptions, id: string, until: number
       const w = s.welcome;
       if (w.confirm?.id === id) {
         o.emit({ type: 'reconnected', host: o.name });
-        return { kind: 'session', session: s, token: w.confirm.token };
+        const left = w.state.deployment?.secondsLeft;
+        return { kind: 'session', session: s, token: w.confirm.token, ...(left !== undefined ? { secondsLeft: left } : {}) };
       }
       s.close();
       if (w.state.last?.id === id) return { kind: 'outcome', outcome: w.state.last.outcome };
-      error = w.state.deployment?.id === id ? `the deployment is ${w.state.phase}` : `the host runs no trial of ${id}`;
       if (w.state.deployment?.id !== id) return { kind: 'none' };
+      error = `the deployment is ${w.state.phase}`;
+      // Still building or switching: its window has not even started.
+      if (w.state.phase === 'preparing' || w.state.phase === 'activating') until = Math.max(until, mono() + windowMs);
     } catch (err) {
       if (err instanceof SnapbackError && (err.code === 'config-invalid' || err.details?.hostKey)) throw err;
       error = (err as Error).message;

@@ -27,6 +27,9 @@ export interface SessionOptions {
   knownHostsFile?: string;
 }
 
+/** Ping interval; a connection is given up after two intervals without a pong. */
+const KEEPALIVE_MS = 3000;
+
 type Pending = { match: (m: ServerMessage) => boolean; resolve: (m: ServerMessage) => void; onOther?: (m: ServerMessage) => void };
 
 export class Session {
@@ -57,12 +60,29 @@ export class Session {
       }
       for (const p of this.pending) p.onOther?.(msg);
     });
+    // A cut link shows no error, only silence: ping, and give the connection up when the agent's
+    // pongs stop, so the deploy flow can go on to reconnect and learn the outcome.
+    let answered = true;
+    this.keepalive = setInterval(() => {
+      if (!answered) {
+        this.closedWith ??= new SnapbackError('unreachable', `no answer from the agent for ${(2 * KEEPALIVE_MS) / 1000}s: the connection is lost`);
+        ws.terminate();
+        return;
+      }
+      answered = false;
+      ws.ping();
+    }, KEEPALIVE_MS);
+    this.keepalive.unref();
+    ws.on('pong', () => (answered = true));
     ws.on('close', () => {
+      clearInterval(this.keepalive);
       this.closedWith ??= new SnapbackError('unreachable', 'the connection to the agent was lost');
       for (const p of this.pending) p.resolve({ type: 'error', code: 'unreachable', message: this.closedWith.message, retryable: true });
       this.pending.clear();
     });
   }
+
+  private readonly keepalive: NodeJS.Timeout;
 
   /**
    * Opens an authenticated session, trying each signer in turn (like ssh tries its keys). Throws
@@ -189,6 +209,7 @@ export class Session {
   }
 
   close(): void {
+    clearInterval(this.keepalive);
     this.closedWith ??= new SnapbackError('unreachable', 'closed');
     this.ws.close(1000);
   }

@@ -39,6 +39,42 @@ async function host(t: TestContext, name: string, opts: Parameters<typeof TestHo
 
 const phase = (h: TestHost) => h.agent('status').out.phase;
 
+/**
+ * A host on its own veth link (10.231.N.2), its agent listening there with a fresh host key and one
+ * authorized operator key; `fleet(target)` writes a fleet file for it. `gen1` is generation 1's
+ * activation script (what a revert runs).
+ */
+async function networked(t: TestContext, name: string, n: number, gen1: string) {
+  const keys = mkdtempSync(join(tmpdir(), `snapback-${name}-`));
+  t.after(() => rmSync(keys, { recursive: true, force: true }));
+  execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', `root@${name}`, '-f', join(keys, 'host')]);
+  execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'op@test', '-f', join(keys, 'op')]);
+  const { h } = await host(
+    t,
+    name,
+    {
+      network: n,
+      files: { '/etc/ssh/ssh_host_ed25519_key': { text: readFileSync(join(keys, 'host'), 'utf8'), mode: 0o600 } },
+      config: { listen: { host: '0.0.0.0', port: 7731 }, authorizedKeys: [readFileSync(join(keys, 'op.pub'), 'utf8').trim()] },
+    },
+    { afterLink: gen1 },
+  );
+  await h.until(() => h.try(`ss -ltn | grep -q ':7731'`).code === 0, 10_000, 'the agent to listen');
+  const fleet = (target: string, confirmTimeoutSec = 4) => {
+    const path = join(keys, 'snapback.json');
+    writeFileSync(
+      path,
+      JSON.stringify({
+        identity: { sshKey: join(keys, 'op') },
+        defaults: { confirmTimeoutSec, outcomeGraceSec: 60 },
+        hosts: { [name]: { url: `ws://${h.address}:7731`, hostKey: readFileSync(join(keys, 'host.pub'), 'utf8').trim(), target: { storePath: target } } },
+      }),
+    );
+    return path;
+  };
+  return { h, fleet };
+}
+
 describe('agent under systemd (test bed)', { skip, timeout: 600_000 }, () => {
   it('reports ready and its state; the switch runs in a transient unit; commit cancels the fallback timer', async (t) => {
     const { h } = await host(t, 'notify');
@@ -156,15 +192,7 @@ describe('agent under systemd (test bed)', { skip, timeout: 600_000 }, () => {
   });
 
   it('the conntrack trap: a firewall that keeps the old connection but drops new ones is reverted, not confirmed', async (t) => {
-    const keys = mkdtempSync(join(tmpdir(), 'snapback-trap-'));
-    t.after(() => rmSync(keys, { recursive: true, force: true }));
-    execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'root@trap', '-f', join(keys, 'host')]);
-    execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'op@test', '-f', join(keys, 'op')]);
-    const { h } = await host(t, 'trap', {
-      network: 7,
-      files: { '/etc/ssh/ssh_host_ed25519_key': { text: readFileSync(join(keys, 'host'), 'utf8'), mode: 0o600 } },
-      config: { listen: { host: '0.0.0.0', port: 7731 }, authorizedKeys: [readFileSync(join(keys, 'op.pub'), 'utf8').trim()] },
-    }, { afterLink: 'nft delete table inet bad 2>/dev/null; true' });
+    const { h, fleet } = await networked(t, 'trap', 7, 'nft delete table inet bad 2>/dev/null; true');
     if (h.try('nft list ruleset').code !== 0) {
       t.skip('SKIPPED: nftables does not work in this kernel');
       return;
@@ -175,16 +203,6 @@ describe('agent under systemd (test bed)', { skip, timeout: 600_000 }, () => {
     const bad = h.toplevel('bad', {
       afterLink: `nft add table inet bad; nft add chain inet bad input '{ type filter hook input priority 10; policy accept; }'; nft add rule inet bad input ct state new tcp dport 7731 drop`,
     });
-    const fleet = (target: string) => {
-      const path = join(keys, 'snapback.json');
-      writeFileSync(path, JSON.stringify({
-        identity: { sshKey: join(keys, 'op') },
-        defaults: { confirmTimeoutSec: 4, outcomeGraceSec: 60 },
-        hosts: { trap: { url: `ws://${h.address}:7731`, hostKey: readFileSync(join(keys, 'host.pub'), 'utf8').trim(), target: { storePath: target } } },
-      }));
-      return path;
-    };
-    await h.until(() => h.try(`ss -ltn | grep -q ':7731'`).code === 0, 10_000, 'the agent to listen');
 
     const ok = await runController(['deploy', 'trap', '--fleet', fleet(good)]);
     assert.equal(ok.code, 0, ok.stdout + ok.stderr);
@@ -196,6 +214,20 @@ describe('agent under systemd (test bed)', { skip, timeout: 600_000 }, () => {
     assert.ok(!trapped.events.some((e) => e.event === 'confirming'));
     assert.equal(h.running(), good);
     assert.doesNotMatch(h.sh('nft list tables'), /inet bad/, 'the revert restored the firewall');
+  });
+
+  it("a generation that cuts the host's link: no confirm; the outcome is learnt once the revert restores the link", async (t) => {
+    const link = 'sb-h8b';
+    const { h, fleet } = await networked(t, 'cut', 8, `ip link set ${link} up; ip addr replace 10.231.8.2/30 dev ${link}`);
+    const bad = h.toplevel('bad', { afterLink: `ip link set ${link} down` });
+    // A window longer than the controller's keepalive: the silent connection is given up, new ones
+    // fail while the link is down, and the answer comes once the revert has brought it back.
+    const r = await runController(['deploy', 'cut', '--fleet', fleet(bad, 12)]);
+    assert.equal(r.code, 1, r.stdout + r.stderr);
+    assert.deepEqual(r.result.hosts[0].outcome, { outcome: 'reverted', reason: 'timeout' });
+    assert.ok(r.events.some((e) => e.event === 'reconnecting'), 'it tried to reach the host while the link was down');
+    assert.ok(!r.events.some((e) => e.event === 'confirming'));
+    assert.match(h.sh(`ip -br link show ${link}`), /UP/, 'the revert brought the link back');
   });
 
   it('power loss during a trial: the host boots the previous generation and records reverted: reboot', async (t) => {
