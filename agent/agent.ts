@@ -258,6 +258,7 @@ export class Agent {
 
   private release(id: string): void {
     rmSync(this.dir.gcRoot(id), { force: true });
+    this.dir.pruneRuns();
   }
 
   // ---- commit and revert: the two operations that change the boot default or the running system

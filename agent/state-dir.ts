@@ -3,7 +3,7 @@
 // that lets one process at a time act on all of it.
 
 import { closeSync, constants, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
-import { rmSync } from 'node:fs';
+import { readdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { SnapbackError } from '../shared/errors.ts';
@@ -159,6 +159,18 @@ export class StateDir {
 
   removeRun(key: string): void {
     rmSync(this.runDir(key), { recursive: true, force: true });
+  }
+
+  /** Keeps the output of the newest `keep` switch runs (by last change); older ones go. */
+  pruneRuns(keep = 200): void {
+    let entries: { name: string; mtime: number }[];
+    try {
+      entries = readdirSync(this.runsDir).map((name) => ({ name, mtime: statSync(join(this.runsDir, name)).mtimeMs }));
+    } catch {
+      return;
+    }
+    entries.sort((a, b) => b.mtime - a.mtime);
+    for (const e of entries.slice(keep)) this.removeRun(e.name);
   }
 }
 
