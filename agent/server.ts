@@ -9,7 +9,7 @@ import { createServer as createHttpsServer } from 'node:https';
 import type { AddressInfo, Socket } from 'node:net';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { AgentConfig } from '../shared/config.ts';
-import { ERROR_CODES, describeIssues, type ErrorCode } from '../shared/errors.ts';
+import { describeIssues, retryable, type ErrorCode } from '../shared/errors.ts';
 import type { Actor } from '../shared/model.ts';
 import {
   MAX_PAYLOAD,
@@ -293,10 +293,6 @@ export class WireServer {
   private send(s: Session, msg: ServerMessage): void {
     if (s.ws.readyState === s.ws.OPEN) s.ws.send(JSON.stringify(msg));
   }
-}
-
-function retryable(code: string): boolean {
-  return code in ERROR_CODES ? ERROR_CODES[code as ErrorCode][1] : false;
 }
 
 let cachedMachineId: string | undefined;

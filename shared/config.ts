@@ -4,6 +4,7 @@
 import { readFileSync } from 'node:fs';
 import { z } from 'zod';
 import { SnapbackError, describeIssues } from './errors.ts';
+import { DEFAULT_PORT } from './protocol.ts';
 
 const absolutePath = z.string().startsWith('/', { message: 'must be an absolute path' });
 const seconds = z.number().int().positive();
@@ -20,7 +21,7 @@ export const agentConfigSchema = z
     listen: z
       .strictObject({
         host: z.string().min(1).default('::'),
-        port: z.number().int().min(0).max(65535).default(7731),
+        port: z.number().int().min(0).max(65535).default(DEFAULT_PORT),
         tls: z.strictObject({ cert: absolutePath, key: absolutePath }).optional(),
       })
       .prefault({}),
@@ -77,7 +78,6 @@ export const agentConfigSchema = z
   });
 
 export type AgentConfig = z.infer<typeof agentConfigSchema>;
-export type HealthCheck = z.infer<typeof healthCheckSchema>;
 
 export const DEFAULT_CONFIG_PATH = '/etc/snapback/agent.json';
 

@@ -56,9 +56,11 @@ export class SnapbackError extends Error {
   get exitCode(): ExitCode {
     return ERROR_CODES[this.code][0];
   }
-  get retryable(): boolean {
-    return ERROR_CODES[this.code][1];
-  }
+}
+
+/** Whether a request refused with `code` may succeed if simply sent again later. */
+export function retryable(code: string): boolean {
+  return code in ERROR_CODES ? ERROR_CODES[code as ErrorCode][1] : false;
 }
 
 export function exitCodeFor(code: string): ExitCode {
