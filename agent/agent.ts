@@ -425,7 +425,7 @@ export class Agent {
   }
 
   status(): Status {
-    return describeStatus(this.state, this.bootId(), readCurrentSystem(this.config.system.currentSystem));
+    return statusOf(this.state, this.bootId(), readCurrentSystem(this.config.system.currentSystem));
   }
 
   history(limit?: number): HistoryEntry[] {
@@ -441,7 +441,8 @@ export class Agent {
   }
 }
 
-export function describeStatus(state: State, bootId: string, currentSystem: string | null): Status {
+/** The `status` answer for a state, as the daemon or (when it is down) the state directory has it. */
+export function statusOf(state: State, bootId: string, currentSystem: string | null): Status {
   const d = state.deployment;
   const t = now();
   const sameBoot = d?.bootId === bootId;

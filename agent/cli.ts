@@ -9,7 +9,7 @@ import { DEFAULT_CONFIG_PATH, loadAgentConfig, type AgentConfig } from '../share
 import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
 import { describeOutcome, type HistoryEntry, type Outcome, type Target } from '../shared/model.ts';
 import { VERSION } from '../shared/version.ts';
-import { Agent, describeStatus, type Progress, type Result, type Status } from './agent.ts';
+import { Agent, statusOf, type Progress, type Result, type Status } from './agent.ts';
 import { readBootId } from './clock.ts';
 import { ControlServer, request, type ControlRequest } from './control.ts';
 import { createLogger } from './log.ts';
@@ -259,7 +259,7 @@ async function status(config: AgentConfig, json: boolean): Promise<number> {
   } catch (err) {
     if (!(err instanceof SnapbackError) || err.code !== 'unreachable') throw err;
     const state = new StateDir(config.stateDir).load();
-    s = { ...describeStatus(state, readBootId(config.system.bootIdFile), readCurrentSystem(config.system.currentSystem)), offline: true };
+    s = { ...statusOf(state, readBootId(config.system.bootIdFile), readCurrentSystem(config.system.currentSystem)), offline: true };
   }
   print(json ? JSON.stringify(s) : describeStatusText(s));
   return EXIT.ok;
