@@ -15,7 +15,7 @@ import { ControlServer, request, type ControlRequest } from './control.ts';
 import { createLogger } from './log.ts';
 import { readCurrentSystem } from './nix.ts';
 import { StateDir } from './state-dir.ts';
-import { describeStatus as describeStatusText, duration } from '../shared/text.ts';
+import { describeStatus, duration } from '../shared/text.ts';
 import { WireServer } from './server.ts';
 import { keyFileSigner } from '../shared/ssh.ts';
 import { createNotifier, ownUnit, unitText } from './systemd.ts';
@@ -146,7 +146,7 @@ async function serve(config: AgentConfig, configPath: string): Promise<number> {
   const wire = await listenWire(config, agent, log);
   log.info({ version: VERSION, stateDir: config.stateDir, controlSocket: config.controlSocket, phase: agent.phase, runner: agent.runnerName, notify: notifier.via }, 'snapback-agent serving');
   notifier.ready();
-  const showStatus = () => notifier.status(describeStatusText(agent.status()).split('\n')[0]!);
+  const showStatus = () => notifier.status(describeStatus(agent.status()).split('\n')[0]!);
   showStatus();
   const statusTimer = setInterval(showStatus, 1000);
 
@@ -261,7 +261,7 @@ async function status(config: AgentConfig, json: boolean): Promise<number> {
     const state = new StateDir(config.stateDir).load();
     s = { ...statusOf(state, readBootId(config.system.bootIdFile), readCurrentSystem(config.system.currentSystem)), offline: true };
   }
-  print(json ? JSON.stringify(s) : describeStatusText(s));
+  print(json ? JSON.stringify(s) : describeStatus(s));
   return EXIT.ok;
 }
 
