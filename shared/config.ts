@@ -1,9 +1,8 @@
 // The agent's configuration file (DESIGN §8) as one zod schema, and the loader that turns
 // every problem in a file into one line naming the key. Unknown keys are errors, not ignored.
 
-import { readFileSync } from 'node:fs';
 import { z } from 'zod';
-import { SnapbackError, describeIssues } from './errors.ts';
+import { parseInput, readInput, validateInput } from './input.ts';
 import { DEFAULT_PORT } from './protocol.ts';
 
 const absolutePath = z.string().startsWith('/', { message: 'must be an absolute path' });
@@ -83,26 +82,9 @@ export const DEFAULT_CONFIG_PATH = '/etc/snapback/agent.json';
 
 /** Parses a config object; throws `config-invalid` listing every problem. */
 export function parseAgentConfig(raw: unknown, source = 'configuration'): AgentConfig {
-  const result = agentConfigSchema.safeParse(raw);
-  if (!result.success) {
-    const lines = describeIssues(result.error);
-    throw new SnapbackError('config-invalid', `${source} is invalid:\n  ${lines.join('\n  ')}`, { problems: lines });
-  }
-  return result.data;
+  return validateInput(agentConfigSchema, raw, source);
 }
 
 export function loadAgentConfig(path: string): AgentConfig {
-  let text: string;
-  try {
-    text = readFileSync(path, 'utf8');
-  } catch (err) {
-    throw new SnapbackError('config-invalid', `cannot read ${path}: ${(err as Error).message}`);
-  }
-  let raw: unknown;
-  try {
-    raw = JSON.parse(text);
-  } catch (err) {
-    throw new SnapbackError('config-invalid', `${path} is not valid JSON: ${(err as Error).message}`);
-  }
-  return parseAgentConfig(raw, path);
+  return parseInput(agentConfigSchema, readInput(path, 'the configuration'), path);
 }

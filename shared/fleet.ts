@@ -1,9 +1,8 @@
 // The controller's fleet file (`snapback.json`, DESIGN §6) as one zod schema, and its loader.
 
-import { readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { z } from 'zod';
-import { SnapbackError, describeIssues } from './errors.ts';
+import { parseInput, readInput } from './input.ts';
 import { targetSchema } from './model.ts';
 
 const timeoutSec = z.number().int().positive();
@@ -72,28 +71,10 @@ export function expandHome(path: string): string {
 }
 
 export function loadFleet(path: string): Fleet {
-  let text: string;
-  try {
-    text = readFileSync(path, 'utf8');
-  } catch (err) {
-    throw new SnapbackError('config-invalid', `cannot read the fleet file ${path}: ${(err as Error).message}`);
-  }
-  return parseFleet(text, path);
+  return parseFleet(readInput(path, 'the fleet file'), path);
 }
 
 /** Validates fleet JSON from a file or from `nix eval --json REF#snapback`. */
 export function parseFleet(text: string, source: string): Fleet {
-  const path = source;
-  let raw: unknown;
-  try {
-    raw = JSON.parse(text);
-  } catch (err) {
-    throw new SnapbackError('config-invalid', `${path} is not valid JSON: ${(err as Error).message}`);
-  }
-  const r = fleetSchema.safeParse(raw);
-  if (!r.success) {
-    const lines = describeIssues(r.error);
-    throw new SnapbackError('config-invalid', `${path} is invalid:\n  ${lines.join('\n  ')}`, { problems: lines });
-  }
-  return r.data;
+  return parseInput(fleetSchema, text, source);
 }

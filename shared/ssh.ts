@@ -3,7 +3,7 @@
 // Snapback can never pass as an SSH login), and a minimal ssh-agent client.
 
 import { createHash, createHmac, createPrivateKey, createPublicKey, sign as cryptoSign, verify as cryptoVerify, type KeyObject } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { readInput } from './input.ts';
 import { createConnection } from 'node:net';
 import { SnapbackError } from './errors.ts';
 
@@ -153,12 +153,7 @@ export interface KeyFile {
 
 /** Reads an OpenSSH private key file (`-----BEGIN OPENSSH PRIVATE KEY-----`, ssh-ed25519). */
 export function readKeyFile(path: string): KeyFile {
-  let text: string;
-  try {
-    text = readFileSync(path, 'utf8');
-  } catch (err) {
-    throw new SnapbackError('config-invalid', `cannot read the SSH key ${path}: ${(err as Error).message}`);
-  }
+  const text = readInput(path, 'the SSH key');
   const m = /-----BEGIN OPENSSH PRIVATE KEY-----([\s\S]+?)-----END OPENSSH PRIVATE KEY-----/.exec(text);
   if (!m) throw new SnapbackError('config-invalid', `${path} is not an OpenSSH private key (expected "BEGIN OPENSSH PRIVATE KEY"; convert with ssh-keygen -p -f)`);
   try {
