@@ -1,25 +1,40 @@
-// The one place that runs `switch-to-configuration`. A run is keyed (`activate-<id>`, `boot-<id>`, ...
-// and leaves its exit status on disk, so an agent restarted mid-switch still learns the result.
+// The one place that runs `switch-to-configuration`. A run is keyed (`activate-<id>`, `boot-<id>`, ...)
+// and its files exist before it starts, so an agent killed at any instant still finds it and its result.
 
 import { spawn } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, readdirSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
+import { failpoint } from './failpoint.ts';
 
 export type SwitchMode = 'test' | 'boot' | 'switch' | 'dry-activate';
 
 export interface RunResult {
-  /** the exit status, or null when the run ended without one (killed, vanished) */
+  /** the exit status, or null when the run ended without one (killed, vanished, never started) */
   exit: number | null;
+}
+
+export interface RunOptions {
+  /** send the switch's output nowhere instead of `output.log` (a full state directory: a write error must not fail a revert) */
+  discardOutput?: boolean;
 }
 
 export interface Runner {
   readonly name: 'direct' | 'systemd';
+  /**
+   * Creates the run's files (`pid`, `status` and `output.log` in `runs/KEY/`) ahead of time. A run
+   * prepared while the disk had room needs no new file and no new block to start and to end.
+   */
+  prepare(key: string): void;
   /** Starts `TOPLEVEL/bin/switch-to-configuration MODE` and resolves when it has ended. */
-  run(key: string, toplevel: string, mode: SwitchMode, onLine?: (line: string) => void): Promise<RunResult>;
-  /** Waits for a run started by an earlier agent process. */
+  run(key: string, toplevel: string, mode: SwitchMode, onLine?: (line: string) => void, options?: RunOptions): Promise<RunResult>;
+  /** Waits for a run started by an earlier agent process (exit null if it never started). */
   resume(key: string, onLine?: (line: string) => void): Promise<RunResult>;
+  /** The recorded result of a run that has ended, or undefined (never ran, or still running). */
+  finished(key: string): Promise<RunResult | undefined>;
+  /** Whether the run is going on now (started by this agent process or an earlier one). */
+  running(key: string): Promise<boolean>;
   /** Stops a run (activation timeout); its `run`/`resume` promise then resolves with exit null. */
   stop(key: string): Promise<void>;
 }
@@ -27,6 +42,13 @@ export interface Runner {
 const POLL_MS = 100;
 /** How often a waiting runner asks whether the run is still alive (the status file is polled faster). */
 const ALIVE_EVERY = 10;
+/**
+ * `pid` and `status` hold this many bytes from the start and are overwritten in place, never
+ * truncated or renamed: ending a run allocates nothing, and a reader tells an unwritten record
+ * (blank) from a written one (which ends in ` end`).
+ */
+const RECORD_BYTES = 64;
+const BLANK = ' '.repeat(RECORD_BYTES - 1) + '\n';
 
 /**
  * Both runners leave `runs/KEY/status` behind when the switch ends, and `output.log` as it runs;
@@ -44,23 +66,40 @@ abstract class StatusFileRunner implements Runner {
     return { dir, status: join(dir, 'status'), pid: join(dir, 'pid'), log: join(dir, 'output.log') };
   }
 
-  protected abstract start(key: string, switchBin: string, mode: SwitchMode): Promise<boolean>;
+  protected abstract start(key: string, switchBin: string, mode: SwitchMode, options: RunOptions): Promise<boolean>;
   protected abstract alive(key: string): Promise<boolean>;
   abstract stop(key: string): Promise<void>;
 
-  async run(key: string, toplevel: string, mode: SwitchMode, onLine?: (line: string) => void): Promise<RunResult> {
+  running(key: string): Promise<boolean> {
+    return this.alive(key);
+  }
+
+  prepare(key: string): void {
     const p = this.paths(key);
+    mkdirSync(p.dir, { recursive: true, mode: 0o700 });
+    blank(p.pid);
+    blank(p.status);
+    closeSync(openSync(p.log, 'a', 0o600));
+  }
+
+  async run(key: string, toplevel: string, mode: SwitchMode, onLine?: (line: string) => void, options: RunOptions = {}): Promise<RunResult> {
     // Still running from before a restart of the agent (a revert it resumes): wait for that run
     // rather than start the switch a second time beside it.
     if (await this.alive(key)) return this.watch(key, onLine);
-    mkdirSync(p.dir, { recursive: true, mode: 0o700 });
-    rmSync(p.status, { force: true });
-    if (!(await this.start(key, join(toplevel, 'bin', 'switch-to-configuration'), mode))) return { exit: null };
+    this.prepare(key);
+    if (!(await this.start(key, join(toplevel, 'bin', 'switch-to-configuration'), mode, options))) return { exit: null };
+    failpoint(`spawned:${key.replace(/-\d{8}-\d{6}-[0-9a-f]+$/, '')}`);
     return this.watch(key, onLine);
   }
 
   resume(key: string, onLine?: (line: string) => void): Promise<RunResult> {
     return this.watch(key, onLine);
+  }
+
+  async finished(key: string): Promise<RunResult | undefined> {
+    const exit = readRecord(this.paths(key).status);
+    if (exit === undefined || (await this.alive(key))) return undefined;
+    return { exit: parseStatus(exit) };
   }
 
   /** Polls the status file (and streams new output lines) until the run has ended. */
@@ -69,19 +108,48 @@ abstract class StatusFileRunner implements Runner {
     const tail = new LogTail(p.log, onLine);
     for (let i = 0; ; i++) {
       tail.poll();
-      if (existsSync(p.status)) {
+      const status = readRecord(p.status);
+      // The record is written last, just before the run's process ends: trust it once that process is gone.
+      if (status !== undefined && !(await this.alive(key))) {
         tail.poll(true);
-        return { exit: parseStatus(readFileSync(p.status, 'utf8')) };
+        return { exit: parseStatus(status) };
       }
-      if (i % ALIVE_EVERY === 0 && !(await this.alive(key))) {
+      if (status === undefined && i % ALIVE_EVERY === 0 && !(await this.alive(key))) {
         // The run may have written its status between our two checks.
-        if (existsSync(p.status)) continue;
+        if (readRecord(p.status) !== undefined) continue;
         tail.poll(true);
         return { exit: null };
       }
       await sleep(POLL_MS);
     }
   }
+}
+
+/** Writes the blank record in place (creating the file if needed). */
+function blank(path: string): void {
+  let fd: number;
+  try {
+    fd = openSync(path, 'r+');
+  } catch {
+    fd = openSync(path, 'w', 0o600);
+  }
+  try {
+    writeSync(fd, BLANK, 0);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** The text of a written record without its ` end` marker, or undefined while it is blank, torn or missing. */
+function readRecord(path: string): string | undefined {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch {
+    return undefined;
+  }
+  const m = /^([^]*?)\s+end\s*$/.exec(text);
+  return m && m[1]!.trim() ? m[1]!.trim() : undefined;
 }
 
 /** `3` (direct) or `exit-code exited 3` / `signal killed 9`, one per line (systemd's ExecStopPost variables). */
@@ -93,26 +161,26 @@ export function parseStatus(text: string): number | null {
 }
 
 /**
- * Runs the switch as a detached process group (`setsid`) wrapped in `/bin/sh`, which writes the exit
- * status via rename. It survives a crash of the agent, not the agent's cgroup being killed by
- * systemd: that is what the systemd runner is for.
+ * Runs the switch as a detached process group (`setsid`) wrapped in `/bin/sh`, which records its
+ * own pid first and the exit status last, both in place. It survives a crash of the agent, not the
+ * agent's cgroup being killed by systemd: that is what the systemd runner is for.
  */
 export class DirectRunner extends StatusFileRunner {
   readonly name = 'direct' as const;
 
-  protected async start(key: string, switchBin: string, mode: SwitchMode): Promise<boolean> {
+  protected async start(key: string, switchBin: string, mode: SwitchMode, options: RunOptions): Promise<boolean> {
     const p = this.paths(key);
-    const out = openSync(p.log, 'a', 0o600);
-    const child = spawn('/bin/sh', ['-c', '"$0" "$1" </dev/null; s=$?; echo $s > "$2.tmp" && mv "$2.tmp" "$2"', switchBin, mode, p.status], {
+    // $2 (the run directory) in its command line also lets a restarted agent find the wrapper in
+    // /proc before it has written its pid.
+    const script = 'printf "%s end\\n" $$ 1<>"$2/pid"; "$0" "$1" </dev/null >>"$3" 2>&1; s=$?; printf "%s end\\n" $s 1<>"$2/status"';
+    const child = spawn('/bin/sh', ['-c', script, switchBin, mode, p.dir, options.discardOutput ? '/dev/null' : p.log], {
       detached: true,
-      stdio: ['ignore', out, out],
+      stdio: 'ignore',
     });
-    closeSync(out);
     if (child.pid === undefined) {
       await new Promise((resolve) => child.once('error', resolve));
       return false;
     }
-    writeFileSync(p.pid, `${child.pid}\n`, { mode: 0o600 });
     child.unref();
     return true;
   }
@@ -133,20 +201,29 @@ export class DirectRunner extends StatusFileRunner {
     } catch {}
   }
 
-  /** The wrapper's pid if it is still our wrapper (pids get reused after a reboot or long uptime). */
+  /**
+   * The wrapper's pid if it still runs: from its own record, else (killed between spawn and that
+   * record) by its command line, which names the run directory. Pids get reused: check both.
+   */
   private livePid(key: string): number | null {
     const p = this.paths(key);
-    let pid: number;
-    try {
-      pid = Number(readFileSync(p.pid, 'utf8').trim());
-      const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-      if (!cmdline.includes(p.status)) return null;
-      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-      if (/\) Z /.test(stat)) return null;
-    } catch {
-      return null;
+    const recorded = Number(readRecord(p.pid));
+    if (recorded > 0) return isWrapper(recorded, p.dir) ? recorded : null;
+    if (!existsSync(p.dir)) return null;
+    for (const name of readdirSync('/proc')) {
+      if (/^\d+$/.test(name) && isWrapper(Number(name), p.dir)) return Number(name);
     }
-    return pid;
+    return null;
+  }
+}
+
+function isWrapper(pid: number, runDir: string): boolean {
+  try {
+    const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    if (argv[0] !== '/bin/sh' || argv[5] !== runDir) return false;
+    return !/\) Z /.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return false;
   }
 }
 
@@ -154,6 +231,7 @@ export class DirectRunner extends StatusFileRunner {
  * Runs the switch in a transient unit owned by PID 1, like nixos-rebuild does, so that the switch
  * restarting snapback-agent.service neither kills it nor loses its result: `ExecStopPost` writes
  * SERVICE_RESULT, EXIT_CODE and EXIT_STATUS to the status file, never through a pipe to the agent.
+ * The unit's name is the run's record: systemd knows it from the moment systemd-run asked for it.
  */
 export class SystemdRunner extends StatusFileRunner {
   readonly name = 'systemd' as const;
@@ -162,14 +240,16 @@ export class SystemdRunner extends StatusFileRunner {
     return `snapback-${key}.service`;
   }
 
-  protected async start(key: string, switchBin: string, mode: SwitchMode): Promise<boolean> {
+  protected async start(key: string, switchBin: string, mode: SwitchMode, options: RunOptions): Promise<boolean> {
     const p = this.paths(key);
     const unit = SystemdRunner.unit(key);
     // A unit of the same name from an earlier attempt (a resumed revert) must not block this one.
     await execa('systemctl', ['reset-failed', unit], { reject: false });
     // No "$" in the property: systemd re-parses transient units on daemon-reload (which a switch
-    // does), and its escaping of "$$" does not survive that. printenv needs none.
-    const record = `/bin/sh -c 'printenv SERVICE_RESULT EXIT_CODE EXIT_STATUS > ${p.status}.tmp && mv ${p.status}.tmp ${p.status}'`;
+    // does), and its escaping of "$$" does not survive that. printenv needs none. `1<>` writes in place.
+    const record = `/bin/sh -c '{ printenv SERVICE_RESULT EXIT_CODE EXIT_STATUS; echo end; } 1<> ${p.status}'`;
+    // Without the log (a full state directory), the output goes to the journal.
+    const output = options.discardOutput ? [] : ['-p', `StandardOutput=append:${p.log}`, '-p', `StandardError=append:${p.log}`];
     const r = await execa(
       'systemd-run',
       [
@@ -178,13 +258,12 @@ export class SystemdRunner extends StatusFileRunner {
         '--collect',
         '--quiet',
         '--no-ask-password',
-        // The agent's PATH (on NixOS: the unit's `path`), for ExecStopPost's printenv and mv;
+        // The agent's PATH (on NixOS: the unit's `path`), for ExecStopPost's printenv;
         // a transient unit's default PATH names directories NixOS does not have.
         '-E', 'PATH',
         '-E', 'LOCALE_ARCHIVE',
         '-E', 'NIXOS_INSTALL_BOOTLOADER',
-        '-p', `StandardOutput=append:${p.log}`,
-        '-p', `StandardError=append:${p.log}`,
+        ...output,
         '-p', `ExecStopPost=${record}`,
         switchBin,
         mode,
@@ -192,7 +271,9 @@ export class SystemdRunner extends StatusFileRunner {
       { reject: false, stdin: 'ignore' },
     );
     if (r.exitCode !== 0) {
-      writeFileSync(p.log, `systemd-run failed: ${String(r.stderr).trim()}\n`, { flag: 'a' });
+      try {
+        writeFileSync(p.log, `systemd-run failed: ${String(r.stderr).trim()}\n`, { flag: 'a' });
+      } catch {}
       return false;
     }
     return true;

@@ -3,6 +3,7 @@
 // from the console and the network with the same code.
 
 import { randomBytes } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { existsSync, rmSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { execa } from 'execa';
@@ -14,9 +15,9 @@ import { DirectRunner, SystemdRunner, type Runner } from './activation.ts';
 import { FallbackTimer, systemdRunning } from './systemd.ts';
 import { now, readBootId } from './clock.ts';
 import { healthProblems } from './health.ts';
-import { step, secondsLeft, type Announcement, type Effect, type Event, type Reply, type State } from './lifecycle.ts';
+import { step, secondsLeft, type Announcement, type Effect, type Event, type ProfileBefore, type Reply, type State } from './lifecycle.ts';
 import type { Logger } from './log.ts';
-import { Nix, currentGeneration, generationPath, profiles, readCurrentSystem } from './nix.ts';
+import { Nix, profiles, readCurrentSystem } from './nix.ts';
 import { StateDir } from './state-dir.ts';
 import { VERSION } from '../shared/version.ts';
 import type { HostStatus } from '../shared/protocol.ts';
@@ -30,6 +31,11 @@ export type Result =
 
 /** What `status` answers, on the console and in `welcome` (the schema lives in shared/protocol.ts). */
 export type Status = HostStatus;
+
+/** How often a state that could not be saved is tried again. */
+const RETRY_MS = 1000;
+/** Waits between attempts of an effect that threw (a commit, a revert); then it ends the deployment. */
+const BACKOFF_MS = [1000, 2000, 4000, 0];
 
 /** The fallback timer fires this long after the deadline: the agent itself reverts first. */
 export const FALLBACK_MARGIN_SEC = 5;
@@ -54,6 +60,11 @@ export class Agent {
   private readonly background = new Set<Promise<unknown>>();
   private timer: NodeJS.Timeout | undefined;
   private closed = false;
+  /** the state in memory is not on disk yet (a full or read-only state directory) */
+  private dirty = false;
+  /** history entries not yet on disk, oldest first */
+  private readonly unrecorded: HistoryEntry[] = [];
+  private retry: NodeJS.Timeout | undefined;
 
   private constructor(config: AgentConfig, log: Logger, state: State, options: AgentOptions) {
     this.config = config;
@@ -92,13 +103,41 @@ export class Agent {
 
   /** Resumes whatever the previous process left: a countdown, a switch, a commit, a revert. */
   async start(): Promise<void> {
+    this.recoverOutcome();
     const current = readCurrentSystem(this.config.system.currentSystem);
     await this.dispatch({ type: 'start', bootId: this.bootId(), current });
+  }
+
+  /**
+   * Promise 13: an outcome saved in state.json but missing from the history (killed between the
+   * two writes, or a disk that filled up) is appended now, marked as recovered.
+   */
+  private recoverOutcome(): void {
+    const last = this.state.last;
+    if (!last) return;
+    const mine = this.dir.readHistory().filter((e) => e.id === last.id);
+    if (mine.some((e) => e.outcome)) return;
+    this.log.warn({ deployment: last.id }, 'the history lacks the last outcome; appending it from state.json');
+    this.unrecorded.push({
+      at: last.finishedAt,
+      id: last.id,
+      from: mine.at(-1)?.to ?? 'idle',
+      to: 'idle',
+      event: 'recovered',
+      by: last.by,
+      target: describeTarget(last.target),
+      ...(last.toplevel ? { toplevel: last.toplevel } : {}),
+      ...(last.previous ? { previous: last.previous } : {}),
+      outcome: last.outcome,
+      detail: 'recorded at the next start: the agent stopped before the history had it',
+    });
+    this.flushHistory();
   }
 
   async close(): Promise<void> {
     this.closed = true;
     if (this.timer) clearTimeout(this.timer);
+    if (this.retry) clearInterval(this.retry);
     await this.queue;
     this.releaseLock();
   }
@@ -130,24 +169,33 @@ export class Agent {
     return run;
   }
 
+  /**
+   * Promise 17: no effect that moves toward the new system (prepare, switch, health gate, commit)
+   * runs before the state that precedes it is on disk. Confirm and extend are refused when the save
+   * fails; a step toward the previous system (a revert, an outcome) goes ahead and its state is
+   * saved by the retry that runs every second until the disk takes it.
+   */
   private async apply(event: Event): Promise<Reply | undefined> {
     const at = now();
-    const result = step(this.state, event, at);
+    let result = step(this.state, event, at);
     if (result.state !== this.state) {
-      try {
-        this.dir.save(result.state);
-      } catch (err) {
-        // Before activation nothing has changed on the system: refuse. Afterwards the revert
-        // matters more than the record, so carry on in memory and say so loudly.
-        if (result.state.phase === 'preparing' || (result.state.phase === 'activating' && this.state.phase === 'preparing')) {
-          this.log.error({ err: (err as Error).message }, 'cannot persist the pending record; nothing was changed');
-          if (event.type === 'prepared') {
-            this.state = { phase: 'idle', ...(this.state.last ? { last: this.state.last } : {}) };
-            this.release(event.id);
-          }
-          return { ok: false, code: 'state-unwritable', message: (err as Error).message };
+      const unsaved = this.persist(result.state);
+      if (unsaved !== undefined) {
+        if (event.type === 'activate' || event.type === 'confirm' || event.type === 'extend') {
+          return { ok: false, code: 'state-unwritable', message: `${unsaved}; nothing was changed` };
         }
-        this.log.error({ err: (err as Error).message }, 'cannot persist state; continuing in memory');
+        if (movesForward(result.effects)) {
+          const instead = insteadOf(event, unsaved);
+          if (!instead) {
+            this.log.error({ event: event.type, err: unsaved }, 'cannot save the state; not acting on it');
+            return { ok: false, code: 'state-unwritable', message: unsaved };
+          }
+          result = step(this.state, instead, at);
+          if (result.state !== this.state && this.persist(result.state) !== undefined) this.retryLater();
+        } else {
+          this.log.error({ event: event.type, err: unsaved }, 'cannot save the state; going on toward the previous system and saving it as soon as the disk takes it');
+          this.retryLater();
+        }
       }
     }
     this.state = result.state;
@@ -155,15 +203,52 @@ export class Agent {
     return result.reply;
   }
 
+  /** Saves `state`; returns why it could not, or undefined. */
+  private persist(state: State): string | undefined {
+    try {
+      this.dir.save(state);
+      this.dirty = false;
+      return undefined;
+    } catch (err) {
+      this.dirty = true;
+      return (err as Error).message;
+    }
+  }
+
+  /** Keeps trying to save the state and append the history entries that did not make it to disk. */
+  private retryLater(): void {
+    if (this.retry || this.closed) return;
+    this.retry = setInterval(() => {
+      this.queue = this.queue.then(() => {
+        if (this.dirty && this.persist(this.state) === undefined) this.log.warn('the state directory takes writes again; state saved');
+        this.flushHistory();
+        if (!this.dirty && this.unrecorded.length === 0 && this.retry) {
+          clearInterval(this.retry);
+          this.retry = undefined;
+        }
+      });
+    }, RETRY_MS);
+  }
+
+  /** Appends the history entries in order; what does not fit now is appended by the retry. */
+  private flushHistory(): void {
+    while (this.unrecorded.length) {
+      try {
+        this.dir.appendHistory(this.unrecorded[0]!);
+      } catch (err) {
+        this.log.error({ err: (err as Error).message, pending: this.unrecorded.length }, 'cannot append to the history; will retry');
+        this.retryLater();
+        return;
+      }
+      this.unrecorded.shift();
+    }
+  }
+
   private perform(effect: Effect, at: string): void {
     switch (effect.kind) {
       case 'record':
-        try {
-          this.dir.appendHistory({ at, ...effect.entry } as HistoryEntry);
-        } catch (err) {
-          this.log.error({ err: (err as Error).message }, 'cannot append to the history');
-        }
-        return;
+        this.unrecorded.push({ at, ...effect.entry } as HistoryEntry);
+        return this.flushHistory();
       case 'log':
         this.log[effect.level]({ deployment: this.state.deployment?.id ?? this.state.last?.id }, effect.msg);
         return;
@@ -191,6 +276,18 @@ export class Agent {
             const toplevel = await this.nix.obtain(d.target, this.dir.gcRoot(d.id), this.config.system.profile, (line) =>
               this.emit({ type: 'output', id: d.id, line }),
             );
+            // Promise 19: garbage collection cannot take the revert target while the deployment lives.
+            await this.nix.hold(d.previous, this.dir.gcRoot(`${d.id}-previous`)).catch((err: Error) => {
+              throw new SnapbackError('no-current-system', `cannot hold the previous system ${d.previous} with a GC root: ${err.message}`);
+            });
+            // Promise 17: the switch's and the revert's files exist before anything runs, so a revert
+            // on a disk that filled up meanwhile needs no new file.
+            try {
+              this.runner.prepare(`activate-${d.id}`);
+              this.runner.prepare(`revert-${d.id}`);
+            } catch (err) {
+              throw new SnapbackError('state-unwritable', `cannot create the switch's run files: ${(err as Error).message}`);
+            }
             // Promise 3: the independent revert exists before anything changes. Its first time is an
             // upper bound (switch limit + window); the trial's real deadline re-arms it.
             if (this.fallback) {
@@ -210,7 +307,18 @@ export class Agent {
         return this.spawn(async () => {
           const key = `activate-${effect.id}`;
           const onLine = (line: string) => this.emit({ type: 'output', id: effect.id, line });
-          const { exit } = effect.resume ? await this.runner.resume(key, onLine) : await this.runner.run(key, effect.toplevel, 'test', onLine);
+          let started = effect.resume;
+          const { exit } = await this.attempt(
+            async () => {
+              if (started) return this.runner.resume(key, onLine);
+              started = true;
+              return this.runner.run(key, effect.toplevel, 'test', onLine);
+            },
+            (error) => {
+              this.log.error({ deployment: effect.id, err: error }, 'lost track of the switch');
+              return { exit: null };
+            },
+          );
           const timedOut = this.stopped.delete(effect.id);
           await this.dispatch({ type: 'activation-finished', id: effect.id, exit, timedOut, token: randomBytes(24).toString('base64url') });
         });
@@ -220,13 +328,37 @@ export class Agent {
       case 'prepare-commit':
         return this.spawn(async () => {
           const problems = await healthProblems(this.config, effect.unitsFailed, this.runner.name === 'systemd').catch((err: Error) => [`health checks could not run: ${err.message}`]);
-          const profileBefore = currentGeneration(this.config.system.profile);
-          await this.dispatch({ type: 'commit-ready', id: effect.id, problems, profileBefore });
+          let profile: ProfileBefore = { generation: null, path: null, newest: null };
+          try {
+            profile = profiles.snapshot(this.config.system.profile);
+          } catch (err) {
+            problems.push(`cannot read the system profile: ${(err as Error).message}`);
+          }
+          await this.dispatch({ type: 'commit-ready', id: effect.id, problems, profile });
         });
+      // Promise 17: every effect ends in an event; an exception is retried, then becomes the outcome.
       case 'commit':
-        return this.spawn(async () => this.dispatch(await this.commit(effect)));
+        return this.spawn(async () =>
+          this.dispatch(await this.attempt(() => this.commit(effect), (error) => ({ type: 'commit-finished', id: effect.id, ok: false, error }))),
+        );
       case 'revert':
-        return this.spawn(async () => this.dispatch(await this.revert(effect)));
+        return this.spawn(async () =>
+          this.dispatch(await this.attempt(() => this.revert(effect), (error) => ({ type: 'revert-finished', id: effect.id, result: 'failed', error }))),
+        );
+    }
+  }
+
+  /** Runs `task`, retrying with backoff when it throws; after the last attempt, `otherwise(why)`. */
+  private async attempt<T>(task: () => Promise<T>, otherwise: (error: string) => T): Promise<T> {
+    for (let i = 0; ; i++) {
+      try {
+        return await task();
+      } catch (err) {
+        const error = (err as Error).message;
+        if (i + 1 >= BACKOFF_MS.length || this.closed) return otherwise(error);
+        this.log.error({ err: error, retryInMs: BACKOFF_MS[i] }, 'an effect failed; retrying');
+        await sleep(BACKOFF_MS[i]!);
+      }
     }
   }
 
@@ -258,51 +390,99 @@ export class Agent {
 
   private release(id: string): void {
     rmSync(this.dir.gcRoot(id), { force: true });
+    rmSync(this.dir.gcRoot(`${id}-previous`), { force: true });
     this.dir.pruneRuns();
   }
 
   // ---- commit and revert: the two operations that change the boot default or the running system
 
+  /**
+   * Compare-and-swap (promise 19): waits for NixOS's switch lock, then commits only if the trial's
+   * system is the one running. A failed commit puts the profile back by path, deletes only a
+   * generation it created, and installs the restored default again.
+   */
   private async commit(e: Extract<Effect, { kind: 'commit' }>): Promise<Event> {
     const { profile, currentSystem } = this.config.system;
-    if (e.resume && readCurrentSystem(currentSystem) !== e.toplevel) {
-      await profiles.restore(profile, e.profileBefore);
-      return { type: 'commit-finished', id: e.id, ok: false, abandoned: e.reason, error: 'the previous system is running; the profile was restored' };
+    const onLine = (line: string) => this.emit({ type: 'output', id: e.id, line });
+    await this.switchLockFree(e.id);
+    const current = readCurrentSystem(currentSystem);
+    if (current !== e.toplevel) {
+      if (!e.resume) return { type: 'commit-finished', id: e.id, ok: false, error: 'the trial system is no longer running', conflict: current };
+      // Rebooted (or switched) mid-commit: the previous system runs, so its generation is the default again.
+      const unrestored = await this.restoreProfile(e, onLine);
+      const error = 'the trial system was not running when the agent came back; the profile was restored';
+      return { type: 'commit-finished', id: e.id, ok: false, abandoned: e.reason, error, ...(unrestored ? { unrestored } : {}) };
     }
     try {
       await profiles.set(profile, e.toplevel);
-      const { exit } = await this.runner.run(`boot-${e.id}`, e.toplevel, 'boot', (line) => this.emit({ type: 'output', id: e.id, line }));
+      const { exit } = await this.runner.run(`boot-${e.id}`, e.toplevel, 'boot', onLine);
       if (exit !== 0) throw new Error(`switch-to-configuration boot exited ${exit ?? 'without a status'}`);
       return { type: 'commit-finished', id: e.id, ok: true };
     } catch (err) {
       const error = (err as Error).message;
       this.log.error({ deployment: e.id, err: error }, 'commit failed; restoring the profile');
-      try {
-        await profiles.restore(profile, e.profileBefore);
-        // The failed `boot` may have half-written the bootloader: install the restored default again.
-        const restored = currentGeneration(profile);
-        if (restored !== null) await this.runner.run(`boot-restore-${e.id}`, generationPath(profile, restored), 'boot');
-      } catch (err2) {
-        this.log.error({ deployment: e.id, err: (err2 as Error).message }, 'restoring the profile failed');
-      }
-      return { type: 'commit-finished', id: e.id, ok: false, error };
+      const unrestored = await this.restoreProfile(e, onLine);
+      return { type: 'commit-finished', id: e.id, ok: false, error, ...(unrestored ? { unrestored } : {}) };
     }
   }
 
-  /** Compare-and-swap: revert only if the trial system (or, after a failed switch, the previous one) runs. */
+  /** Puts the profile back and runs the restored system's `boot`, so the boot default matches it; why not, or undefined. */
+  private async restoreProfile(e: Extract<Effect, { kind: 'commit' }>, onLine: (line: string) => void): Promise<string | undefined> {
+    try {
+      await profiles.restore(this.config.system.profile, e.profile);
+      if (e.profile.path === null) return undefined;
+      // The failed or interrupted `boot` may have written the bootloader already.
+      const { exit } = await this.runner.run(`boot-restore-${e.id}`, e.profile.path, 'boot', onLine);
+      return exit === 0 ? undefined : `switch-to-configuration boot of the restored ${e.profile.path} exited ${exit ?? 'without a status'}`;
+    } catch (err) {
+      this.log.error({ deployment: e.id, err: (err as Error).message }, 'restoring the profile failed');
+      return (err as Error).message;
+    }
+  }
+
+  /**
+   * Compare-and-swap (promises 9, 19): a revert that already ran (while no agent was up) is not run
+   * again; otherwise wait for NixOS's switch lock, then revert only if the trial system (or, after a
+   * failed switch, the previous one) runs. Somebody else's system is left alone.
+   */
   private async revert(e: Extract<Effect, { kind: 'revert' }>): Promise<Event> {
+    const key = `revert-${e.id}`;
+    const onLine = (line: string) => this.emit({ type: 'output', id: e.id, line });
+    const earlier = await this.runner.finished(key);
+    if (earlier) return this.reverted(e, earlier.exit);
+    if (await this.runner.running(key)) return this.reverted(e, (await this.runner.resume(key, onLine)).exit);
+    await this.switchLockFree(e.id);
     const current = readCurrentSystem(this.config.system.currentSystem);
     const ours = current === e.toplevel || (e.force && current === e.previous);
     if (!ours) {
       if (current === e.previous) return { type: 'revert-finished', id: e.id, result: 'already-previous' };
       return { type: 'revert-finished', id: e.id, result: 'conflict', current };
     }
-    const { exit } = await this.runner.run(`revert-${e.id}`, e.previous, 'test', (line) => this.emit({ type: 'output', id: e.id, line }));
+    // On a full state directory the switch's output would meet write errors: send it elsewhere.
+    const discardOutput = !this.dir.writable();
+    const { exit } = await this.runner.run(key, e.previous, 'test', onLine, { discardOutput });
+    return this.reverted(e, exit);
+  }
+
+  private reverted(e: Extract<Effect, { kind: 'revert' }>, exit: number | null): Event {
     if (exit === 0 || exit === 4) {
       if (exit === 4) this.log.warn({ deployment: e.id }, 'reverted, but some units of the previous system failed to start');
       return { type: 'revert-finished', id: e.id, result: 'reverted' };
     }
+    // No status (the run's record was lost): what runs now tells.
+    if (exit === null && readCurrentSystem(this.config.system.currentSystem) === e.previous) return { type: 'revert-finished', id: e.id, result: 'reverted' };
     return { type: 'revert-finished', id: e.id, result: 'failed', error: `${e.previous}/bin/switch-to-configuration test exited ${exit ?? 'without a status'}` };
+  }
+
+  /** Waits while somebody else's switch holds NixOS's switch lock (at most confirm.activationTimeoutSec). */
+  private async switchLockFree(id: string): Promise<void> {
+    const lock = this.config.system.switchLock;
+    if (!(await switchLockHeld(lock))) return;
+    const limit = this.config.confirm.activationTimeoutSec;
+    this.log.warn({ deployment: id, lock }, 'another switch-to-configuration holds the switch lock; waiting for it to finish');
+    const r = await execa('flock', ['--wait', String(limit), '--conflict-exit-code', '75', lock, 'true'], { reject: false });
+    if (r.exitCode === 75) throw new SnapbackError('switch-locked', `${lock} was held for more than ${limit}s by another switch`);
+    if (r.exitCode !== 0) throw new Error(`flock ${lock}: ${String(r.stderr).trim() || `exit ${r.exitCode}`}`);
   }
 
   // ---- requests (console and network) ---------------------------------------------------------
@@ -377,7 +557,7 @@ export class Agent {
     return this.await(
       id,
       () => this.dispatch({ type: 'confirm', ...req }),
-      (p) => (p.type === 'confirm-refused' ? { ok: false, code: 'health-failed', message: `confirm refused: ${p.problems.join('; ')}`, id: p.id } : undefined),
+      (p) => (p.type === 'confirm-refused' ? { ok: false, code: p.code ?? 'health-failed', message: `confirm refused: ${p.problems.join('; ')}`, id: p.id } : undefined),
       onProgress,
     );
   }
@@ -498,6 +678,19 @@ export function asSnapbackError(err: unknown): SnapbackError {
 export function newDeploymentId(): string {
   const s = new Date().toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
   return `${s}-${randomBytes(2).toString('hex')}`;
+}
+
+/** Effects that move toward the new system: they wait until the state before them is on disk. */
+function movesForward(effects: Effect[]): boolean {
+  return effects.some((e) => e.kind === 'prepare' || e.kind === 'prepare-commit' || ((e.kind === 'activate' || e.kind === 'commit') && !e.resume));
+}
+
+/** What the lifecycle is told instead of a step toward the new system whose state could not be saved. */
+function insteadOf(event: Event, why: string): Event | undefined {
+  const message = `${why}; not going ahead`;
+  if (event.type === 'prepared') return { type: 'prepare-failed', id: event.id, code: 'state-unwritable', message };
+  if (event.type === 'commit-ready') return { type: 'confirm-aborted', id: event.id, code: 'state-unwritable', message };
+  return undefined;
 }
 
 /** Held when a non-blocking flock on switch-to-configuration's lock file fails. */

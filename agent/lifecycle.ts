@@ -7,62 +7,102 @@
 //   activating | trial → reverting (`PREV test`) → idle: reverted (reason)
 // and every deployment ends with exactly one outcome, recorded in `last` and in the history.
 
-import type { Actor, HistoryEntry, Outcome, Phase, RevertReason, Target } from '../shared/model.ts';
+import { z } from 'zod';
+import { actorSchema, outcomeSchema, phaseSchema, revertReasonSchema, targetSchema, type Actor, type HistoryEntry, type Outcome, type Phase, type RevertReason, type Target } from '../shared/model.ts';
 import { describeOutcome, describeTarget } from '../shared/model.ts';
 import type { ErrorCode } from '../shared/errors.ts';
 
-export interface Deployment {
-  id: string;
-  target: Target;
-  requestedBy: Actor;
-  createdAt: string;
+// The state is persisted in state.json and read back after crashes and upgrades: its schema is the
+// source of its types, and each phase's record is checked (a trial without its deadline is corrupt).
+
+const deploymentSchema = z.object({
+  id: z.string().min(1),
+  target: targetSchema,
+  requestedBy: actorSchema,
+  createdAt: z.string(),
   /** the confirm window, counted from the moment the trial is running */
-  timeoutSec: number;
-  activationTimeoutSec: number;
+  timeoutSec: z.number().int().positive(),
+  activationTimeoutSec: z.number().int().positive(),
   /** the boot the deployment started in; the monotonic values below only mean something in it */
-  bootId: string;
+  bootId: z.string().min(1),
   /** the running system before activation: the revert target, captured once */
-  previous: string;
-  toplevel?: string;
-  activation?: {
-    startedAt: string;
-    deadlineMono: number;
-    stopping?: boolean;
-    /** a rollback asked for while the switch was still running */
-    revertRequested?: { by: Actor; reason: RevertReason };
-  };
-  trial?: {
-    startedAt: string;
-    /** when activation finished: only connections accepted after this may confirm (promise 5) */
-    startedMono: number;
-    deadlineMono: number;
-    deadlineWall: string;
-    token: string;
-    /** switch-to-configuration exited 4: some units failed to start */
-    unitsFailed?: boolean;
-    /** why the last confirm was refused by the health gate */
-    unhealthy?: string;
-    confirming?: Actor;
-  };
-  commit?: { by: Actor; profileBefore: number | null };
-  revert?: { by: Actor; reason: RevertReason; force: boolean };
-}
+  previous: z.string().min(1),
+  toplevel: z.string().min(1).optional(),
+  activation: z
+    .object({
+      startedAt: z.string(),
+      deadlineMono: z.number(),
+      stopping: z.boolean().optional(),
+      /** a rollback asked for while the switch was still running */
+      revertRequested: z.object({ by: actorSchema, reason: revertReasonSchema }).optional(),
+    })
+    .optional(),
+  trial: z
+    .object({
+      startedAt: z.string(),
+      /** when activation finished: only connections accepted after this may confirm (promise 5) */
+      startedMono: z.number(),
+      deadlineMono: z.number(),
+      deadlineWall: z.string(),
+      token: z.string().min(1),
+      /** switch-to-configuration exited 4: some units failed to start */
+      unitsFailed: z.boolean().optional(),
+      /** why the last confirm was refused by the health gate */
+      unhealthy: z.string().optional(),
+      confirming: actorSchema.optional(),
+    })
+    .optional(),
+  commit: z
+    .object({
+      by: actorSchema,
+      /** the profile's generation before the commit, and the system it pointed at (what a restore puts back) */
+      profileBefore: z.number().int().nullable(),
+      profilePath: z.string().nullable().optional(),
+      /** the newest generation before the commit: only a newer one was created by it */
+      newestBefore: z.number().int().nullable().optional(),
+      /** a failed commit whose profile could not be put back: the revert then ends `stuck` */
+      unrestored: z.string().optional(),
+    })
+    .optional(),
+  revert: z.object({ by: actorSchema, reason: revertReasonSchema, force: z.boolean() }).optional(),
+});
+export type Deployment = z.infer<typeof deploymentSchema>;
 
-export interface Finished {
-  id: string;
-  target: Target;
-  toplevel?: string;
-  previous?: string;
-  outcome: Outcome;
-  by: Actor;
-  finishedAt: string;
-}
+const finishedSchema = z.object({
+  id: z.string(),
+  target: targetSchema,
+  toplevel: z.string().optional(),
+  previous: z.string().optional(),
+  outcome: outcomeSchema,
+  by: actorSchema,
+  finishedAt: z.string(),
+});
+export type Finished = z.infer<typeof finishedSchema>;
 
-export interface State {
-  phase: Phase;
-  deployment?: Deployment;
-  last?: Finished;
-}
+/** What each phase needs besides the deployment itself. */
+const needs: Record<Phase, (keyof Deployment)[] | null> = {
+  idle: null,
+  preparing: [],
+  activating: ['toplevel', 'activation'],
+  trial: ['toplevel', 'trial'],
+  committing: ['toplevel', 'trial', 'commit'],
+  reverting: ['revert'],
+};
+
+export const stateSchema = z
+  .object({ phase: phaseSchema, deployment: deploymentSchema.optional(), last: finishedSchema.optional() })
+  .superRefine((s, ctx) => {
+    const wanted = needs[s.phase];
+    if (wanted === null) {
+      if (s.deployment) ctx.addIssue({ code: 'custom', path: ['deployment'], message: 'an idle agent has no running deployment' });
+      return;
+    }
+    if (!s.deployment) return ctx.addIssue({ code: 'custom', path: ['deployment'], message: `phase ${s.phase} needs its deployment` });
+    for (const key of wanted) {
+      if (s.deployment[key] === undefined) ctx.addIssue({ code: 'custom', path: ['deployment', key], message: `phase ${s.phase} needs deployment.${key}` });
+    }
+  });
+export type State = z.infer<typeof stateSchema>;
 
 export const initialState: State = { phase: 'idle' };
 
@@ -95,17 +135,36 @@ export type Event =
   | { type: 'activation-finished'; id: string; exit: number | null; timedOut: boolean; token: string }
   | { type: 'tick' }
   | { type: 'confirm'; id?: string; token?: string; requireToken: boolean; by: Actor }
-  | { type: 'commit-ready'; id: string; problems: string[]; profileBefore: number | null }
+  | { type: 'commit-ready'; id: string; problems: string[]; profile: ProfileBefore }
+  /** the confirm cannot go ahead for a reason of the agent's own (its state cannot be saved) */
+  | { type: 'confirm-aborted'; id: string; code: ErrorCode; message: string }
   | { type: 'commit-finished'; id: string; ok: true }
-  | { type: 'commit-finished'; id: string; ok: false; error: string; abandoned?: RevertReason }
+  | {
+      type: 'commit-finished';
+      id: string;
+      ok: false;
+      error: string;
+      abandoned?: RevertReason;
+      /** somebody else's system runs: the commit was not attempted */
+      conflict?: string | null;
+      /** the profile could not be put back */
+      unrestored?: string;
+    }
   | { type: 'rollback'; id?: string; by: Actor; reason: 'requested' | 'fallback-timer' }
   | { type: 'extend'; id?: string; seconds: number; by: Actor }
   | ({ type: 'revert-finished'; id: string } & RevertResult);
 
+/** The system profile before a commit: what a failed commit puts back, and what it may delete. */
+export interface ProfileBefore {
+  generation: number | null;
+  path: string | null;
+  newest: number | null;
+}
+
 export type Announcement =
   | { type: 'phase'; id: string; phase: Phase; deadline?: string; toplevel?: string }
   | { type: 'outcome'; id: string; outcome: Outcome }
-  | { type: 'confirm-refused'; id: string; problems: string[] };
+  | { type: 'confirm-refused'; id: string; problems: string[]; code?: ErrorCode };
 
 export type Effect =
   | { kind: 'prepare'; deployment: Deployment }
@@ -113,7 +172,7 @@ export type Effect =
   | { kind: 'stop-activation'; id: string }
   | { kind: 'arm'; atMono: number }
   | { kind: 'prepare-commit'; id: string; unitsFailed: boolean }
-  | { kind: 'commit'; id: string; toplevel: string; profileBefore: number | null; resume: boolean; reason: RevertReason }
+  | { kind: 'commit'; id: string; toplevel: string; profile: ProfileBefore; resume: boolean; reason: RevertReason }
   | { kind: 'revert'; id: string; previous: string; toplevel?: string; force: boolean }
   | { kind: 'release'; id: string }
   /** (re-)arm the independent fallback timer for the deadline, or cancel it (systemd only) */
@@ -220,6 +279,24 @@ function startRevert(state: State, d: Deployment, reason: RevertReason, by: Acto
       { kind: 'log', level: 'warn', msg: `reverting deployment ${d.id} to ${d.previous} (${reason})${detail ? `: ${detail}` : ''}` },
       { kind: 'revert', id: d.id, previous: d.previous, ...(d.toplevel ? { toplevel: d.toplevel } : {}), force },
     ],
+  };
+}
+
+function conflict(current: string | null, what: string): Outcome {
+  return { outcome: 'stuck', reason: `conflict: the running system is ${current ?? 'unknown'}, neither the trial nor the previous one; ${what}` };
+}
+
+/**
+ * A confirm or extend that arrives after the deadline is refused by the event's own time, whether
+ * or not the timer has fired yet: the revert the deadline calls for starts now.
+ */
+function late(state: State, d: Deployment, now: Now, what: 'confirm' | 'extend'): Step {
+  const reason: RevertReason = d.trial!.unhealthy ? 'health-failed' : 'timeout';
+  const reverting = startRevert(state, d, reason, DEADLINE, 'deadline', false, d.trial!.unhealthy);
+  const passed = inSeconds(d.trial!.deadlineMono, now.mono);
+  return {
+    ...reverting,
+    reply: { ok: false, code: 'deployment-finished', message: `too late to ${what}: the deadline passed ${passed}s ago (${d.trial!.deadlineWall}); deployment ${d.id} is being reverted`, id: d.id },
   };
 }
 
@@ -370,6 +447,7 @@ export function step(state: State, event: Event, now: Now): Step {
           return fail(state, 'deployment-finished', `deployment ${d!.id} is being reverted (${d!.revert?.reason})`, { id: d!.id });
       }
       const trial = d!.trial!;
+      if (now.mono >= trial.deadlineMono) return late(state, d!, now, 'confirm');
       if (event.requireToken && event.token !== trial.token) {
         return fail(state, 'bad-token', 'the confirm token is missing or wrong; confirm over a connection opened after activation', {
           id: d!.id,
@@ -403,13 +481,23 @@ export function step(state: State, event: Event, now: Now): Step {
           ],
         };
       }
-      const next: Deployment = { ...d, commit: { by, profileBefore: event.profileBefore } };
+      const { generation, path, newest } = event.profile;
+      const next: Deployment = { ...d, commit: { by, profileBefore: generation, profilePath: path, newestBefore: newest } };
       const moved = move(state, next, 'committing', 'confirm', by);
       return {
         state: moved.state,
+        effects: [...moved.effects, { kind: 'commit', id: d.id, toplevel: d.toplevel!, profile: event.profile, resume: false, reason: 'commit-failed' }],
+      };
+    }
+
+    case 'confirm-aborted': {
+      if (state.phase !== 'trial' || !d?.trial?.confirming || d.id !== event.id) return { state, effects: [] };
+      const { confirming: by, ...trial } = d.trial;
+      return {
+        state: { ...state, deployment: { ...d, trial } },
         effects: [
-          ...moved.effects,
-          { kind: 'commit', id: d.id, toplevel: d.toplevel!, profileBefore: event.profileBefore, resume: false, reason: 'commit-failed' },
+          { kind: 'log', level: 'error', msg: `confirm of ${d.id} by ${by.who} not carried out: ${event.message}` },
+          { kind: 'announce', announcement: { type: 'confirm-refused', id: d.id, problems: [event.message], code: event.code } },
         ],
       };
     }
@@ -417,10 +505,15 @@ export function step(state: State, event: Event, now: Now): Step {
     case 'commit-finished': {
       if (state.phase !== 'committing' || !d?.commit || d.id !== event.id) return { state, effects: [] };
       if (event.ok) return finish(state, d, { outcome: 'confirmed' }, 'committed', d.commit.by, now);
+      if (event.conflict !== undefined) return finish(state, d, conflict(event.conflict, 'not committed'), 'commit-conflict', d.commit.by, now);
       if (event.abandoned) {
-        return finish(state, d, { outcome: 'reverted', reason: event.abandoned, detail: event.error }, 'commit-abandoned', AGENT, now);
+        const outcome: Outcome = event.unrestored
+          ? { outcome: 'stuck', reason: `the interrupted commit could not be undone: ${event.unrestored}` }
+          : { outcome: 'reverted', reason: event.abandoned, detail: event.error };
+        return finish(state, d, outcome, 'commit-abandoned', AGENT, now);
       }
-      return startRevert(state, d, 'commit-failed', d.commit.by, 'commit-failed', false, event.error);
+      const next: Deployment = event.unrestored ? { ...d, commit: { ...d.commit, unrestored: event.unrestored } } : d;
+      return startRevert(state, next, 'commit-failed', d.commit.by, 'commit-failed', false, event.error);
     }
 
     case 'rollback': {
@@ -449,6 +542,7 @@ export function step(state: State, event: Event, now: Now): Step {
       if (!same(event.id) || state.phase === 'idle') return notRunning(state, event.id, 'extend');
       if (state.phase !== 'trial') return fail(state, 'not-ready', `deployment ${d!.id} is ${state.phase}, not in its trial`, { id: d!.id });
       const trial = d!.trial!;
+      if (now.mono >= trial.deadlineMono) return late(state, d!, now, 'extend');
       const deadlineMono = now.mono + event.seconds * 1000;
       const deadlineWall = new Date(Date.parse(now.wall) + event.seconds * 1000).toISOString();
       const next: Deployment = { ...d!, trial: { ...trial, deadlineMono, deadlineWall } };
@@ -471,20 +565,18 @@ export function step(state: State, event: Event, now: Now): Step {
     case 'revert-finished': {
       if (state.phase !== 'reverting' || !d?.revert || d.id !== event.id) return { state, effects: [] };
       const { reason, by } = d.revert;
+      if (d.commit?.unrestored && (event.result === 'reverted' || event.result === 'already-previous')) {
+        // The running system is the previous one, but the boot default may still be the unconfirmed one.
+        const outcome: Outcome = { outcome: 'stuck', reason: `reverted, but the profile could not be put back after the failed commit: ${d.commit.unrestored}` };
+        return finish(state, d, outcome, 'reverted', by, now);
+      }
       switch (event.result) {
         case 'reverted':
           return finish(state, d, { outcome: 'reverted', reason }, 'reverted', by, now);
         case 'already-previous':
           return finish(state, d, { outcome: 'reverted', reason }, 'reverted', by, now, 'the previous system was already running');
         case 'conflict':
-          return finish(
-            state,
-            d,
-            { outcome: 'stuck', reason: `conflict: the running system is ${event.current ?? 'unknown'}, neither the trial nor the previous one; left alone` },
-            'revert-conflict',
-            by,
-            now,
-          );
+          return finish(state, d, conflict(event.current, 'left alone'), 'revert-conflict', by, now);
         case 'failed':
           return finish(state, d, { outcome: 'stuck', reason: `revert failed: ${event.error}` }, 'revert-failed', by, now);
       }
@@ -509,18 +601,13 @@ function resume(state: State, event: Extract<Event, { type: 'start' }>, now: Now
     );
   }
   if (state.phase === 'committing') {
+    const c = d.commit!;
+    const profile: ProfileBefore = { generation: c.profileBefore, path: c.profilePath ?? null, newest: c.newestBefore ?? c.profileBefore };
     return {
       state,
       effects: [
         { kind: 'log', level: 'warn', msg: `finishing the interrupted commit of ${d.id}` },
-        {
-          kind: 'commit',
-          id: d.id,
-          toplevel: d.toplevel!,
-          profileBefore: d.commit!.profileBefore,
-          resume: true,
-          reason: rebooted ? 'reboot' : 'commit-failed',
-        },
+        { kind: 'commit', id: d.id, toplevel: d.toplevel!, profile, resume: true, reason: rebooted ? 'reboot' : 'commit-failed' },
       ],
     };
   }

@@ -1,11 +1,12 @@
 // Everything the agent asks of Nix: realise a store path from trusted caches, build a flake's
 // toplevel, resolve a generation, hold GC roots, and move the system profile. Only Nix 2.8 features.
 
-import { accessSync, constants, readlinkSync, realpathSync, rmSync } from 'node:fs';
+import { accessSync, constants, readdirSync, readlinkSync, realpathSync, rmSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { execa } from 'execa';
 import { SnapbackError } from '../shared/errors.ts';
 import type { Target } from '../shared/model.ts';
+import type { ProfileBefore } from './lifecycle.ts';
 
 export interface NixSettings {
   substituters: string[];
@@ -58,6 +59,11 @@ export class Nix {
     return path;
   }
 
+  /** Holds an existing store path (the revert target) with a GC root of the agent's own. */
+  async hold(path: string, gcRoot: string): Promise<void> {
+    await this.run('nix-store', ['--realise', path, '--add-root', gcRoot], 'fetch-failed');
+  }
+
   private async buildFlake(flake: string, gcRoot: string, onLine?: LineSink): Promise<string> {
     const hash = flake.lastIndexOf('#');
     const ref = flake.slice(0, hash);
@@ -98,7 +104,7 @@ export class Nix {
   }
 }
 
-/** The running toplevel behind `/run/current-system` (or its configured stand-in). */
+/** The running toplevel behind `/run/current-system` (or its configured stand-in); any link's target, or null. */
 export function readCurrentSystem(link: string): string | null {
   try {
     return realpathSync(link);
@@ -141,23 +147,53 @@ async function nixEnv(profile: string, args: string[]): Promise<void> {
   if (r.exitCode !== 0) throw new Error(`nix-env -p ${profile} ${args.join(' ')}: ${String(r.stderr).trim() || `exit ${r.exitCode}`}`);
 }
 
+/** The generation numbers of a profile (`system-N-link` beside `system`), ascending. */
+function generations(profile: string): number[] {
+  const prefix = `${basename(profile)}-`;
+  let names: string[];
+  try {
+    names = readdirSync(dirname(profile));
+  } catch {
+    return [];
+  }
+  return names
+    .map((n) => (n.startsWith(prefix) ? /^(\d+)-link$/.exec(n.slice(prefix.length))?.[1] : undefined))
+    .filter((n): n is string => n !== undefined)
+    .map(Number)
+    .sort((a, b) => a - b);
+}
+
 export const profiles = {
+  /** What a commit records before it touches the profile. */
+  snapshot(profile: string): ProfileBefore {
+    return { generation: currentGeneration(profile), path: readCurrentSystem(profile), newest: generations(profile).at(-1) ?? null };
+  },
+
   /** `nix-env -p P --set X`: a new generation, unless X is already the newest one. */
   set: (profile: string, path: string) => nixEnv(profile, ['--set', path]),
 
   /**
-   * Puts the profile back to generation `before` and deletes the generation the commit made.
-   * `before === null` means the profile did not exist: remove what the commit created.
+   * Puts the profile back to what `before` recorded, by the system's path (its generation may be
+   * gone), and deletes the generation the commit made — only one newer than every generation that
+   * existed before, never one the commit merely pointed at.
    */
-  async restore(profile: string, before: number | null): Promise<void> {
+  async restore(profile: string, before: ProfileBefore): Promise<void> {
     const now = currentGeneration(profile);
-    if (now === before) return;
-    if (before === null) {
+    const created = now !== null && now > (before.newest ?? 0) ? now : null;
+    if (before.path === null) {
       rmSync(profile, { force: true });
-      if (now !== null) rmSync(join(dirname(profile), `${basename(profile)}-${now}-link`), { force: true });
-      return;
+    } else if (now !== before.generation || readCurrentSystem(profile) !== before.path) {
+      const same = before.generation !== null && readGeneration(profile, before.generation) === before.path;
+      if (same) await nixEnv(profile, ['--switch-generation', String(before.generation)]);
+      else await nixEnv(profile, ['--set', before.path]);
     }
-    await nixEnv(profile, ['--switch-generation', String(before)]);
-    if (now !== null && now > before) await nixEnv(profile, ['--delete-generations', String(now)]);
+    if (created !== null && currentGeneration(profile) !== created) {
+      if (before.path === null) rmSync(join(dirname(profile), `${basename(profile)}-${created}-link`), { force: true });
+      else await nixEnv(profile, ['--delete-generations', String(created)]);
+    }
   },
 };
+
+function readGeneration(profile: string, n: number): string | null {
+  return readCurrentSystem(`${profile}-${n}-link`);
+}

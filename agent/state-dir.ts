@@ -2,19 +2,17 @@
 // history (history.jsonl, fsynced), GC roots for trial systems, per-run switch output, and the lock
 // that lets one process at a time act on all of it.
 
-import { closeSync, constants, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, constants, fstatSync, fsyncSync, mkdirSync, openSync, readFileSync, readSync, renameSync, unlinkSync, writeSync } from 'node:fs';
 import { readdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { SnapbackError } from '../shared/errors.ts';
+import { SnapbackError, describeIssues } from '../shared/errors.ts';
 import { historyEntrySchema, type HistoryEntry } from '../shared/model.ts';
-import type { State } from './lifecycle.ts';
+import { stateSchema, type State } from './lifecycle.ts';
 
-// The state file is ours, but it is read after crashes and upgrades: check its shape, not every field.
-const stateFileSchema = z.object({
-  version: z.literal(1),
-  state: z.object({ phase: z.enum(['idle', 'preparing', 'activating', 'trial', 'committing', 'reverting']) }).loose(),
-});
+// The state file is ours, but it is read after crashes, full disks and upgrades: a record that does
+// not fit its phase stops the agent (state-corrupt) rather than being acted on.
+const stateFileSchema = z.object({ version: z.literal(1), state: stateSchema });
 
 export class StateDir {
   readonly root: string;
@@ -67,9 +65,13 @@ export class StateDir {
     }
     const result = stateFileSchema.safeParse(parsed);
     if (!result.success) {
-      throw new SnapbackError('state-corrupt', `${this.stateFile} has an unexpected shape: ${result.error.issues[0]?.message ?? 'invalid'}`);
+      const problems = describeIssues(result.error).slice(0, 3).join('; ');
+      throw new SnapbackError(
+        'state-corrupt',
+        `${this.stateFile} does not hold a valid state (${problems}); the agent will not touch the system until an operator inspects it`,
+      );
     }
-    return result.data.state as unknown as State;
+    return result.data.state;
   }
 
   /** temp file, fsync, rename, fsync dir: after a crash the file is the old or the new state, never half. */
@@ -94,12 +96,37 @@ export class StateDir {
       writeDurably(probe, 'ok\n', 'w');
       unlinkSync(probe);
     } catch (err) {
+      try {
+        unlinkSync(probe);
+      } catch {}
       throw new SnapbackError('state-unwritable', `the state directory ${this.root} is not writable: ${(err as Error).message}`);
     }
   }
 
+  writable(): boolean {
+    try {
+      this.probeWritable();
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /**
+   * Appends one line. A line torn by a short write (a full disk) is ended first, so it can never
+   * swallow the entry after it; readHistory skips the torn line.
+   */
   appendHistory(entry: HistoryEntry): void {
-    writeDurably(this.historyFile, JSON.stringify(entry) + '\n', 'a');
+    const fd = openSync(this.historyFile, constants.O_RDWR | constants.O_CREAT | constants.O_APPEND, 0o600);
+    try {
+      const { size } = fstatSync(fd);
+      const last = Buffer.alloc(1);
+      const torn = size > 0 && readSync(fd, last, 0, 1, size - 1) === 1 && last[0] !== 0x0a;
+      writeAll(fd, Buffer.from((torn ? '\n' : '') + JSON.stringify(entry) + '\n'));
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
   }
 
   /** History entries, oldest first; lines that do not parse are skipped, not fatal. */
@@ -186,13 +213,16 @@ function writeDurably(path: string, data: string, flag: 'w' | 'a' | 'x'): void {
   const flags = { w: constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC, a: constants.O_WRONLY | constants.O_CREAT | constants.O_APPEND, x: constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL };
   const fd = openSync(path, flags[flag], 0o600);
   try {
-    const buf = Buffer.from(data);
-    let off = 0;
-    while (off < buf.length) off += writeSync(fd, buf, off);
+    writeAll(fd, Buffer.from(data));
     fsyncSync(fd);
   } finally {
     closeSync(fd);
   }
+}
+
+function writeAll(fd: number, buf: Buffer): void {
+  let off = 0;
+  while (off < buf.length) off += writeSync(fd, buf, off);
 }
 
 function fsyncDir(dir: string): void {

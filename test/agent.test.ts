@@ -543,7 +543,8 @@ function readdirOf(h: ScratchHost, prefix: string): string | undefined {
 function killRun(h: ScratchHost, mode: string): void {
   const runs = join(h.stateDir, 'runs');
   for (const key of execFileSync('ls', [runs], { encoding: 'utf8' }).split('\n').filter((k) => k.startsWith(`${mode}-`))) {
-    const pid = Number(readFileSync(join(runs, key, 'pid'), 'utf8'));
+    const pid = parseInt(readFileSync(join(runs, key, 'pid'), 'utf8').trim(), 10);
+    if (!(pid > 0)) continue;
     try {
       process.kill(-pid, 'SIGKILL');
     } catch {}

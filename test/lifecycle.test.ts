@@ -110,7 +110,7 @@ describe('lifecycle', () => {
     assert.equal(s.deployment?.trial?.unitsFailed, true);
     const c = step(s, { type: 'confirm', id: 'd1', token: 'tok', requireToken: true, by: consoleActor }, at(3000));
     assert.deepEqual(c.effects, [{ kind: 'prepare-commit', id: 'd1', unitsFailed: true }]);
-    const refused = step(c.state, { type: 'commit-ready', id: 'd1', problems: ['failed units: x.service'], profileBefore: 1 }, at(3100));
+    const refused = step(c.state, { type: 'commit-ready', id: 'd1', problems: ['failed units: x.service'], profile: { generation: 1, path: '/nix/store/gen1', newest: 1 } }, at(3100));
     assert.equal(refused.state.phase, 'trial');
     assert.ok(refused.effects.some((e) => e.kind === 'announce' && e.announcement.type === 'confirm-refused'));
     const end = step(refused.state, { type: 'tick' }, at(62_000));
@@ -125,7 +125,7 @@ describe('lifecycle', () => {
     assert.equal(wrongToken.reply?.ok === false && wrongToken.reply.code, 'bad-token');
     const done = run(s, [
       [{ type: 'confirm', id: 'd1', token: 'tok', requireToken: true, by: consoleActor }, at(3000)],
-      [{ type: 'commit-ready', id: 'd1', problems: [], profileBefore: 1 }, at(3100)],
+      [{ type: 'commit-ready', id: 'd1', problems: [], profile: { generation: 1, path: '/nix/store/gen1', newest: 1 } }, at(3100)],
       [{ type: 'commit-finished', id: 'd1', ok: true }, at(3200)],
     ]).state;
     assert.deepEqual(done.last?.outcome, { outcome: 'confirmed' });
@@ -149,7 +149,7 @@ describe('lifecycle', () => {
   it('turns a failed commit into a revert with reason commit-failed', () => {
     const s = run(inTrial(), [
       [{ type: 'confirm', id: 'd1', requireToken: false, by: consoleActor }, at(3000)],
-      [{ type: 'commit-ready', id: 'd1', problems: [], profileBefore: 1 }, at(3100)],
+      [{ type: 'commit-ready', id: 'd1', problems: [], profile: { generation: 1, path: '/nix/store/gen1', newest: 1 } }, at(3100)],
     ]).state;
     assert.equal(s.phase, 'committing');
     const r = step(s, { type: 'commit-finished', id: 'd1', ok: false, error: 'boot exited 1' }, at(3200));
@@ -176,11 +176,11 @@ describe('lifecycle', () => {
   it('on start: finishes or abandons an interrupted commit', () => {
     const s = run(inTrial(), [
       [{ type: 'confirm', id: 'd1', requireToken: false, by: consoleActor }, at(3000)],
-      [{ type: 'commit-ready', id: 'd1', problems: [], profileBefore: 1 }, at(3100)],
+      [{ type: 'commit-ready', id: 'd1', problems: [], profile: { generation: 1, path: '/nix/store/gen1', newest: 1 } }, at(3100)],
     ]).state;
     const r = step(s, { type: 'start', bootId: 'b2', current: PREV }, at(1));
     const commit = r.effects.find((e) => e.kind === 'commit');
-    assert.deepEqual(commit && commit.kind === 'commit' && [commit.resume, commit.reason, commit.profileBefore], [true, 'reboot', 1]);
+    assert.deepEqual(commit && commit.kind === 'commit' && [commit.resume, commit.reason, commit.profile], [true, 'reboot', { generation: 1, path: '/nix/store/gen1', newest: 1 }]);
   });
 
   it('ignores events for other deployments and stale results', () => {
