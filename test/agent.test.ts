@@ -9,7 +9,7 @@ import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, symlinkSync, 
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { haveNix, nix, nixStore, writeFlake } from './helpers/nix.ts';
-import { ScratchHost } from './helpers/host.ts';
+import { ScratchHost, waitFor } from './helpers/host.ts';
 
 const skip = haveNix();
 if (skip) console.warn(`SKIPPED: ${skip}`);
@@ -520,18 +520,6 @@ describe('agent on real Nix', { skip }, () => {
     assert.ok(hist.out.every((e: { id: string }) => e.id === a.out.id));
   });
 });
-
-function waitFor(cond: () => boolean, timeoutMs = 20_000): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const start = Date.now();
-    const tick = () => {
-      if (cond()) return resolve();
-      if (Date.now() - start > timeoutMs) return reject(new Error('condition not met in time'));
-      setTimeout(tick, 20);
-    };
-    tick();
-  });
-}
 
 function readdirOf(h: ScratchHost, prefix: string): string | undefined {
   return execFileSync('ls', [join(h.stateDir, 'runs')], { encoding: 'utf8' })

@@ -2,7 +2,7 @@
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { step, initialState, type Event, type Effect, type State, type Now } from '../agent/lifecycle.ts';
+import { step, initialState, stateSchema, type Event, type Effect, type State, type Now } from '../agent/lifecycle.ts';
 import type { Actor } from '../shared/model.ts';
 
 const consoleActor: Actor = { who: 'console', channel: 'console' };
@@ -194,6 +194,58 @@ describe('lifecycle', () => {
       const r = step(s, e, at(3000));
       assert.equal(r.state, s, e.type);
       assert.equal(r.effects.length, 0);
+    }
+  });
+
+  it('late is late: a confirm or extend after the deadline is refused by its own time, and the revert starts', () => {
+    for (const e of [
+      { type: 'confirm', id: 'd1', token: 'tok', requireToken: true, by: consoleActor },
+      { type: 'extend', id: 'd1', seconds: 300, by: consoleActor },
+    ] as Event[]) {
+      // The trial started at 2000 with a 60 s window: the deadline is 62000, and no tick has come yet.
+      const early = step(inTrial(), e, at(61_999));
+      assert.equal(early.reply?.ok, true, `${e.type} a millisecond before the deadline`);
+      const r = step(inTrial(), e, at(62_000));
+      assert.ok(r.reply && !r.reply.ok, `${e.type} at the deadline is refused`);
+      assert.equal(r.reply.code, 'deployment-finished');
+      assert.match(r.reply.message, /too late/);
+      assert.equal(r.state.phase, 'reverting');
+      assert.deepEqual(r.state.deployment?.revert?.reason, 'timeout');
+      assert.ok(kinds(r.effects).includes('revert'));
+      assert.ok(!kinds(r.effects).includes('prepare-commit') && !kinds(r.effects).includes('arm'));
+    }
+  });
+
+  it('the state file schema accepts every state the lifecycle makes and refuses records that do not fit their phase', () => {
+    const made = [
+      initialState,
+      step(initialState, activate, at(0)).state,
+      run(initialState, [[activate, at(0)], [{ type: 'prepared', id: 'd1', toplevel: X }, at(1)]]).state,
+      inTrial(),
+      run(inTrial(), [
+        [{ type: 'confirm', id: 'd1', requireToken: false, by: consoleActor }, at(3000)],
+        [{ type: 'commit-ready', id: 'd1', problems: [], profile: { generation: 1, path: PREV, newest: 1 } }, at(3100)],
+      ]).state,
+      step(inTrial(), { type: 'rollback', id: 'd1', by: consoleActor, reason: 'requested' }, at(3000)).state,
+      run(inTrial(), [
+        [{ type: 'rollback', id: 'd1', by: consoleActor, reason: 'requested' }, at(3000)],
+        [{ type: 'revert-finished', id: 'd1', result: 'reverted' }, at(3100)],
+      ]).state,
+    ];
+    for (const s of made) assert.ok(stateSchema.safeParse(JSON.parse(JSON.stringify(s))).success, s.phase);
+    const trial = inTrial();
+    const { trial: _, ...withoutTrial } = trial.deployment!;
+    const broken: [unknown, RegExp][] = [
+      [{ phase: 'trial' }, /deployment/],
+      [{ ...trial, deployment: withoutTrial }, /deployment\.trial/],
+      [{ phase: 'idle', deployment: trial.deployment }, /idle/],
+      [{ ...trial, deployment: { ...trial.deployment, trial: { ...trial.deployment!.trial, deadlineMono: 'soon' } } }, /deadlineMono/],
+      [{ phase: 'waiting' }, /phase/],
+    ];
+    for (const [s, why] of broken) {
+      const r = stateSchema.safeParse(s);
+      assert.ok(!r.success, JSON.stringify(s).slice(0, 80));
+      assert.match(JSON.stringify(r.error.issues), why);
     }
   });
 });

@@ -71,9 +71,16 @@ export class ScratchHost {
 
   // ---- the agent process ----------------------------------------------------------------------
 
-  async start(): Promise<void> {
+  /**
+   * Starts `snapback-agent serve`. `failpoints` makes it kill itself at those instants (agent/failpoint.ts);
+   * `wrap` runs it under another program (strace with fault injection).
+   */
+  async start(opts: { failpoints?: string[]; wrap?: string[] } = {}): Promise<void> {
     this.lines = [];
-    const child = spawn(process.execPath, [AGENT_BIN, 'serve', '--config', this.configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const argv = [process.execPath, AGENT_BIN, 'serve', '--config', this.configPath];
+    const [cmd, ...args] = [...(opts.wrap ?? []), ...argv] as [string, ...string[]];
+    const env = { ...process.env, SNAPBACK_FAILPOINTS: (opts.failpoints ?? []).join(',') };
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
     this.agent = child;
     let buf = '';
     child.stdout!.setEncoding('utf8');
@@ -130,9 +137,25 @@ export class ScratchHost {
     return this.lines;
   }
 
+  /** Resolves when the agent process has exited on its own (a fault injected into it). */
+  async exited(timeoutMs = 30_000): Promise<void> {
+    const child = this.agent;
+    if (!child) return;
+    if (child.exitCode === null && child.signalCode === null) {
+      await new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error('the agent did not exit')), timeoutMs);
+        child.once('exit', () => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+    this.agent = undefined;
+  }
+
   async kill9(): Promise<void> {
     const child = this.agent;
-    if (!child || child.exitCode !== null) return;
+    if (!child || child.exitCode !== null || child.signalCode !== null) return;
     const gone = new Promise((r) => child.once('exit', r));
     child.kill('SIGKILL');
     await gone;
@@ -141,7 +164,7 @@ export class ScratchHost {
 
   async stop(): Promise<void> {
     const child = this.agent;
-    if (!child || child.exitCode !== null) return;
+    if (!child || child.exitCode !== null || child.signalCode !== null) return;
     const gone = new Promise((r) => child.once('exit', r));
     child.kill('SIGTERM');
     await gone;
@@ -266,6 +289,19 @@ export class ScratchHost {
     await this.kill9();
     rmSync(this.dir, { recursive: true, force: true });
   }
+}
+
+/** Polls `cond` every 20 ms until it holds. */
+export function waitFor(cond: () => boolean, timeoutMs = 20_000): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const start = Date.now();
+    const tick = () => {
+      if (cond()) return resolve();
+      if (Date.now() - start > timeoutMs) return reject(new Error('condition not met in time'));
+      setTimeout(tick, 20);
+    };
+    tick();
+  });
 }
 
 export interface ControllerOptions {
