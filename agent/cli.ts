@@ -9,16 +9,16 @@ import { DEFAULT_CONFIG_PATH, loadAgentConfig, type AgentConfig } from '../share
 import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
 import { describeOutcome, type HistoryEntry, type Outcome, type Target } from '../shared/model.ts';
 import { VERSION } from '../shared/version.ts';
-import { Agent, statusOf, type Progress, type Result, type Status } from './agent.ts';
+import { Agent, statusOf, type AgentOptions, type Progress, type Result, type Status } from './agent.ts';
 import { readBootId } from './clock.ts';
 import { ControlServer, request, type ControlRequest } from './control.ts';
-import { createLogger } from './log.ts';
+import { createLogger, type Logger } from './log.ts';
 import { readCurrentSystem } from './nix.ts';
 import { StateDir } from './state-dir.ts';
 import { describeStatus, duration } from '../shared/text.ts';
 import { WireServer } from './server.ts';
 import { keyFileSigner } from '../shared/ssh.ts';
-import { createNotifier, ownUnit, unitText } from './systemd.ts';
+import { createNotifier, ownUnit, unitText, type Notifier } from './systemd.ts';
 
 const USAGE = `snapback-agent ${VERSION} — commit-confirmed activation of NixOS systems
 
@@ -135,7 +135,7 @@ async function serve(config: AgentConfig, configPath: string): Promise<number> {
   const reinvoke = [process.execPath, realpathSync(process.argv[1]!), '--config', resolve(configPath)];
   let agent: Agent;
   try {
-    agent = Agent.open(config, log, { reinvoke });
+    agent = await openWhenFree(config, log, notifier, { reinvoke });
   } catch (err) {
     log.fatal({ code: (err as SnapbackError).code }, (err as Error).message);
     notifier.status(`not started: ${(err as Error).message}`);
@@ -187,6 +187,29 @@ async function serve(config: AgentConfig, configPath: string): Promise<number> {
     process.once('SIGTERM', () => stop('SIGTERM'));
     process.once('SIGINT', () => stop('SIGINT'));
   });
+}
+
+/**
+ * Agent.open, waiting while another live process holds the state directory (a fallback revert that
+ * ran while the daemon was down): exiting instead would only have systemd restart us into the same
+ * refusal. Retries until the kernel releases the lock, however long the holder takes.
+ */
+async function openWhenFree(config: AgentConfig, log: Logger, notifier: Notifier, options: AgentOptions): Promise<Agent> {
+  let waited = false;
+  for (;;) {
+    try {
+      const agent = Agent.open(config, log, options);
+      if (waited) log.info(`${config.stateDir} is free; starting`);
+      return agent;
+    } catch (err) {
+      if (!(err instanceof SnapbackError) || err.code !== 'busy') throw err;
+      const pid = err.details?.pid;
+      if (!waited) log.warn({ pid }, `${err.message}; waiting until it lets go`);
+      waited = true;
+      notifier.waiting(`waiting for the state directory, held by ${pid ? `pid ${pid}` : 'another process'}`);
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
 }
 
 /**

@@ -2,7 +2,8 @@
 // history (history.jsonl, fsynced), GC roots for trial systems, per-run switch output, and the lock
 // that lets one process at a time act on all of it.
 
-import { closeSync, constants, fstatSync, fsyncSync, mkdirSync, openSync, readFileSync, readSync, renameSync, unlinkSync, writeSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { closeSync, constants, fstatSync, fsyncSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, renameSync, unlinkSync, writeSync } from 'node:fs';
 import { readdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { z } from 'zod';
@@ -151,37 +152,46 @@ export class StateDir {
 
   /**
    * Makes this process the one that acts on the state directory (the daemon, or a fallback revert
-   * while the daemon is down): `lock` holds `PID BOOT_ID`. A holder that no longer runs, or ran in
-   * another boot, is stale and replaced. Returns the release function.
+   * while the daemon is down): an exclusive flock on `lock`, held by a descriptor kept open for the
+   * life of the process, so the kernel lets go when the holder dies, whatever its pid becomes.
+   * Returns the release function.
    */
   lock(bootId: string): () => void {
     const path = join(this.root, 'lock');
-    const mine = `${process.pid} ${bootId}`;
-    const release = () => {
-      try {
-        if (readFileSync(path, 'utf8').trim() === mine) unlinkSync(path);
-      } catch {}
-    };
-    for (let attempt = 0; attempt < 2; attempt++) {
-      try {
-        writeDurably(path, `${mine}\n`, 'x');
-        return release;
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') {
-          throw new SnapbackError('state-unwritable', `cannot create ${path}: ${(err as Error).message}`);
-        }
-      }
-      let holder = ['', ''];
-      try {
-        holder = readFileSync(path, 'utf8').trim().split(' ');
-      } catch {}
-      const [pid, boot] = holder;
-      if (Number(pid) !== process.pid && boot === bootId && isAgent(Number(pid))) {
-        throw new SnapbackError('busy', `another snapback-agent (pid ${pid}) is acting on ${this.root}`, { pid: Number(pid) });
-      }
-      rmSync(path, { force: true }); // stale: its process is gone, or it was from another boot
+    let fd: number;
+    try {
+      // Node opens with O_CLOEXEC: no child (a switch, a timer) keeps the lock after the agent dies.
+      fd = openSync(path, constants.O_RDWR | constants.O_CREAT, 0o600);
+    } catch (err) {
+      throw new SnapbackError('state-unwritable', `cannot open ${path}: ${(err as Error).message}`);
     }
-    throw new SnapbackError('busy', `cannot take ${path}`);
+    // Node has no flock(2). flock(1) locks the open file description it shares with us as fd 3 and
+    // exits; the lock stays with our descriptor.
+    const r = spawnSync('flock', ['--nonblock', '--exclusive', '--conflict-exit-code', '75', '3'], { stdio: ['ignore', 'ignore', 'pipe', fd] });
+    if (r.status !== 0) {
+      closeSync(fd);
+      if (r.status === 75) {
+        const pid = lockHolder(path);
+        throw new SnapbackError('busy', `another snapback-agent${pid ? ` (pid ${pid})` : ''} is acting on ${this.root}`, pid ? { pid } : {});
+      }
+      const why = r.error?.message ?? (String(r.stderr).trim() || `flock exited ${r.status ?? r.signal}`);
+      throw new SnapbackError('state-unwritable', `cannot lock ${path}: ${why}`);
+    }
+    // For people and the busy message only; the flock alone decides.
+    try {
+      ftruncateSync(fd, 0);
+      writeSync(fd, `${process.pid} ${bootId}\n`, 0);
+    } catch {}
+    let held = true;
+    return () => {
+      // Twice would close whatever descriptor has reused the number since.
+      if (!held) return;
+      held = false;
+      try {
+        ftruncateSync(fd, 0);
+      } catch {}
+      closeSync(fd);
+    };
   }
 
   removeRun(key: string): void {
@@ -201,16 +211,18 @@ export class StateDir {
   }
 }
 
-function isAgent(pid: number): boolean {
+/** The pid the holder wrote, if it has yet: information, not proof. */
+function lockHolder(path: string): number | undefined {
   try {
-    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('snapback-agent');
+    const pid = Number(readFileSync(path, 'utf8').split(' ')[0]);
+    return Number.isInteger(pid) && pid > 0 ? pid : undefined;
   } catch {
-    return false;
+    return undefined;
   }
 }
 
-function writeDurably(path: string, data: string, flag: 'w' | 'a' | 'x'): void {
-  const flags = { w: constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC, a: constants.O_WRONLY | constants.O_CREAT | constants.O_APPEND, x: constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL };
+function writeDurably(path: string, data: string, flag: 'w' | 'a'): void {
+  const flags = { w: constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC, a: constants.O_WRONLY | constants.O_CREAT | constants.O_APPEND };
   const fd = openSync(path, flags[flag], 0o600);
   try {
     writeAll(fd, Buffer.from(data));

@@ -17,9 +17,14 @@ export interface Notifier {
   readonly via: 'sd-notify' | 'systemd-notify' | 'none';
   ready(): void;
   status(text: string): void;
+  /** STATUS=text, and more time before systemd's start timeout gives up on an agent not yet ready. */
+  waiting(text: string): void;
   stopping(): void;
   close(): void;
 }
+
+// Each waiting() buys this much more start time; serve calls it far more often than that.
+const WAIT_EXTENSION_USEC = 10_000_000;
 
 interface SdNotifyAddon {
   sendState(state: string): void;
@@ -32,7 +37,7 @@ interface SdNotifyAddon {
  * and systemd restarts the agent.
  */
 export function createNotifier(log: Logger, env: NodeJS.ProcessEnv = process.env): Notifier {
-  if (!env.NOTIFY_SOCKET) return { via: 'none', ready() {}, status() {}, stopping() {}, close() {} };
+  if (!env.NOTIFY_SOCKET) return { via: 'none', ready() {}, status() {}, waiting() {}, stopping() {}, close() {} };
   let send: (state: string) => void;
   let via: Notifier['via'];
   try {
@@ -65,6 +70,10 @@ export function createNotifier(log: Logger, env: NodeJS.ProcessEnv = process.env
       if (text === lastStatus) return;
       lastStatus = text;
       send(`STATUS=${text.replace(/\n/g, ' ')}`);
+    },
+    waiting(text) {
+      lastStatus = text;
+      send(`STATUS=${text.replace(/\n/g, ' ')}\nEXTEND_TIMEOUT_USEC=${WAIT_EXTENSION_USEC}`);
     },
     stopping: () => send('STOPPING=1'),
     close: () => timer && clearInterval(timer),

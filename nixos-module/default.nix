@@ -72,6 +72,8 @@ in
       # the trial from its state directory. A configuration without the agent leaves it running.
       stopIfChanged = false;
       unitConfig.X-StopOnRemoval = false;
+      # Never give up restarting: a unit failed for good leaves a trial without its agent.
+      unitConfig.StartLimitIntervalSec = 0;
       serviceConfig = {
         Type = "notify";
         NotifyAccess = "all";

@@ -493,15 +493,21 @@ describe('agent on real Nix', { skip }, () => {
     assert.equal(h.switchCalls().length, 2);
   });
 
-  it('a second agent on the same state directory refuses to start', async () => {
+  it('a second agent on the same state directory waits, serving nothing, and takes over when the first stops', async (t) => {
     const h = await host();
-    h.writeConfig({ controlSocket: join(h.dir, 'other.sock') });
+    const otherSocket = join(h.dir, 'other.sock');
+    h.writeConfig({ controlSocket: otherSocket });
     const r = spawn(process.execPath, [join(import.meta.dirname, '..', 'bin', 'snapback-agent.js'), 'serve', '--config', h.configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
+    t.after(() => r.kill('SIGKILL'));
     let out = '';
     r.stdout.on('data', (c) => (out += c));
-    const code = await new Promise((res) => r.on('exit', res));
-    assert.equal(code, 1);
-    assert.match(out, /another snapback-agent \(pid \d+\) is acting on/);
+    await waitFor(() => /another snapback-agent \(pid \d+\) is acting on \S+; waiting until it lets go/.test(out));
+    await new Promise((res) => setTimeout(res, 1500));
+    assert.equal(r.exitCode, null, 'it keeps waiting');
+    assert.equal(existsSync(otherSocket), false, 'and serves nothing meanwhile');
+    await h.stop();
+    await waitFor(() => out.includes('snapback-agent serving'));
+    assert.ok(existsSync(otherSocket));
   });
 
   it('status and history read the state directory when the daemon is down', async () => {

@@ -191,6 +191,37 @@ describe('agent under systemd (test bed)', { skip, timeout: 600_000 }, () => {
     assert.equal(phase(h), 'idle');
   });
 
+  it('systemd never gives up on the agent: while a fallback revert holds the state directory, a started agent waits, then serves', async (t) => {
+    // The revert's switch takes 15 s: the fallback revert holds the lock for longer than systemd's
+    // default start limit window (5 starts in 10 s).
+    const { h, gen1 } = await host(t, 'waits', {}, { beforeLink: 'sleep 15' });
+    const x = h.toplevel('x');
+    const a = h.agent(`activate ${x} --timeout 3`);
+    assert.equal(a.code, 0, JSON.stringify(a.out));
+    h.sh('systemctl mask --runtime snapback-agent && systemctl stop snapback-agent');
+    await h.until(() => h.switchCalls().some(([path, mode]) => path === gen1 && mode === 'test'), 30_000, 'the fallback revert to start');
+    h.sh('systemctl unmask --runtime snapback-agent && systemctl start --no-block snapback-agent');
+    let waiting = '';
+    await h.until(
+      () => {
+        const text = h.show('snapback-agent', ['StatusText']).StatusText ?? '';
+        if (text.startsWith('waiting')) waiting = text;
+        return h.history().some((e) => e.id === a.out.id && e.to === 'idle');
+      },
+      40_000,
+      'the fallback revert to finish',
+    );
+    let unit: Record<string, string> = {};
+    for (let i = 0; i < 100 && unit.ActiveState !== 'active'; i++) {
+      unit = h.show('snapback-agent', ['ActiveState', 'Result']);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(unit.ActiveState, 'active', `the agent's unit is ${unit.ActiveState} (${unit.Result}) once the lock is free`);
+    assert.match(waiting, /^waiting for the state directory, held by pid \d+$/);
+    assert.deepEqual(h.agent('status').out.last.outcome, { outcome: 'reverted', reason: 'fallback-timer' });
+    assert.equal(h.running(), gen1);
+  });
+
   it('the conntrack trap: a firewall that keeps the old connection but drops new ones is reverted, not confirmed', async (t) => {
     const { h, fleet } = await networked(t, 'trap', 7, 'nft delete table inet bad 2>/dev/null; true');
     if (h.try('nft list ruleset').code !== 0) {
