@@ -245,9 +245,10 @@ export class SystemdRunner extends StatusFileRunner {
     const unit = SystemdRunner.unit(key);
     // A unit of the same name from an earlier attempt (a resumed revert) must not block this one.
     await execa('systemctl', ['reset-failed', unit], { reject: false });
-    // No "$" in the property: systemd re-parses transient units on daemon-reload (which a switch
-    // does), and its escaping of "$$" does not survive that. printenv needs none. `1<>` writes in place.
-    const record = `/bin/sh -c '{ printenv SERVICE_RESULT EXIT_CODE EXIT_STATUS; echo end; } 1<> ${p.status}'`;
+    // Nothing but words in the property: systemd re-parses transient units on daemon-reload (which a
+    // switch does), and neither its escaping of "$$" nor a ";" survives that. printenv needs no "$",
+    // and prints the `end` marker from the unit's environment last. `1<>` writes in place.
+    const record = `/bin/sh -c 'printenv SERVICE_RESULT EXIT_CODE EXIT_STATUS SNAPBACK_RECORD_END 1<> ${p.status}'`;
     // Without the log (a full state directory), the output goes to the journal.
     const output = options.discardOutput ? [] : ['-p', `StandardOutput=append:${p.log}`, '-p', `StandardError=append:${p.log}`];
     const r = await execa(
@@ -263,6 +264,7 @@ export class SystemdRunner extends StatusFileRunner {
         '-E', 'PATH',
         '-E', 'LOCALE_ARCHIVE',
         '-E', 'NIXOS_INSTALL_BOOTLOADER',
+        '-p', 'Environment=SNAPBACK_RECORD_END=end',
         ...output,
         '-p', `ExecStopPost=${record}`,
         switchBin,
