@@ -13,9 +13,13 @@ export type SwitchMode = 'test' | 'boot' | 'switch' | 'dry-activate';
 export interface RunResult {
   /** the exit status, or null when the run ended without one (killed, vanished, never started) */
   exit: number | null;
+  /** it ran past `RunOptions.timeoutSec` and was stopped */
+  timedOut?: boolean;
 }
 
 export interface RunOptions {
+  /** stop the run when it takes longer (a hung switch must not keep a deployment from ending) */
+  timeoutSec?: number;
   /** send the switch's output nowhere instead of `output.log` (a full state directory: a write error must not fail a revert) */
   discardOutput?: boolean;
 }
@@ -30,7 +34,7 @@ export interface Runner {
   /** Starts `TOPLEVEL/bin/switch-to-configuration MODE` and resolves when it has ended. */
   run(key: string, toplevel: string, mode: SwitchMode, onLine?: (line: string) => void, options?: RunOptions): Promise<RunResult>;
   /** Waits for a run started by an earlier agent process (exit null if it never started). */
-  resume(key: string, onLine?: (line: string) => void): Promise<RunResult>;
+  resume(key: string, onLine?: (line: string) => void, timeoutSec?: number): Promise<RunResult>;
   /** The recorded result of a run that has ended, or undefined (never ran, or still running). */
   finished(key: string): Promise<RunResult | undefined>;
   /** Whether the run is going on now (started by this agent process or an earlier one). */
@@ -85,15 +89,15 @@ abstract class StatusFileRunner implements Runner {
   async run(key: string, toplevel: string, mode: SwitchMode, onLine?: (line: string) => void, options: RunOptions = {}): Promise<RunResult> {
     // Still running from before a restart of the agent (a revert it resumes): wait for that run
     // rather than start the switch a second time beside it.
-    if (await this.alive(key)) return this.watch(key, onLine);
+    if (await this.alive(key)) return this.watch(key, onLine, options.timeoutSec);
     this.prepare(key);
     if (!(await this.start(key, join(toplevel, 'bin', 'switch-to-configuration'), mode, options))) return { exit: null };
     failpoint(`spawned:${key.replace(/-\d{8}-\d{6}-[0-9a-f]+$/, '')}`);
-    return this.watch(key, onLine);
+    return this.watch(key, onLine, options.timeoutSec);
   }
 
-  resume(key: string, onLine?: (line: string) => void): Promise<RunResult> {
-    return this.watch(key, onLine);
+  resume(key: string, onLine?: (line: string) => void, timeoutSec?: number): Promise<RunResult> {
+    return this.watch(key, onLine, timeoutSec);
   }
 
   async finished(key: string): Promise<RunResult | undefined> {
@@ -103,11 +107,21 @@ abstract class StatusFileRunner implements Runner {
   }
 
   /** Polls the status file (and streams new output lines) until the run has ended. */
-  private async watch(key: string, onLine?: (line: string) => void): Promise<RunResult> {
+  private async watch(key: string, onLine?: (line: string) => void, timeoutSec?: number): Promise<RunResult> {
     const p = this.paths(key);
     const tail = new LogTail(p.log, onLine);
+    const deadline = timeoutSec === undefined ? Infinity : Date.now() + timeoutSec * 1000;
+    let stopping: Promise<void> | undefined;
     for (let i = 0; ; i++) {
       tail.poll();
+      if (!stopping && Date.now() >= deadline) stopping = this.stop(key).catch(() => undefined);
+      if (stopping) {
+        await stopping;
+        if (!(await this.alive(key))) {
+          tail.poll(true);
+          return { exit: null, timedOut: true };
+        }
+      }
       const status = readRecord(p.status);
       // The record is written last, just before the run's process ends: trust it once that process is gone.
       if (status !== undefined && !(await this.alive(key))) {
@@ -281,9 +295,19 @@ export class SystemdRunner extends StatusFileRunner {
     return true;
   }
 
+  /**
+   * Only systemd's own "inactive" or "failed" means the run has ended: a bus that does not answer
+   * (a daemon-reload or re-exec in progress) is asked again, and never taken for an ended run.
+   */
   protected async alive(key: string): Promise<boolean> {
-    const r = await execa('systemctl', ['is-active', SystemdRunner.unit(key)], { reject: false });
-    return ['active', 'activating', 'deactivating', 'reloading'].includes(String(r.stdout).trim());
+    for (let i = 0; i < 10; i++) {
+      const r = await execa('systemctl', ['is-active', SystemdRunner.unit(key)], { reject: false });
+      const state = String(r.stdout).trim();
+      if (state === 'inactive' || state === 'failed') return false;
+      if (['active', 'activating', 'deactivating', 'reloading', 'refreshing'].includes(state)) return true;
+      await sleep(200);
+    }
+    return true;
   }
 
   async stop(key: string): Promise<void> {

@@ -11,7 +11,7 @@ import type { AgentConfig } from '../shared/config.ts';
 import { SnapbackError, type ErrorCode } from '../shared/errors.ts';
 import type { Actor, HistoryEntry, Outcome, Phase, Target } from '../shared/model.ts';
 import { describeTarget } from '../shared/model.ts';
-import { DirectRunner, SystemdRunner, type Runner } from './activation.ts';
+import { DirectRunner, SystemdRunner, type RunResult, type Runner } from './activation.ts';
 import { FallbackTimer, systemdRunning } from './systemd.ts';
 import { now, readBootId } from './clock.ts';
 import { healthProblems } from './health.ts';
@@ -115,7 +115,14 @@ export class Agent {
   private recoverOutcome(): void {
     const last = this.state.last;
     if (!last) return;
-    const mine = this.dir.readHistory().filter((e) => e.id === last.id);
+    let mine: HistoryEntry[];
+    try {
+      mine = this.dir.readHistory().filter((e) => e.id === last.id);
+    } catch (err) {
+      // An unreadable history must never keep the agent (or a fallback revert) from starting.
+      this.log.error({ err: (err as Error).message }, 'cannot read the history; not checking it for the last outcome');
+      return;
+    }
     if (mine.some((e) => e.outcome)) return;
     this.log.warn({ deployment: last.id }, 'the history lacks the last outcome; appending it from state.json');
     this.unrecorded.push({
@@ -184,7 +191,7 @@ export class Agent {
         if (event.type === 'activate' || event.type === 'confirm' || event.type === 'extend') {
           return { ok: false, code: 'state-unwritable', message: `${unsaved}; nothing was changed` };
         }
-        if (movesForward(result.effects)) {
+        if (movesForward(result.effects) || result.state.phase === 'trial' && this.state.phase !== 'trial') {
           const instead = insteadOf(event, unsaved);
           if (!instead) {
             this.log.error({ event: event.type, err: unsaved }, 'cannot save the state; not acting on it');
@@ -407,7 +414,9 @@ export class Agent {
     await this.switchLockFree(e.id);
     const current = readCurrentSystem(currentSystem);
     if (current !== e.toplevel) {
-      if (!e.resume) return { type: 'commit-finished', id: e.id, ok: false, error: 'the trial system is no longer running', conflict: current };
+      if (!e.resume || current !== e.previous) {
+        return { type: 'commit-finished', id: e.id, ok: false, error: 'the trial system is no longer running', conflict: current };
+      }
       // Rebooted (or switched) mid-commit: the previous system runs, so its generation is the default again.
       const unrestored = await this.restoreProfile(e, onLine);
       const error = 'the trial system was not running when the agent came back; the profile was restored';
@@ -415,7 +424,7 @@ export class Agent {
     }
     try {
       await profiles.set(profile, e.toplevel);
-      const { exit } = await this.runner.run(`boot-${e.id}`, e.toplevel, 'boot', onLine);
+      const { exit } = await this.runner.run(`boot-${e.id}`, e.toplevel, 'boot', onLine, this.runLimit());
       if (exit !== 0) throw new Error(`switch-to-configuration boot exited ${exit ?? 'without a status'}`);
       return { type: 'commit-finished', id: e.id, ok: true };
     } catch (err) {
@@ -429,10 +438,10 @@ export class Agent {
   /** Puts the profile back and runs the restored system's `boot`, so the boot default matches it; why not, or undefined. */
   private async restoreProfile(e: Extract<Effect, { kind: 'commit' }>, onLine: (line: string) => void): Promise<string | undefined> {
     try {
-      await profiles.restore(this.config.system.profile, e.profile);
+      await profiles.restore(this.config.system.profile, e.profile, e.toplevel);
       if (e.profile.path === null) return undefined;
       // The failed or interrupted `boot` may have written the bootloader already.
-      const { exit } = await this.runner.run(`boot-restore-${e.id}`, e.profile.path, 'boot', onLine);
+      const { exit } = await this.runner.run(`boot-restore-${e.id}`, e.profile.path, 'boot', onLine, this.runLimit());
       return exit === 0 ? undefined : `switch-to-configuration boot of the restored ${e.profile.path} exited ${exit ?? 'without a status'}`;
     } catch (err) {
       this.log.error({ deployment: e.id, err: (err as Error).message }, 'restoring the profile failed');
@@ -448,9 +457,11 @@ export class Agent {
   private async revert(e: Extract<Effect, { kind: 'revert' }>): Promise<Event> {
     const key = `revert-${e.id}`;
     const onLine = (line: string) => this.emit({ type: 'output', id: e.id, line });
+    // Running first, then finished: a run that ends between the two checks is read, not started again.
+    const limit = this.runLimit();
+    if (await this.runner.running(key)) return this.reverted(e, await this.runner.resume(key, onLine, limit.timeoutSec));
     const earlier = await this.runner.finished(key);
-    if (earlier) return this.reverted(e, earlier.exit);
-    if (await this.runner.running(key)) return this.reverted(e, (await this.runner.resume(key, onLine)).exit);
+    if (earlier) return this.reverted(e, earlier);
     await this.switchLockFree(e.id);
     const current = readCurrentSystem(this.config.system.currentSystem);
     const ours = current === e.toplevel || (e.force && current === e.previous);
@@ -460,11 +471,18 @@ export class Agent {
     }
     // On a full state directory the switch's output would meet write errors: send it elsewhere.
     const discardOutput = !this.dir.writable();
-    const { exit } = await this.runner.run(key, e.previous, 'test', onLine, { discardOutput });
-    return this.reverted(e, exit);
+    return this.reverted(e, await this.runner.run(key, e.previous, 'test', onLine, { discardOutput, ...limit }));
   }
 
-  private reverted(e: Extract<Effect, { kind: 'revert' }>, exit: number | null): Event {
+  /** Every switch the agent waits for has a limit: the one for activation. */
+  private runLimit(): { timeoutSec: number } {
+    return { timeoutSec: this.config.confirm.activationTimeoutSec };
+  }
+
+  private reverted(e: Extract<Effect, { kind: 'revert' }>, { exit, timedOut }: RunResult): Event {
+    if (timedOut) {
+      return { type: 'revert-finished', id: e.id, result: 'failed', error: `${e.previous}/bin/switch-to-configuration test did not finish within confirm.activationTimeoutSec and was stopped` };
+    }
     if (exit === 0 || exit === 4) {
       if (exit === 4) this.log.warn({ deployment: e.id }, 'reverted, but some units of the previous system failed to start');
       return { type: 'revert-finished', id: e.id, result: 'reverted' };
@@ -690,6 +708,8 @@ function insteadOf(event: Event, why: string): Event | undefined {
   const message = `${why}; not going ahead`;
   if (event.type === 'prepared') return { type: 'prepare-failed', id: event.id, code: 'state-unwritable', message };
   if (event.type === 'commit-ready') return { type: 'confirm-aborted', id: event.id, code: 'state-unwritable', message };
+  // A trial that is not on disk would come back after a restart with a new deadline: revert instead.
+  if (event.type === 'activation-finished') return { ...event, unsaved: why };
   return undefined;
 }
 

@@ -132,7 +132,15 @@ export type Event =
     }
   | { type: 'prepared'; id: string; toplevel: string }
   | { type: 'prepare-failed'; id: string; code: ErrorCode; message: string }
-  | { type: 'activation-finished'; id: string; exit: number | null; timedOut: boolean; token: string }
+  | {
+      type: 'activation-finished';
+      id: string;
+      exit: number | null;
+      timedOut: boolean;
+      token: string;
+      /** the trial could not be saved: it must not run on state that is not on disk */
+      unsaved?: string;
+    }
   | { type: 'tick' }
   | { type: 'confirm'; id?: string; token?: string; requireToken: boolean; by: Actor }
   | { type: 'commit-ready'; id: string; problems: string[]; profile: ProfileBefore }
@@ -172,7 +180,7 @@ export type Effect =
   | { kind: 'stop-activation'; id: string }
   | { kind: 'arm'; atMono: number }
   | { kind: 'prepare-commit'; id: string; unitsFailed: boolean }
-  | { kind: 'commit'; id: string; toplevel: string; profile: ProfileBefore; resume: boolean; reason: RevertReason }
+  | { kind: 'commit'; id: string; toplevel: string; previous: string; profile: ProfileBefore; resume: boolean; reason: RevertReason }
   | { kind: 'revert'; id: string; previous: string; toplevel?: string; force: boolean }
   | { kind: 'release'; id: string }
   /** (re-)arm the independent fallback timer for the deadline, or cancel it (systemd only) */
@@ -377,9 +385,11 @@ export function step(state: State, event: Event, now: Now): Step {
     case 'activation-finished': {
       if (state.phase !== 'activating' || !d || d.id !== event.id) return { state, effects: [] };
       const requested = d.activation?.revertRequested;
-      const ok = !event.timedOut && (event.exit === 0 || event.exit === 4);
+      const ok = !event.timedOut && (event.exit === 0 || event.exit === 4) && !event.unsaved;
       if (!ok) {
-        const detail = event.timedOut
+        const detail = event.unsaved
+          ? `the trial could not be saved: ${event.unsaved}`
+          : event.timedOut
           ? 'switch-to-configuration did not finish within confirm.activationTimeoutSec'
           : `switch-to-configuration test exited ${event.exit ?? 'without a status'}`;
         return startRevert(state, d, 'activation-failed', AGENT, 'activation-failed', true, detail);
@@ -486,7 +496,7 @@ export function step(state: State, event: Event, now: Now): Step {
       const moved = move(state, next, 'committing', 'confirm', by);
       return {
         state: moved.state,
-        effects: [...moved.effects, { kind: 'commit', id: d.id, toplevel: d.toplevel!, profile: event.profile, resume: false, reason: 'commit-failed' }],
+        effects: [...moved.effects, { kind: 'commit', id: d.id, toplevel: d.toplevel!, previous: d.previous, profile: event.profile, resume: false, reason: 'commit-failed' }],
       };
     }
 
@@ -505,7 +515,7 @@ export function step(state: State, event: Event, now: Now): Step {
     case 'commit-finished': {
       if (state.phase !== 'committing' || !d?.commit || d.id !== event.id) return { state, effects: [] };
       if (event.ok) return finish(state, d, { outcome: 'confirmed' }, 'committed', d.commit.by, now);
-      if (event.conflict !== undefined) return finish(state, d, conflict(event.conflict, 'not committed'), 'commit-conflict', d.commit.by, now);
+      if (event.conflict !== undefined) return finish(state, d, conflict(event.conflict, 'left alone'), 'commit-conflict', d.commit.by, now);
       if (event.abandoned) {
         const outcome: Outcome = event.unrestored
           ? { outcome: 'stuck', reason: `the interrupted commit could not be undone: ${event.unrestored}` }
@@ -607,7 +617,7 @@ function resume(state: State, event: Extract<Event, { type: 'start' }>, now: Now
       state,
       effects: [
         { kind: 'log', level: 'warn', msg: `finishing the interrupted commit of ${d.id}` },
-        { kind: 'commit', id: d.id, toplevel: d.toplevel!, profile, resume: true, reason: rebooted ? 'reboot' : 'commit-failed' },
+        { kind: 'commit', id: d.id, toplevel: d.toplevel!, previous: d.previous, profile, resume: true, reason: rebooted ? 'reboot' : 'commit-failed' },
       ],
     };
   }

@@ -174,23 +174,26 @@ export const profiles = {
 
   /**
    * Puts the profile back to what `before` recorded, by the system's path (its generation may be
-   * gone), and deletes the generation the commit made — only one newer than every generation that
-   * existed before, never one the commit merely pointed at.
+   * gone), and deletes what the commit created: generations newer than every one before it that
+   * point at `toplevel` — never one it merely pointed the profile at, never somebody else's. A profile
+   * somebody else moved meanwhile is left alone (throws).
    */
-  async restore(profile: string, before: ProfileBefore): Promise<void> {
-    const now = currentGeneration(profile);
-    const created = now !== null && now > (before.newest ?? 0) ? now : null;
-    if (before.path === null) {
-      rmSync(profile, { force: true });
-    } else if (now !== before.generation || readCurrentSystem(profile) !== before.path) {
-      const same = before.generation !== null && readGeneration(profile, before.generation) === before.path;
-      if (same) await nixEnv(profile, ['--switch-generation', String(before.generation)]);
-      else await nixEnv(profile, ['--set', before.path]);
+  async restore(profile: string, before: ProfileBefore, toplevel: string): Promise<void> {
+    const points = readCurrentSystem(profile);
+    if (points !== toplevel && points !== before.path) {
+      throw new Error(`the profile was moved to ${points ?? 'nothing'} by somebody else meanwhile; left alone`);
     }
-    if (created !== null && currentGeneration(profile) !== created) {
-      if (before.path === null) rmSync(join(dirname(profile), `${basename(profile)}-${created}-link`), { force: true });
-      else await nixEnv(profile, ['--delete-generations', String(created)]);
+    if (points === toplevel) {
+      if (before.path === null) rmSync(profile, { force: true });
+      else if (before.generation !== null && readGeneration(profile, before.generation) === before.path) {
+        await nixEnv(profile, ['--switch-generation', String(before.generation)]);
+      } else await nixEnv(profile, ['--set', before.path]);
     }
+    const current = currentGeneration(profile);
+    const created = generations(profile).filter((n) => n > (before.newest ?? 0) && n !== current && readGeneration(profile, n) === toplevel);
+    if (created.length === 0) return;
+    if (before.path === null) for (const n of created) rmSync(`${profile}-${n}-link`, { force: true });
+    else await nixEnv(profile, ['--delete-generations', ...created.map(String)]);
   },
 };
 

@@ -284,6 +284,75 @@ describe('the agent never wedges and never lies', { skip }, () => {
     assert.equal(recovered.event, 'recovered');
   });
 
+  it('an interrupted commit the operator overtook (their own generation and system): their generation, profile and system are left alone', async () => {
+    const h = newHost();
+    await h.start();
+    const x = h.toplevel('x', { boot: 'exec sleep 600' });
+    const a = await h.cli(['activate', x, '--timeout', '60']);
+    const confirm = h.cli(['confirm']);
+    await waitFor(() => h.switchCalls().some(([, m]) => m === 'boot'));
+    killRun(h, 'boot', a.out.id);
+    await h.kill9();
+    await confirm;
+    // While no agent runs, the operator does `nixos-rebuild switch` of their own system.
+    const y = h.toplevel('y');
+    execFileSync('nix-env', ['-p', h.profile, '--set', y], { stdio: 'ignore' });
+    rmSync(h.current);
+    symlinkSync(y, h.current);
+    await h.start();
+    const end = await h.waitOutcome(a.out.id);
+    assert.match(end.msg, /stuck: conflict/);
+    assert.equal(h.bootDefault(), y, "the operator's profile stands");
+    assert.ok(h.generations().includes(3), "the operator's generation stands");
+    assert.equal(h.running(), y);
+    assert.ok(!h.switchCalls().some(([p, m]) => p === h.gen1 && m === 'boot'), 'no restored boot default over theirs');
+  });
+
+  it('a revert that hangs is stopped after confirm.activationTimeoutSec and ends stuck: the agent takes the next deployment', { timeout: 60_000 }, async () => {
+    const h = new ScratchHost('faults', { confirm: { defaultTimeoutSec: 30, minTimeoutSec: 1, maxTimeoutSec: 600, activationTimeoutSec: 2 } });
+    hosts.push(h);
+    const hang = join(h.dir, 'hang');
+    h.install({ beforeLink: `if [ -e ${hang} ]; then exec sleep 600; fi` });
+    await h.start();
+    await h.cli(['activate', h.toplevel('x'), '--timeout', '60']);
+    writeFileSync(hang, '');
+    const r = await h.cli(['rollback']);
+    assert.equal(r.out.outcome.outcome, 'stuck');
+    assert.match(r.out.outcome.reason, /did not finish within confirm\.activationTimeoutSec/);
+    unlinkSync(hang);
+    assert.equal((await h.cli(['activate', h.toplevel('y'), '--timeout', '60'])).code, 0, 'not wedged');
+  });
+
+  it('an unreadable history keeps neither the daemon nor the revert from starting', async () => {
+    const h = newHost();
+    await h.start();
+    await h.cli(['activate', h.toplevel('x'), '--timeout', '60']);
+    await h.cli(['rollback']);
+    const a = await h.cli(['activate', h.toplevel('y'), '--timeout', '2']);
+    await h.kill9();
+    const history = join(h.stateDir, 'history.jsonl');
+    rmSync(history);
+    mkdirSync(history);
+    await h.start();
+    const end = await h.waitOutcome(a.out.id);
+    assert.match(end.msg, /reverted: timeout/);
+    assert.equal(h.running(), h.gen1);
+  });
+
+  it('a disk that fills up during the switch: the trial, which cannot be saved, is reverted at once', async (t) => {
+    const h = newHost();
+    if (!smallDisk(t, h.stateDir)) return;
+    await h.start();
+    const x = h.toplevel('x', { afterLink: `cat /dev/zero > ${join(h.stateDir, 'filler')} 2>/dev/null; exit 0` });
+    const a = await h.cli(['activate', x, '--timeout', '60']);
+    assert.equal(a.code, 1);
+    assert.equal(a.out.outcome.reason, 'activation-failed');
+    assert.equal(h.running(), h.gen1);
+    unlinkSync(join(h.stateDir, 'filler'));
+    await waitFor(() => h.history().some((e) => e.event === 'activation-failed'), 10_000);
+    assert.match(h.history().find((e) => e.event === 'activation-failed').detail, /the trial could not be saved/);
+  });
+
   it('a history line torn by a short write on a full disk never swallows the next entry', (t) => {
     const dir = mkdtempSync(join(tmpdir(), 'snapback-torn-'));
     if (!smallDisk(t, dir, '64k')) return;
