@@ -68,6 +68,20 @@ function killRun(h: ScratchHost, kind: string, id: string): void {
   if (pid > 0) process.kill(-pid, 'SIGKILL');
 }
 
+/** A confirmed trial whose `boot` was running when the agent and the switch died (power loss mid-commit). */
+async function commitInterruptedMidBoot(): Promise<{ h: ScratchHost; a: { out: { id: string } } }> {
+  const h = newHost();
+  await h.start();
+  const x = h.toplevel('x', { boot: 'exec sleep 600' });
+  const a = await h.cli(['activate', x, '--timeout', '60']);
+  const confirm = h.cli(['confirm']);
+  await waitFor(() => h.switchCalls().some(([, m]) => m === 'boot'));
+  killRun(h, 'boot', a.out.id);
+  await h.kill9();
+  await confirm;
+  return { h, a };
+}
+
 describe('the agent never wedges and never lies', { skip }, () => {
   it('killed right after spawning the switch: the restarted agent finds that switch and waits for it, and starts no revert beside it', async () => {
     const h = newHost();
@@ -131,15 +145,7 @@ describe('the agent never wedges and never lies', { skip }, () => {
   });
 
   it('an interrupted commit whose old generation was collected meanwhile: the profile is restored by path, the outcome recorded', { timeout: 60_000 }, async () => {
-    const h = newHost();
-    await h.start();
-    const x = h.toplevel('x', { boot: 'exec sleep 600' });
-    const a = await h.cli(['activate', x, '--timeout', '60']);
-    const confirm = h.cli(['confirm']);
-    await waitFor(() => h.switchCalls().some(([, m]) => m === 'boot'));
-    killRun(h, 'boot', a.out.id);
-    await h.kill9();
-    await confirm;
+    const { h, a } = await commitInterruptedMidBoot();
     // nix-collect-garbage -d while nobody watched: generation 1 is an old generation now.
     execFileSync('nix-env', ['-p', h.profile, '--delete-generations', '1'], { stdio: 'ignore' });
     // The bootloader never learned about X: the machine comes back on the previous system.
@@ -170,7 +176,7 @@ describe('the agent never wedges and never lies', { skip }, () => {
     assert.equal((await h.cli(['status'])).out.phase, 'idle');
   });
 
-  it("a revert waits for an operator's own switch holding NixOS's switch lock, then leaves that system alone", async () => {
+  it("a revert waits for an operator's own switch holding NixOS's switch lock, then leaves that system alone", async (t) => {
     const h = newHost();
     const lock = join(h.dir, 'stc.lock');
     const release = join(h.dir, 'release');
@@ -179,7 +185,7 @@ describe('the agent never wedges and never lies', { skip }, () => {
     const a = await h.cli(['activate', h.toplevel('x'), '--timeout', '2']);
     // `nixos-rebuild test` of another system, holding the lock as switch-to-configuration does.
     const operator = spawn('flock', [lock, 'sh', '-c', `while [ ! -e ${release} ]; do sleep 0.05; done; ln -sfn ${other} ${h.current}`], { stdio: 'ignore' });
-    t_after(() => operator.kill('SIGKILL'));
+    t.after(() => operator.kill('SIGKILL'));
     await waitFor(() => existsSync(lock));
     await h.waitLog((l) => l.msg.includes('holds the switch lock'));
     writeFileSync(release, '');
@@ -285,15 +291,7 @@ describe('the agent never wedges and never lies', { skip }, () => {
   });
 
   it('an interrupted commit the operator overtook (their own generation and system): their generation, profile and system are left alone', async () => {
-    const h = newHost();
-    await h.start();
-    const x = h.toplevel('x', { boot: 'exec sleep 600' });
-    const a = await h.cli(['activate', x, '--timeout', '60']);
-    const confirm = h.cli(['confirm']);
-    await waitFor(() => h.switchCalls().some(([, m]) => m === 'boot'));
-    killRun(h, 'boot', a.out.id);
-    await h.kill9();
-    await confirm;
+    const { h, a } = await commitInterruptedMidBoot();
     // While no agent runs, the operator does `nixos-rebuild switch` of their own system.
     const y = h.toplevel('y');
     execFileSync('nix-env', ['-p', h.profile, '--set', y], { stdio: 'ignore' });
@@ -392,12 +390,4 @@ describe('the agent never wedges and never lies', { skip }, () => {
     }
     assert.equal(h.switchCalls().length, 0);
   });
-});
-
-const cleanups: (() => void)[] = [];
-function t_after(fn: () => void): void {
-  cleanups.push(fn);
-}
-after(() => {
-  for (const fn of cleanups) fn();
 });
