@@ -1,13 +1,15 @@
 // The agent's WebSocket server (DESIGN §4): subprotocol snapback.v1, SSH-key mutual authentication,
-// signed state-changing commands, and the confirm token only for connections accepted after the
-// trial's activation finished. Nothing is trusted before `hello` verifies.
+// signed state-changing commands, MAC-sealed answers, and the confirm token only for connections
+// accepted after the trial's activation finished. Nothing is trusted before `hello` verifies, and no
+// unauthenticated client can hold more than its share of the agent.
 
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { createServer as createHttpServer, type IncomingMessage, type Server } from 'node:http';
-import { createServer as createHttpsServer } from 'node:https';
-import type { AddressInfo, Socket } from 'node:net';
+import { createServer as createHttpServer, type IncomingMessage, type Server as HttpServer } from 'node:http';
+import { createServer as createTcpServer, type AddressInfo, type Server as TcpServer, type Socket } from 'node:net';
+import { TLSSocket, createSecureContext, type SecureContext } from 'node:tls';
 import { WebSocketServer, type WebSocket } from 'ws';
+import { KeyExchange, seal } from '../shared/channel.ts';
 import type { AgentConfig } from '../shared/config.ts';
 import { describeIssues, retryable, type ErrorCode } from '../shared/errors.ts';
 import type { Actor } from '../shared/model.ts';
@@ -19,6 +21,7 @@ import {
   commandPayload,
   transcript,
   type ClientMessage,
+  type Handshake,
   type ServerMessage,
   type SignedCommand,
 } from '../shared/protocol.ts';
@@ -28,48 +31,76 @@ import type { Agent, Progress, Result } from './agent.ts';
 import { now } from './clock.ts';
 import type { Logger } from './log.ts';
 
-/** Unauthenticated connections get this long to complete the handshake. */
-const HANDSHAKE_MS = 10_000;
-/** At most this many connections may be in the handshake at once. */
-const MAX_PENDING = 64;
 /** Token bucket per connection: burst and refill per second. */
 const BURST = 20;
 const REFILL_PER_SEC = 10;
+/** A connection we close gets this long to answer the close frame before its socket is destroyed. */
+const CLOSE_GRACE_MS = 1000;
+/** Refused connections are logged at most this often (a flood must not flood the journal). */
+const REFUSAL_LOG_MS = 10_000;
+
+/** One accepted TCP connection, from the accept on: freshness and the limits are counted from here. */
+interface Conn {
+  raw: Socket;
+  /** the peer address; IPv4-mapped IPv6 written as IPv4 */
+  address: string;
+  /** what the per-source limit counts: the address, or its /64 for IPv6 */
+  source: string;
+  acceptedMono: number;
+  authenticated: boolean;
+  timer: NodeJS.Timeout;
+}
 
 interface Session {
   ws: WebSocket;
-  acceptedMono: number;
+  conn: Conn;
   agentNonce: string;
+  kex: KeyExchange;
   peer: string;
   tokens: number;
   refilledAt: number;
-  auth?: { key: PublicKey; who: string; controllerNonce: string; lastSeq: number };
+  auth?: { key: PublicKey; who: string; controllerNonce: string; lastSeq: number; macKey: Buffer; ctr: number };
 }
 
 export class WireServer {
-  private readonly http: Server;
+  private readonly tcp: TcpServer;
+  private readonly http: HttpServer;
   private readonly wss: WebSocketServer;
   private readonly authorized: PublicKey[];
-  private pending = 0;
   private readonly agent: Agent;
   private readonly log: Logger;
   private readonly host: Signer;
+  private readonly hostKeyLine: string;
+  private readonly limits: AgentConfig['listen'];
+  private readonly tls: SecureContext | undefined;
+  /** keyed by the socket HTTP sees (the TLS wrapper on wss://) */
+  private readonly conns = new Map<Socket, Conn>();
+  private pending = 0;
+  private readonly pendingBySource = new Map<string, number>();
+  private refused = { count: 0, loggedMono: -Infinity };
 
   private constructor(config: AgentConfig, agent: Agent, log: Logger, host: Signer, authorized: PublicKey[]) {
     this.agent = agent;
     this.log = log;
     this.host = host;
+    this.hostKeyLine = formatPublicKey({ ...host.publicKey, comment: '' });
     this.authorized = authorized;
+    this.limits = config.listen;
     const tls = config.listen.tls;
-    this.http = tls
-      ? createHttpsServer({ cert: readFileSync(tls.cert), key: readFileSync(tls.key) })
-      : createHttpServer();
-    this.http.headersTimeout = HANDSHAKE_MS;
-    this.http.requestTimeout = HANDSHAKE_MS;
+    this.tls = tls ? createSecureContext({ cert: readFileSync(tls.cert), key: readFileSync(tls.key) }) : undefined;
+    // We accept TCP ourselves and hand the socket to HTTP, so that every limit and the freshness of
+    // a connection count from the accept, not from a request or an upgrade that may come much later.
+    this.tcp = createTcpServer((raw) => this.accepted(raw));
+    // Accepting fails with EMFILE and the like when descriptors run out: log it, never die of it.
+    this.tcp.on('error', (err) => this.log.error({ err: err.message }, 'accepting a connection failed'));
+    this.http = createHttpServer();
     this.http.on('request', (_req, res) => {
-      res.writeHead(426, { 'content-type': 'text/plain' }).end(`snapback agent: use a WebSocket with subprotocol ${SUBPROTOCOL}\n`);
+      res.shouldKeepAlive = false;
+      res.writeHead(426, { 'content-type': 'text/plain', connection: 'close' }).end(`snapback agent: use a WebSocket with subprotocol ${SUBPROTOCOL}\n`);
     });
+    this.http.on('clientError', (_err, socket) => socket.destroy());
     this.wss = new WebSocketServer({ noServer: true, perMessageDeflate: false, maxPayload: MAX_PAYLOAD, clientTracking: true });
+    this.wss.on('error', (err) => this.log.error({ err: err.message }, 'WebSocket server error'));
     this.http.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => this.upgrade(req, socket, head));
   }
 
@@ -90,71 +121,134 @@ export class WireServer {
   static async listen(config: AgentConfig, agent: Agent, log: Logger, host: Signer): Promise<WireServer> {
     const server = new WireServer(config, agent, log, host, WireServer.authorizedKeys(config.authorizedKeys, log));
     await new Promise<void>((resolve, reject) => {
-      server.http.once('error', reject);
-      server.http.listen(config.listen.port, config.listen.host, () => resolve());
+      const failed = (err: Error) => reject(err);
+      server.tcp.once('error', failed);
+      server.tcp.listen(config.listen.port, config.listen.host, () => {
+        server.tcp.off('error', failed);
+        resolve();
+      });
     });
     return server;
   }
 
   address(): AddressInfo {
-    return this.http.address() as AddressInfo;
+    return this.tcp.address() as AddressInfo;
+  }
+
+  /** Connections now: `pending` have not authenticated yet. */
+  connections(): { total: number; pending: number } {
+    return { total: this.conns.size, pending: this.pending };
   }
 
   async close(): Promise<void> {
     for (const ws of this.wss.clients) ws.terminate();
     this.wss.close();
-    await new Promise<void>((resolve) => this.http.close(() => resolve()));
+    const closed = new Promise<void>((resolve) => this.tcp.close(() => resolve()));
+    for (const c of this.conns.values()) c.raw.destroy();
+    await closed;
+  }
+
+  private accepted(raw: Socket): void {
+    raw.on('error', () => raw.destroy());
+    const address = plainAddress(raw.remoteAddress ?? '');
+    const source = sourceOf(address);
+    const { maxConnections, maxPending, maxPendingPerAddress } = this.limits;
+    const refusal =
+      this.conns.size >= maxConnections
+        ? `${maxConnections} connections are open (listen.maxConnections)`
+        : this.pending >= maxPending
+          ? `${maxPending} connections are waiting to authenticate (listen.maxPending)`
+          : (this.pendingBySource.get(source) ?? 0) >= maxPendingPerAddress
+            ? `${maxPendingPerAddress} connections from ${source} are waiting to authenticate (listen.maxPendingPerAddress)`
+            : undefined;
+    if (refusal) {
+      raw.destroy();
+      this.refused.count++;
+      const t = now().mono;
+      if (t - this.refused.loggedMono >= REFUSAL_LOG_MS) {
+        this.log.warn({ peer: address, refused: this.refused.count }, `refusing new connections: ${refusal}`);
+        this.refused = { count: 0, loggedMono: t };
+      }
+      return;
+    }
+    const sock = this.tls ? new TLSSocket(raw, { isServer: true, secureContext: this.tls }) : raw;
+    const conn: Conn = {
+      raw,
+      address,
+      source,
+      acceptedMono: now().mono,
+      authenticated: false,
+      // Destroyed, not closed: a peer that never answers a close frame must not keep its socket.
+      timer: setTimeout(() => raw.destroy(), this.limits.handshakeTimeoutSec * 1000),
+    };
+    this.conns.set(sock, conn);
+    this.pending++;
+    this.pendingBySource.set(source, (this.pendingBySource.get(source) ?? 0) + 1);
+    raw.once('close', () => {
+      clearTimeout(conn.timer);
+      this.conns.delete(sock);
+      if (!conn.authenticated) this.unpend(conn);
+    });
+    if (sock instanceof TLSSocket) {
+      sock.on('error', () => raw.destroy());
+      sock.once('secure', () => this.http.emit('connection', sock));
+    } else {
+      this.http.emit('connection', sock);
+    }
+  }
+
+  private unpend(conn: Conn): void {
+    this.pending--;
+    const n = (this.pendingBySource.get(conn.source) ?? 1) - 1;
+    if (n > 0) this.pendingBySource.set(conn.source, n);
+    else this.pendingBySource.delete(conn.source);
+  }
+
+  private authenticated(conn: Conn): void {
+    if (conn.authenticated) return;
+    conn.authenticated = true;
+    clearTimeout(conn.timer);
+    this.unpend(conn);
   }
 
   private upgrade(req: IncomingMessage, socket: Socket, head: Buffer): void {
+    const conn = this.conns.get(socket);
     const offered = String(req.headers['sec-websocket-protocol'] ?? '')
       .split(',')
       .map((p) => p.trim());
     const reject = (status: string) => {
       socket.end(`HTTP/1.1 ${status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`);
-      socket.destroy();
+      socket.destroySoon();
     };
+    if (!conn) {
+      socket.destroy();
+      return;
+    }
     if (!offered.includes(SUBPROTOCOL)) return reject('400 Bad Request');
-    if (this.pending >= MAX_PENDING) return reject('503 Service Unavailable');
-    this.wss.handleUpgrade(req, socket, head, (ws) => this.accept(ws, req));
+    this.wss.handleUpgrade(req, socket, head, (ws) => this.accept(ws, conn));
   }
 
-  private accept(ws: WebSocket, req: IncomingMessage): void {
+  private accept(ws: WebSocket, conn: Conn): void {
     const t = now().mono;
     const s: Session = {
       ws,
-      acceptedMono: t,
+      conn,
       agentNonce: randomBytes(32).toString('base64url'),
-      peer: `${req.socket.remoteAddress}:${req.socket.remotePort}`,
+      kex: new KeyExchange(),
+      peer: `${conn.address}:${conn.raw.remotePort}`,
       tokens: BURST,
       refilledAt: t,
     };
-    this.pending++;
-    let counted = true;
-    const settle = () => {
-      if (counted) this.pending--;
-      counted = false;
-    };
-    const timer = setTimeout(() => {
-      if (!s.auth) this.fail(s, 'unauthorized', 'authentication did not complete in time', true);
-    }, HANDSHAKE_MS);
-    ws.on('close', () => {
-      clearTimeout(timer);
-      settle();
-    });
     ws.on('error', () => ws.terminate());
     ws.on('message', (data, isBinary) => {
       if (!this.admit(s)) return;
       if (isBinary) return this.fail(s, 'bad-request', 'binary frames are not part of snapback.v1', !s.auth);
-      void this.receive(s, data.toString(), () => {
-        clearTimeout(timer);
-        settle();
-      }).catch((err: Error) => {
+      void this.receive(s, data.toString()).catch((err: Error) => {
         this.log.error({ err: err.stack, peer: s.peer }, 'internal error handling a message');
         this.fail(s, 'internal', err.message, false);
       });
     });
-    this.send(s, { type: 'challenge', nonce: s.agentNonce, agentVersion: VERSION });
+    this.send(s, { type: 'challenge', nonce: s.agentNonce, agentVersion: VERSION, hostKey: this.hostKeyLine, kex: s.kex.publicKey });
   }
 
   /** Token bucket: a flood gets one error and the connection is closed. */
@@ -171,7 +265,7 @@ export class WireServer {
     return true;
   }
 
-  private async receive(s: Session, text: string, authenticated: () => void): Promise<void> {
+  private async receive(s: Session, text: string): Promise<void> {
     let raw: unknown;
     try {
       raw = JSON.parse(text);
@@ -187,7 +281,7 @@ export class WireServer {
     const msg = parsed.data;
     if (!s.auth) {
       if (msg.type !== 'hello') return this.fail(s, 'unauthorized', `authenticate with "hello" first, not "${msg.type}"`, true);
-      return this.hello(s, msg, authenticated);
+      return this.hello(s, msg);
     }
     if (msg.type === 'hello') return this.fail(s, 'bad-request', 'already authenticated', false);
     if (SIGNED_TYPES.has(msg.type)) {
@@ -202,24 +296,39 @@ export class WireServer {
     return this.command(s, msg);
   }
 
-  private async hello(s: Session, msg: Extract<ClientMessage, { type: 'hello' }>, authenticated: () => void): Promise<void> {
+  private async hello(s: Session, msg: Extract<ClientMessage, { type: 'hello' }>): Promise<void> {
     let key: PublicKey;
     try {
       key = parsePublicKeyLine(msg.key);
     } catch (err) {
       return this.fail(s, 'unauthorized', (err as Error).message, true);
     }
+    const h: Handshake = {
+      agentNonce: s.agentNonce,
+      controllerNonce: msg.nonce,
+      controllerKey: msg.key,
+      hostKey: this.hostKeyLine,
+      agentKex: s.kex.publicKey,
+      controllerKex: msg.kex,
+    };
     const known = this.authorized.find((k) => k.blob.equals(key.blob));
-    if (!known || !verifySignature(key, transcript('client', s.agentNonce, msg.nonce, msg.key), msg.sig)) {
+    if (!known || !verifySignature(key, transcript('client', h), msg.sig)) {
       this.log.warn({ peer: s.peer, key: key.fingerprint }, known ? 'refusing a controller with a bad handshake signature' : 'refusing an unknown controller key');
       return this.fail(s, 'unauthorized', `key ${key.fingerprint} is not authorized on this host`, true);
     }
+    let macKey: Buffer;
+    try {
+      macKey = s.kex.macKey(msg.kex, transcript('host', h));
+    } catch (err) {
+      return this.fail(s, 'unauthorized', `hello.kex: ${(err as Error).message}`, true);
+    }
     const who = `${key.fingerprint}${known.comment ? ` (${known.comment})` : ''}`;
-    s.auth = { key, who, controllerNonce: msg.nonce, lastSeq: 0 };
-    authenticated();
+    const hostSig = await this.host.sign(transcript('host', h));
+    if (s.ws.readyState !== s.ws.OPEN) return;
+    s.auth = { key, who, controllerNonce: msg.nonce, lastSeq: 0, macKey, ctr: 0 };
+    this.authenticated(s.conn);
     const status = this.agent.status();
     const trial = this.agent.trialToken();
-    const hostSig = await this.host.sign(transcript('host', s.agentNonce, msg.nonce, msg.key));
     this.log.info({ peer: s.peer, who }, 'controller authenticated');
     this.send(s, {
       type: 'welcome',
@@ -229,11 +338,10 @@ export class WireServer {
       currentSystem: status.currentSystem,
       agentVersion: VERSION,
       state: status,
-      hostKey: formatPublicKey({ ...this.host.publicKey, comment: '' }),
       hostSig,
       you: who,
-      // Promise 5: a connection that survived the switch (accepted before it finished) never gets it.
-      ...(trial && s.acceptedMono >= trial.readyMono ? { confirm: { id: trial.id, token: trial.token } } : {}),
+      // Promise 5: a connection accepted (at the TCP level) before the switch finished never gets it.
+      ...(trial && s.conn.acceptedMono >= trial.readyMono ? { confirm: { id: trial.id, token: trial.token } } : {}),
     });
   }
 
@@ -254,7 +362,7 @@ export class WireServer {
         // Promise 5, enforced twice: the token is handed out only on fresh connections, and a
         // connection that predates the trial cannot confirm even with a token learnt elsewhere.
         const trial = this.agent.trialToken();
-        if (trial && trial.id === msg.id && s.acceptedMono < trial.readyMono) {
+        if (trial && trial.id === msg.id && s.conn.acceptedMono < trial.readyMono) {
           return this.reply(s, msg.seq, { ok: false, code: 'bad-token', message: 'this connection was opened before the trial started; confirm over a fresh connection', id: msg.id });
         }
         return this.reply(s, msg.seq, await this.agent.confirm({ id: msg.id, token: msg.token, requireToken: true, by }, progress));
@@ -287,12 +395,35 @@ export class WireServer {
 
   private fail(s: Session, code: ErrorCode, message: string, close: boolean): void {
     this.send(s, { type: 'error', code, message, retryable: retryable(code) });
-    if (close) s.ws.close(1008, code);
+    if (!close) return;
+    s.ws.close(1008, code);
+    setTimeout(() => s.ws.terminate(), CLOSE_GRACE_MS).unref();
   }
 
+  /** After `hello`, every message is sealed with the next counter and the session's MAC. */
   private send(s: Session, msg: ServerMessage): void {
-    if (s.ws.readyState === s.ws.OPEN) s.ws.send(JSON.stringify(msg));
+    if (s.ws.readyState !== s.ws.OPEN) return;
+    s.ws.send(JSON.stringify(s.auth ? seal(s.auth.macKey, ++s.auth.ctr, msg) : msg));
   }
+}
+
+/** `::ffff:10.0.0.1` is the IPv4 peer 10.0.0.1. */
+export function plainAddress(address: string): string {
+  const v4 = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
+  return v4 ? v4[1]! : address;
+}
+
+/** What one source is for the per-source limit: an IPv4 address, or the /64 of an IPv6 address. */
+export function sourceOf(address: string): string {
+  if (!address.includes(':')) return address;
+  const [head = '', tail = ''] = address.split('%')[0]!.split('::');
+  const left = head ? head.split(':') : [];
+  const right = address.includes('::') ? (tail ? tail.split(':') : []) : [];
+  const groups = address.includes('::') ? [...left, ...Array(Math.max(0, 8 - left.length - right.length)).fill('0'), ...right] : left;
+  return `${groups
+    .slice(0, 4)
+    .map((g) => g.toLowerCase().replace(/^0+(?=.)/, ''))
+    .join(':')}::/64`;
 }
 
 let cachedMachineId: string | undefined;

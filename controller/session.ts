@@ -6,6 +6,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import type { TLSSocket } from 'node:tls';
 import WebSocket from 'ws';
+import { KeyExchange, opens } from '../shared/channel.ts';
 import { SnapbackError } from '../shared/errors.ts';
 import { expandHome, type FleetHost } from '../shared/fleet.ts';
 import {
@@ -15,6 +16,7 @@ import {
   serverMessageSchema,
   transcript,
   type CommandBody,
+  type Handshake,
   type ServerMessage,
   type SignedCommand,
   type Welcome,
@@ -42,14 +44,25 @@ export class Session {
   private readonly pending = new Set<Pending>();
   private closedWith: SnapbackError | undefined;
 
-  private constructor(ws: WebSocket, welcome: Welcome, signer: Signer, agentNonce: string, controllerNonce: string) {
+  private constructor(ws: WebSocket, welcome: Welcome, signer: Signer, agentNonce: string, controllerNonce: string, macKey: Buffer) {
     this.ws = ws;
     this.welcome = welcome;
     this.signer = signer;
     this.agentNonce = agentNonce;
     this.controllerNonce = controllerNonce;
+    // `welcome` was message 1; from here on every message must carry the next counter and the MAC.
+    let ctr = 1;
     ws.on('message', (data) => {
-      const msg = parseServerMessage(data.toString());
+      const raw = parseJson(data.toString());
+      if (!opens(macKey, ctr + 1, raw)) {
+        // Not from the host, or replayed, or reordered: nothing on this connection can be believed
+        // any more. Whatever was asked is answered "unreachable", never with the forged answer.
+        this.closedWith ??= new SnapbackError('unreachable', 'a message the host did not seal arrived (tampered with on the way?): dropping the connection');
+        ws.terminate();
+        return;
+      }
+      ctr++;
+      const msg = parseServerMessage(raw);
       if (!msg) return;
       for (const p of this.pending) {
         if (p.match(msg)) {
@@ -114,7 +127,6 @@ export class Session {
         ...(pin ? { rejectUnauthorized: false } : {}),
       });
       const controllerNonce = randomBytes(32).toString('base64url');
-      let agentNonce: string | undefined;
       let done = false;
       const timer = setTimeout(() => fail(new SnapbackError('unreachable', `${name}: no answer from ${host.url} within ${timeoutMs / 1000}s`)), timeoutMs);
       const fail = (err: SnapbackError) => {
@@ -132,46 +144,60 @@ export class Session {
       });
       ws.on('error', (err) => fail(new SnapbackError('unreachable', `${name}: cannot connect to ${host.url}: ${err.message}`)));
       ws.on('close', (code, reason) => fail(new SnapbackError('unreachable', `${name}: the agent closed the connection (${code} ${reason.toString()})`)));
+      const kex = new KeyExchange();
+      const key = formatPublicKey({ ...signer.publicKey, comment: '' });
+      let handshake: Handshake | undefined;
+      let hostKey: PublicKey | undefined;
       ws.on('message', async (data) => {
         if (done) return;
-        const msg = parseServerMessage(data.toString());
+        const raw = parseJson(data.toString());
+        const msg = parseServerMessage(raw);
         if (!msg) return fail(new SnapbackError('unreachable', `${name}: the agent sent a malformed message`));
-        if (msg.type === 'challenge' && !agentNonce) {
-          agentNonce = msg.nonce;
-          const key = formatPublicKey({ ...signer.publicKey, comment: '' });
-          const sig = await signer.sign(transcript('client', agentNonce, controllerNonce, key));
-          ws.send(JSON.stringify({ type: 'hello', nonce: controllerNonce, key, sig }));
+        if (msg.type === 'challenge' && !handshake) {
+          // The host key comes first and is checked before anything is signed: the signature we
+          // give covers this key, so no other host can use it (a fleet host relaying the challenge
+          // of another would have to show that host's key, which is not the one we expect here).
+          try {
+            hostKey = parsePublicKeyLine(msg.hostKey);
+          } catch {
+            return fail(new SnapbackError('unauthorized', `${name}: the agent sent an unusable host key`, { hostKey: true }));
+          }
+          if (!expected.some((k) => k.blob.equals(hostKey!.blob))) {
+            return fail(
+              new SnapbackError('unauthorized', `${name}: host key ${hostKey.fingerprint} does not match the expected host key ${expected.map((k) => k.fingerprint).join(' or ')} — stopping before any change`, {
+                hostKey: true,
+              }),
+            );
+          }
+          handshake = { agentNonce: msg.nonce, controllerNonce, controllerKey: key, hostKey: msg.hostKey, agentKex: msg.kex, controllerKex: kex.publicKey };
+          const sig = await signer.sign(transcript('client', handshake));
+          if (done) return;
+          ws.send(JSON.stringify({ type: 'hello', nonce: controllerNonce, key, kex: kex.publicKey, sig }));
           return;
         }
         if (msg.type === 'error') {
           const code = msg.code === 'unauthorized' ? 'unauthorized' : 'unreachable';
           return fail(new SnapbackError(code, `${name}: ${msg.message}`));
         }
-        if (msg.type !== 'welcome' || !agentNonce) return fail(new SnapbackError('unreachable', `${name}: unexpected "${msg.type}" during the handshake`));
-        // The host proves itself with its SSH host key over both nonces and our key.
-        let hostKey: PublicKey;
-        try {
-          hostKey = parsePublicKeyLine(msg.hostKey);
-        } catch {
-          return fail(new SnapbackError('unauthorized', `${name}: the agent sent an unusable host key`, { hostKey: true }));
-        }
-        const key = formatPublicKey({ ...signer.publicKey, comment: '' });
-        if (!expected.some((k) => k.blob.equals(hostKey.blob))) {
-          return fail(
-            new SnapbackError('unauthorized', `${name}: host key ${hostKey.fingerprint} does not match the expected host key ${expected.map((k) => k.fingerprint).join(' or ')} — stopping before any change`, {
-              hostKey: true,
-            }),
-          );
-        }
-        if (!verifySignature(hostKey, transcript('host', agentNonce, controllerNonce, key), msg.hostSig)) {
+        if (msg.type !== 'welcome' || !handshake || !hostKey) return fail(new SnapbackError('unreachable', `${name}: unexpected "${msg.type}" during the handshake`));
+        // The host proves itself with its SSH host key over the whole handshake, and seals the
+        // welcome (its facts, the confirm token) under the key only the two ends can derive.
+        if (!verifySignature(hostKey, transcript('host', handshake), msg.hostSig)) {
           return fail(new SnapbackError('unauthorized', `${name}: the host's signature over this session does not verify`, { hostKey: true }));
         }
+        let macKey: Buffer;
+        try {
+          macKey = kex.macKey(handshake.agentKex, transcript('host', handshake));
+        } catch (err) {
+          return fail(new SnapbackError('unauthorized', `${name}: challenge.kex: ${(err as Error).message}`, { hostKey: true }));
+        }
+        if (!opens(macKey, 1, raw)) return fail(new SnapbackError('unreachable', `${name}: the welcome is not sealed by the host (tampered with on the way?)`));
         done = true;
         clearTimeout(timer);
         ws.removeAllListeners('message');
         ws.removeAllListeners('close');
         ws.on('error', () => {});
-        resolve(new Session(ws, msg, signer, agentNonce, controllerNonce));
+        resolve(new Session(ws, msg, signer, handshake.agentNonce, controllerNonce, macKey));
       });
     });
   }
@@ -215,13 +241,17 @@ export class Session {
   }
 }
 
-function parseServerMessage(text: string): ServerMessage | undefined {
+function parseJson(text: string): unknown {
   try {
-    const r = serverMessageSchema.safeParse(JSON.parse(text));
-    return r.success ? r.data : undefined;
+    return JSON.parse(text);
   } catch {
     return undefined;
   }
+}
+
+function parseServerMessage(raw: unknown): ServerMessage | undefined {
+  const r = serverMessageSchema.safeParse(raw);
+  return r.success ? r.data : undefined;
 }
 
 /** The fleet file's `hostKey`, else the host's ssh-ed25519 entries in ~/.ssh/known_hosts. */

@@ -22,6 +22,13 @@ export const agentConfigSchema = z
         host: z.string().min(1).default('::'),
         port: z.number().int().min(0).max(65535).default(DEFAULT_PORT),
         tls: z.strictObject({ cert: absolutePath, key: absolutePath }).optional(),
+        /** connections at all, authenticated or not */
+        maxConnections: z.number().int().positive().max(65_536).default(256),
+        /** connections that have not authenticated yet: in total, and per source address (IPv6: per /64) */
+        maxPending: z.number().int().positive().max(65_536).default(64),
+        maxPendingPerAddress: z.number().int().positive().max(65_536).default(8),
+        /** from the TCP accept to a verified `hello`; then the socket is destroyed */
+        handshakeTimeoutSec: z.number().int().positive().max(300).default(10),
       })
       .prefault({}),
     stateDir: absolutePath.default('/var/lib/snapback'),

@@ -1,11 +1,15 @@
 // The wire protocol `snapback.v1` (DESIGN §4): every message as one zod schema, and the exact bytes
 // that get signed. Both the agent and the controller import from here; nothing re-declares a type.
 //
-// Handshake:  agent → challenge {nonce Na}
-//             controller → hello {nonce Nc, key, sig over transcript("client", Na, Nc, key)}
-//             agent → welcome {host facts, hostKey, hostSig over transcript("host", Na, Nc, key), confirm?}
-// Afterwards every state-changing command carries `seq` (strictly increasing per connection) and a
-// signature over (Na, Nc, seq, the command without `sig`): a recorded message is useless on another
+// Handshake:  agent → challenge {nonce Na, hostKey H, kex Xa}
+//             controller → hello {nonce Nc, key K, kex Xc, sig over transcript("client", …)}
+//             agent → welcome {host facts, hostSig over transcript("host", …), confirm?}
+// Both transcripts cover Na, Nc, K, H, Xa and Xc: the operator signs only for the host key it
+// expected (checked before signing), so a fleet host that relays another host's challenge gets a
+// signature that host refuses. Xa and Xc are ephemeral X25519 keys; the MAC key derived from them
+// (shared/channel.ts) authenticates every agent message from `welcome` on, each with the next counter.
+// Every state-changing command carries `seq` (strictly increasing per connection) and a signature
+// over (Na, Nc, seq, the command without `sig`): a recorded message is useless on another
 // connection, and any change to it breaks the signature.
 
 import { z } from 'zod';
@@ -19,6 +23,8 @@ const nonce = z.string().regex(/^[A-Za-z0-9_-]{32,128}$/, 'must be 32..128 base6
 const signature = z.string().min(1).max(2048);
 const id = z.string().min(1).max(128);
 const seq = z.number().int().positive();
+/** an ephemeral X25519 public key: 32 bytes, base64url */
+const kex = z.string().regex(/^[A-Za-z0-9_-]{43}$/, 'must be an X25519 public key (43 base64url characters)');
 
 // ---- controller → agent -------------------------------------------------------------------------
 
@@ -27,6 +33,7 @@ export const helloSchema = z.strictObject({
   nonce,
   /** the operator's OpenSSH public key line */
   key: z.string().min(1).max(16 * 1024),
+  kex,
   sig: signature,
 });
 
@@ -63,7 +70,17 @@ export const SIGNED_TYPES = new Set(['activate', 'confirm', 'rollback', 'extend'
 
 // ---- agent → controller -------------------------------------------------------------------------
 
-export const challengeSchema = z.strictObject({ type: z.literal('challenge'), nonce, agentVersion: z.string() });
+export const challengeSchema = z.strictObject({
+  type: z.literal('challenge'),
+  nonce,
+  agentVersion: z.string(),
+  /** the agent's SSH host key line: the controller checks it before it signs anything */
+  hostKey: z.string().min(1).max(1024),
+  kex,
+});
+
+/** Every agent message after `hello` carries the next counter and a MAC under the session key. */
+const sealed = { ctr: z.number().int().positive().optional(), mac: z.string().max(64).optional() };
 
 const lastSchema = z.object({ id, target: z.string(), outcome: outcomeSchema, finishedAt: z.string(), by: actorSchema });
 
@@ -90,6 +107,7 @@ export const hostStatusSchema = z.object({
 });
 
 export const welcomeSchema = z.strictObject({
+  ...sealed,
   type: z.literal('welcome'),
   hostname: z.string(),
   machineId: z.string(),
@@ -97,8 +115,7 @@ export const welcomeSchema = z.strictObject({
   currentSystem: z.string().nullable(),
   agentVersion: z.string(),
   state: hostStatusSchema,
-  /** the agent's SSH host key line and its signature over the handshake transcript */
-  hostKey: z.string(),
+  /** the host key's signature over the handshake transcript (the key itself came in `challenge`) */
   hostSig: signature,
   /** how this controller was recognised (key fingerprint and comment) */
   you: z.string(),
@@ -107,6 +124,7 @@ export const welcomeSchema = z.strictObject({
 });
 
 export const progressSchema = z.strictObject({
+  ...sealed,
   type: z.literal('progress'),
   id,
   phase: phaseSchema.optional(),
@@ -115,8 +133,9 @@ export const progressSchema = z.strictObject({
   line: z.string().optional(),
   problems: z.array(z.string()).optional(),
 });
-export const outcomeMessageSchema = z.strictObject({ type: z.literal('outcome'), id, outcome: outcomeSchema, re: seq.optional() });
+export const outcomeMessageSchema = z.strictObject({ ...sealed, type: z.literal('outcome'), id, outcome: outcomeSchema, re: seq.optional() });
 export const errorSchema = z.strictObject({
+  ...sealed,
   type: z.literal('error'),
   code: z.string(),
   message: z.string(),
@@ -125,10 +144,11 @@ export const errorSchema = z.strictObject({
   outcome: outcomeSchema.optional(),
   re: seq.optional(),
 });
-export const statusReplySchema = z.strictObject({ type: z.literal('status'), status: hostStatusSchema });
-export const historyReplySchema = z.strictObject({ type: z.literal('history'), entries: z.array(historyEntrySchema) });
+export const statusReplySchema = z.strictObject({ ...sealed, type: z.literal('status'), status: hostStatusSchema });
+export const historyReplySchema = z.strictObject({ ...sealed, type: z.literal('history'), entries: z.array(historyEntrySchema) });
 /** the answer to `extend`, and to `activate` once the trial runs */
 export const trialSchema = z.strictObject({
+  ...sealed,
   type: z.literal('trial'),
   id,
   deadline: z.string(),
@@ -140,6 +160,7 @@ export const trialSchema = z.strictObject({
 
 /** the answer to a dry-run `activate`: what `dry-activate` said is in the progress lines before it */
 export const dryRunSchema = z.strictObject({
+  ...sealed,
   type: z.literal('dry-run'),
   id,
   toplevel: z.string(),
@@ -176,8 +197,20 @@ export function canonicalJson(value: unknown): string {
   return JSON.stringify(value);
 }
 
-export function transcript(role: 'client' | 'host', agentNonce: string, controllerNonce: string, controllerKey: string): string {
-  return canonicalJson([`${SUBPROTOCOL}/${role}`, agentNonce, controllerNonce, controllerKey]);
+/** What both sides know once `hello` is sent; the two signatures and the MAC key all cover it. */
+export interface Handshake {
+  agentNonce: string;
+  controllerNonce: string;
+  /** the operator's key line, as sent in `hello` */
+  controllerKey: string;
+  /** the host key line, as sent in `challenge` */
+  hostKey: string;
+  agentKex: string;
+  controllerKex: string;
+}
+
+export function transcript(role: 'client' | 'host', h: Handshake): string {
+  return canonicalJson([`${SUBPROTOCOL}/${role}`, h.agentNonce, h.controllerNonce, h.controllerKey, h.hostKey, h.agentKex, h.controllerKex]);
 }
 
 export function commandPayload(agentNonce: string, controllerNonce: string, command: Omit<SignedCommand, 'sig'> | SignedCommand): string {

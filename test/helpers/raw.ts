@@ -3,13 +3,18 @@
 
 import { randomBytes } from 'node:crypto';
 import WebSocket from 'ws';
-import { SUBPROTOCOL, commandPayload, transcript, type CommandBody } from '../../shared/protocol.ts';
+import { KeyExchange } from '../../shared/channel.ts';
+import { SUBPROTOCOL, commandPayload, transcript, type CommandBody, type Handshake } from '../../shared/protocol.ts';
 import { formatPublicKey, keyFileSigner, type Signer } from '../../shared/ssh.ts';
 
 export class RawClient {
   readonly ws: WebSocket;
   readonly messages: any[] = [];
-  agentNonce = '';
+  challenge: any;
+  get agentNonce(): string {
+    return this.challenge?.nonce ?? '';
+  }
+  readonly kex = new KeyExchange();
   readonly controllerNonce = randomBytes(32).toString('base64url');
   closeCode: number | undefined;
   private seq = 0;
@@ -20,7 +25,7 @@ export class RawClient {
     this.ws = new WebSocket(`ws://127.0.0.1:${port}`, protocol ? [protocol] : [], { perMessageDeflate: false, maxPayload: 1 << 20 });
     this.ws.on('message', (d) => {
       const m = JSON.parse(d.toString());
-      if (m.type === 'challenge') this.agentNonce = m.nonce;
+      if (m.type === 'challenge') this.challenge = m;
       this.messages.push(m);
       for (const w of this.waiters) w();
     });
@@ -66,9 +71,26 @@ export class RawClient {
     await this.next((m) => m.type === 'challenge');
     const signer = keyFileSigner(keyPath);
     this.signer = signer;
-    const key = formatPublicKey({ ...signer.publicKey, comment: '' });
-    this.send({ type: 'hello', nonce: this.controllerNonce, key, sig: await signer.sign(transcript('client', this.agentNonce, this.controllerNonce, key)) });
+    this.send(await this.hello(signer));
     return this.next((m) => m.type === 'welcome' || m.type === 'error');
+  }
+
+  /** The handshake as this client would complete it with `signer` (after the challenge came). */
+  handshake(signer: Signer): Handshake {
+    return {
+      agentNonce: this.agentNonce,
+      controllerNonce: this.controllerNonce,
+      controllerKey: formatPublicKey({ ...signer.publicKey, comment: '' }),
+      hostKey: this.challenge.hostKey,
+      agentKex: this.challenge.kex,
+      controllerKex: this.kex.publicKey,
+    };
+  }
+
+  /** A correct `hello` for this connection. */
+  async hello(signer: Signer): Promise<Record<string, string>> {
+    const h = this.handshake(signer);
+    return { type: 'hello', nonce: this.controllerNonce, key: h.controllerKey, kex: h.controllerKex, sig: await signer.sign(transcript('client', h)) };
   }
 
   signer: Signer | undefined;
