@@ -159,8 +159,10 @@ function readRecord(path: string): string | undefined {
   let text: string;
   try {
     text = readFileSync(path, 'utf8');
-  } catch {
-    return undefined;
+  } catch (err) {
+    // Only a missing record means "not written"; EMFILE and the like must not pass for an answer.
+    if (['ENOENT', 'ENOTDIR'].includes((err as NodeJS.ErrnoException).code ?? '')) return undefined;
+    throw err;
   }
   const m = /^([^]*?)\s+end\s*$/.exec(text);
   return m && m[1]!.trim() ? m[1]!.trim() : undefined;
@@ -192,8 +194,8 @@ export class DirectRunner extends StatusFileRunner {
       stdio: 'ignore',
     });
     if (child.pid === undefined) {
-      await new Promise((resolve) => child.once('error', resolve));
-      return false;
+      // Not started at all (EMFILE, EAGAIN…): an error the caller may retry, not a run that ended.
+      throw await new Promise<Error>((resolve) => child.once('error', resolve));
     }
     child.unref();
     return true;
@@ -236,8 +238,10 @@ function isWrapper(pid: number, runDir: string): boolean {
     const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
     if (argv[0] !== '/bin/sh' || argv[5] !== runDir) return false;
     return !/\) Z /.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
-  } catch {
-    return false;
+  } catch (err) {
+    // Gone is gone; out of descriptors is no answer, and a run taken for dead would be run twice.
+    if (['ENOENT', 'ESRCH'].includes((err as NodeJS.ErrnoException).code ?? '')) return false;
+    throw err;
   }
 }
 
@@ -286,6 +290,8 @@ export class SystemdRunner extends StatusFileRunner {
       ],
       { reject: false, stdin: 'ignore' },
     );
+    // systemd-run itself did not start (EMFILE, EAGAIN…): retryable, unlike systemd refusing the unit.
+    if (r.exitCode === undefined) throw new Error(r.message);
     if (r.exitCode !== 0) {
       try {
         writeFileSync(p.log, `systemd-run failed: ${String(r.stderr).trim()}\n`, { flag: 'a' });

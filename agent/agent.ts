@@ -164,9 +164,11 @@ export class Agent {
     return () => this.listeners.delete(listener);
   }
 
+  /** Read once: a process lives in one boot, and a read must not fail later (EMFILE) where a status is asked. */
   private bootId(): string {
-    return readBootId(this.config.system.bootIdFile);
+    return (this.bootIdCache ??= readBootId(this.config.system.bootIdFile));
   }
+  private bootIdCache: string | undefined;
 
   // ---- the event loop -------------------------------------------------------------------------
 
@@ -233,7 +235,7 @@ export class Agent {
           clearInterval(this.retry);
           this.retry = undefined;
         }
-      });
+      }).catch((err: Error) => this.log.error({ err: err.stack }, 'retrying the state directory failed'));
     }, RETRY_MS);
   }
 
@@ -362,9 +364,13 @@ export class Agent {
         return await task();
       } catch (err) {
         const error = (err as Error).message;
-        if (i + 1 >= BACKOFF_MS.length || this.closed) return otherwise(error);
-        this.log.error({ err: error, retryInMs: BACKOFF_MS[i] }, 'an effect failed; retrying');
-        await sleep(BACKOFF_MS[i]!);
+        // Out of descriptors, processes or memory: that passes, and giving up would leave a trial
+        // running past its deadline. Anything else is tried a few times, then ends in an event.
+        const transient = /\b(EMFILE|ENFILE|EAGAIN|ENOMEM)\b/.test(error);
+        if ((!transient && i + 1 >= BACKOFF_MS.length) || this.closed) return otherwise(error);
+        const wait = BACKOFF_MS[Math.min(i, BACKOFF_MS.length - 1)]!;
+        this.log.error({ err: error, retryInMs: wait }, 'an effect failed; retrying');
+        await sleep(wait);
       }
     }
   }
@@ -387,11 +393,13 @@ export class Agent {
     const delay = Math.max(0, atMono - now().mono) + 5;
     this.timer = setTimeout(() => {
       this.timer = undefined;
-      void this.dispatch({ type: 'tick' }).then(() => {
-        const d = this.state.deployment;
-        const next = this.state.phase === 'trial' ? d?.trial?.deadlineMono : this.state.phase === 'activating' ? d?.activation?.deadlineMono : undefined;
-        if (next !== undefined && !this.timer && next > now().mono) this.arm(next);
-      });
+      void this.dispatch({ type: 'tick' })
+        .catch((err: Error) => this.log.error({ err: err.stack }, 'handling the deadline failed'))
+        .then(() => {
+          const d = this.state.deployment;
+          const next = this.state.phase === 'trial' ? d?.trial?.deadlineMono : this.state.phase === 'activating' ? d?.activation?.deadlineMono : undefined;
+          if (next !== undefined && !this.timer && next > now().mono) this.arm(next);
+        });
     }, delay);
   }
 

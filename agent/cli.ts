@@ -130,6 +130,9 @@ function user(): { user?: string } {
 
 async function serve(config: AgentConfig, configPath: string): Promise<number> {
   const log = createLogger(config.log.level);
+  // Every known source of errors has its handler; a promise nobody awaited that still fails is
+  // logged, not allowed to end a process that holds a deadline.
+  process.on('unhandledRejection', (err) => log.error({ err: (err as Error)?.stack ?? String(err) }, 'unhandled rejection'));
   const notifier = createNotifier(log);
   // The fallback timer runs this very agent (the known-good one) again: absolute paths only.
   const reinvoke = [process.execPath, realpathSync(process.argv[1]!), '--config', resolve(configPath)];
@@ -146,7 +149,13 @@ async function serve(config: AgentConfig, configPath: string): Promise<number> {
   const wire = await listenWire(config, agent, log);
   log.info({ version: VERSION, stateDir: config.stateDir, controlSocket: config.controlSocket, phase: agent.phase, runner: agent.runnerName, notify: notifier.via }, 'snapback-agent serving');
   notifier.ready();
-  const showStatus = () => notifier.status(describeStatus(agent.status()).split('\n')[0]!);
+  const showStatus = () => {
+    try {
+      notifier.status(describeStatus(agent.status()).split('\n')[0]!);
+    } catch (err) {
+      log.debug({ err: (err as Error).message }, 'cannot tell systemd the status');
+    }
+  };
   showStatus();
   const statusTimer = setInterval(showStatus, 1000);
 

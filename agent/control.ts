@@ -65,6 +65,8 @@ export class ControlServer {
       process.umask(old);
     }
     chmodSync(path, 0o600);
+    // Accepting fails with EMFILE when descriptors run out: the console is refused, the agent lives.
+    server.on('error', (err) => log.error({ err: err.message }, 'accepting a console connection failed'));
     return new ControlServer(server, path, sockets);
   }
 

@@ -21,8 +21,8 @@ export class RawClient {
   private waiters = new Set<() => void>();
   readonly closed: Promise<number>;
 
-  constructor(port: number, protocol: string | undefined = SUBPROTOCOL) {
-    this.ws = new WebSocket(`ws://127.0.0.1:${port}`, protocol ? [protocol] : [], { perMessageDeflate: false, maxPayload: 1 << 20 });
+  constructor(port: number, protocol: string | undefined = SUBPROTOCOL, options: WebSocket.ClientOptions = {}) {
+    this.ws = new WebSocket(`ws://127.0.0.1:${port}`, protocol ? [protocol] : [], { perMessageDeflate: false, maxPayload: 1 << 20, ...options });
     this.ws.on('message', (d) => {
       const m = JSON.parse(d.toString());
       if (m.type === 'challenge') this.challenge = m;
