@@ -1,6 +1,6 @@
 // SSH keys as identities: OpenSSH public key lines and private key files (ssh-ed25519), SHA256
 // fingerprints, SSHSIG-framed signatures (the format of `ssh-keygen -Y sign`, so a signature made for
-// Snapback can never pass as an SSH login), and a minimal ssh-agent client.
+// Snapback can never pass as an SSH login), a minimal ssh-agent client, and OpenSSH's `*`/`?` patterns.
 
 import { createHash, createHmac, createPrivateKey, createPublicKey, sign as cryptoSign, verify as cryptoVerify, type KeyObject } from 'node:crypto';
 import { readInput } from './input.ts';
@@ -284,4 +284,15 @@ export function knownHostKeys(text: string, host: string, port?: number): Public
 
 function createHmacSha1(key: Buffer, data: string): string {
   return createHmac('sha1', key).update(data).digest('base64');
+}
+
+// ---- OpenSSH patterns --------------------------------------------------------------------------------
+
+/**
+ * OpenSSH's wildcard match (`match_pattern`): `*` is any run of characters, `?` exactly one, the rest
+ * literal; the whole of `text` must match. Case-insensitive, as sshd and ssh compare host names.
+ */
+export function matchWildcard(text: string, pattern: string): boolean {
+  const re = pattern.replace(/[.+^${}()|[\]\\]/g, '\\$&').replace(/\*/g, '.*').replace(/\?/g, '.');
+  return new RegExp(`^${re}$`, 'is').test(text);
 }
