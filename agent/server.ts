@@ -22,6 +22,7 @@ import {
   type ServerMessage,
   type SignedCommand,
 } from '../shared/protocol.ts';
+import { authorize, parseAuthorizedKeys, type AuthorizedKey } from '../shared/authorized-keys.ts';
 import { formatPublicKey, parsePublicKeyLine, verifySignature, type PublicKey, type Signer } from '../shared/ssh.ts';
 import { VERSION } from '../shared/version.ts';
 import type { Agent, Progress, Result } from './agent.ts';
@@ -41,6 +42,8 @@ interface Session {
   acceptedMono: number;
   agentNonce: string;
   peer: string;
+  /** the peer's IP address, for authorizedKeys' from= */
+  address: string;
   tokens: number;
   refilledAt: number;
   auth?: { key: PublicKey; who: string; controllerNonce: string; lastSeq: number };
@@ -49,13 +52,13 @@ interface Session {
 export class WireServer {
   private readonly http: Server;
   private readonly wss: WebSocketServer;
-  private readonly authorized: PublicKey[];
+  private readonly authorized: AuthorizedKey[];
   private pending = 0;
   private readonly agent: Agent;
   private readonly log: Logger;
   private readonly host: Signer;
 
-  private constructor(config: AgentConfig, agent: Agent, log: Logger, host: Signer, authorized: PublicKey[]) {
+  private constructor(config: AgentConfig, agent: Agent, log: Logger, host: Signer, authorized: AuthorizedKey[]) {
     this.agent = agent;
     this.log = log;
     this.host = host;
@@ -73,18 +76,9 @@ export class WireServer {
     this.http.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => this.upgrade(req, socket, head));
   }
 
-  /** Parses `authorizedKeys`; lines that are not ssh-ed25519 keys are reported and skipped. */
-  static authorizedKeys(lines: string[], log: Logger): PublicKey[] {
-    const out: PublicKey[] = [];
-    for (const line of lines) {
-      if (!line.trim() || line.trim().startsWith('#')) continue;
-      try {
-        out.push(parsePublicKeyLine(line));
-      } catch (err) {
-        log.warn({ line: line.slice(0, 80) }, `authorizedKeys: skipping a line: ${(err as Error).message}`);
-      }
-    }
-    return out;
+  /** Parses `authorizedKeys`; lines that cannot be honoured exactly are reported and skipped. */
+  static authorizedKeys(lines: string[], log: Logger): AuthorizedKey[] {
+    return parseAuthorizedKeys(lines, (msg) => log.warn(msg));
   }
 
   static async listen(config: AgentConfig, agent: Agent, log: Logger, host: Signer): Promise<WireServer> {
@@ -126,6 +120,7 @@ export class WireServer {
       acceptedMono: t,
       agentNonce: randomBytes(32).toString('base64url'),
       peer: `${req.socket.remoteAddress}:${req.socket.remotePort}`,
+      address: req.socket.remoteAddress ?? '',
       tokens: BURST,
       refilledAt: t,
     };
@@ -209,11 +204,13 @@ export class WireServer {
     } catch (err) {
       return this.fail(s, 'unauthorized', (err as Error).message, true);
     }
-    const known = this.authorized.find((k) => k.blob.equals(key.blob));
-    if (!known || !verifySignature(key, transcript('client', s.agentNonce, msg.nonce, msg.key), msg.sig)) {
-      this.log.warn({ peer: s.peer, key: key.fingerprint }, known ? 'refusing a controller with a bad handshake signature' : 'refusing an unknown controller key');
+    const verdict = authorize(this.authorized, key, s.address, Date.now());
+    if (!verdict.ok || !verifySignature(key, transcript('client', s.agentNonce, msg.nonce, msg.key), msg.sig)) {
+      // The client learns only "not authorized"; the log says why (unknown, from=, expiry-time, signature).
+      this.log.warn({ peer: s.peer, key: key.fingerprint }, verdict.ok ? 'refusing a controller with a bad handshake signature' : `refusing a controller key: ${verdict.message}`);
       return this.fail(s, 'unauthorized', `key ${key.fingerprint} is not authorized on this host`, true);
     }
+    const known = verdict.entry.key;
     const who = `${key.fingerprint}${known.comment ? ` (${known.comment})` : ''}`;
     s.auth = { key, who, controllerNonce: msg.nonce, lastSeq: 0 };
     authenticated();

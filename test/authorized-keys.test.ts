@@ -1,14 +1,18 @@
 // authorized_keys lines as sshd reads them: the options field (quoted values with commas, blanks and
-// \"), which options are honoured, ignored or refused, and the from= / expiry-time= decision.
+// \"), which options are honoured, ignored or refused, and the from= / expiry-time= decision; then a
+// real agent applying them to connections.
 
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { describe, it } from 'node:test';
+import { after, describe, it } from 'node:test';
 import { authorize, parseAuthorizedKeys, type AuthorizedKey } from '../shared/authorized-keys.ts';
 import { parsePublicKeyLine } from '../shared/ssh.ts';
+import { haveNix } from './helpers/nix.ts';
+import { ScratchHost } from './helpers/host.ts';
+import { RawClient } from './helpers/raw.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'snapback-authkeys-'));
 const keyLine = (name: string) => {
@@ -195,5 +199,64 @@ describe('a key on several lines', () => {
     assert.ok(!no.ok);
     assert.equal(no.reason, 'expired');
     assert.match(no.message, /line 1: the key expired.*; authorizedKeys line 2: 192\.0\.2\.1 does not match/);
+  });
+});
+
+const skip = haveNix();
+if (skip) console.warn(`SKIPPED: ${skip}`);
+
+describe('the agent and authorizedKeys options', { skip }, () => {
+  const hosts: ScratchHost[] = [];
+  const clients: RawClient[] = [];
+  after(async () => {
+    for (const c of clients) c.ws.terminate();
+    for (const h of hosts) await h.cleanup();
+  });
+
+  it('from= is honoured per source address, expiry-time at login; command= and cert-authority lines give no rights', async () => {
+    const h = new ScratchHost('authkeys').enableWire().install();
+    hosts.push(h);
+    for (const name of ['near', 'forced', 'ca', 'expired', 'later']) h.operatorKey(name);
+    h.writeConfig({
+      authorizedKeys: [
+        h.publicKey('op'),
+        `from="127.0.0.2" ${h.publicKey('near')}`,
+        `command="/run/current-system/sw/bin/true",no-pty ${h.publicKey('forced')}`,
+        `cert-authority ${h.publicKey('ca')}`,
+        `expiry-time="20200101" ${h.publicKey('expired')}`,
+        `expiry-time="29991231",no-port-forwarding ${h.publicKey('later')}`,
+      ],
+    });
+    await h.start();
+    const port = await h.port();
+    const login = async (name: string, localAddress?: string) => {
+      const c = new RawClient(port, undefined, localAddress);
+      clients.push(c);
+      const m = await c.authenticate(join(h.dir, name));
+      c.close();
+      return m;
+    };
+    const refused = async (name: string, localAddress?: string) => {
+      const m = await login(name, localAddress);
+      assert.equal(m.type, 'error', `${name} must be refused`);
+      assert.equal(m.code, 'unauthorized');
+      // the client is not told which condition failed
+      assert.equal(m.message, `key ${parsePublicKeyLine(h.publicKey(name)).fingerprint} is not authorized on this host`);
+    };
+
+    await refused('near');
+    assert.equal((await login('near', '127.0.0.2')).type, 'welcome');
+    await refused('forced');
+    await refused('ca');
+    await refused('expired');
+    assert.equal((await login('later')).type, 'welcome');
+    assert.equal((await login('op', '127.0.0.2')).type, 'welcome');
+
+    const warned = (re: RegExp) => h.waitLog((l) => l.level === 40 && re.test(l.msg), 5000);
+    await warned(/authorizedKeys line 3: skipped: option command /);
+    await warned(/authorizedKeys line 4: skipped: option cert-authority /);
+    await warned(/refusing a controller key: authorizedKeys line 2: 127\.0\.0\.1 does not match from="127\.0\.0\.2"/);
+    await warned(/refusing a controller key: authorizedKeys line 5: the key expired at /);
+    assert.equal(h.switchCalls().length, 0);
   });
 });

@@ -16,8 +16,9 @@ export class RawClient {
   private waiters = new Set<() => void>();
   readonly closed: Promise<number>;
 
-  constructor(port: number, protocol: string | undefined = SUBPROTOCOL) {
-    this.ws = new WebSocket(`ws://127.0.0.1:${port}`, protocol ? [protocol] : [], { perMessageDeflate: false, maxPayload: 1 << 20 });
+  /** `localAddress`: connect from another loopback address (127.0.0.2), for from= */
+  constructor(port: number, protocol: string | undefined = SUBPROTOCOL, localAddress?: string) {
+    this.ws = new WebSocket(`ws://127.0.0.1:${port}`, protocol ? [protocol] : [], { perMessageDeflate: false, maxPayload: 1 << 20, ...(localAddress ? { localAddress } : {}) });
     this.ws.on('message', (d) => {
       const m = JSON.parse(d.toString());
       if (m.type === 'challenge') this.agentNonce = m.nonce;
