@@ -2,7 +2,7 @@
 // fingerprints, SSHSIG-framed signatures (the format of `ssh-keygen -Y sign`, so a signature made for
 // Snapback can never pass as an SSH login), a minimal ssh-agent client, and OpenSSH's `*`/`?` patterns.
 
-import { createHash, createHmac, createPrivateKey, createPublicKey, sign as cryptoSign, verify as cryptoVerify, type KeyObject } from 'node:crypto';
+import { createHash, createPrivateKey, createPublicKey, sign as cryptoSign, verify as cryptoVerify, type KeyObject } from 'node:crypto';
 import { readInput } from './input.ts';
 import { createConnection } from 'node:net';
 import { SnapbackError } from './errors.ts';
@@ -253,37 +253,6 @@ export function agentSigner(socketPath: string, publicKey: PublicKey): Signer {
       return new Reader(reply.subarray(1)).bytes().toString('base64');
     },
   };
-}
-
-// ---- known_hosts ------------------------------------------------------------------------------------
-
-/** Host keys `~/.ssh/known_hosts` lists for `host` (plain, `[host]:port` and hashed `|1|` entries). */
-export function knownHostKeys(text: string, host: string, port?: number): PublicKey[] {
-  const names = [host, ...(port ? [`[${host}]:${port}`] : [])];
-  const out: PublicKey[] = [];
-  for (const line of text.split('\n')) {
-    const t = line.trim();
-    if (!t || t.startsWith('#') || t.startsWith('@revoked')) continue;
-    const fields = t.replace(/^@cert-authority\s+/, '').split(/\s+/);
-    const [patterns, type, data] = fields;
-    if (!patterns || type !== 'ssh-ed25519' || !data) continue;
-    const matches = patterns.split(',').some((p) => {
-      if (p.startsWith('|1|')) {
-        const [, , salt, hash] = p.split('|');
-        return names.some((n) => createHmacSha1(Buffer.from(salt ?? '', 'base64'), n) === hash);
-      }
-      return names.includes(p);
-    });
-    if (!matches) continue;
-    try {
-      out.push(publicKeyFromBlob(Buffer.from(data, 'base64')));
-    } catch {}
-  }
-  return out;
-}
-
-function createHmacSha1(key: Buffer, data: string): string {
-  return createHmac('sha1', key).update(data).digest('base64');
 }
 
 // ---- OpenSSH patterns --------------------------------------------------------------------------------
