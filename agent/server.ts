@@ -25,6 +25,7 @@ import {
   type ServerMessage,
   type SignedCommand,
 } from '../shared/protocol.ts';
+import { authorize, parseAuthorizedKeys, type AuthorizedKey } from '../shared/authorized-keys.ts';
 import { formatPublicKey, parsePublicKeyLine, verifySignature, type PublicKey, type Signer } from '../shared/ssh.ts';
 import { VERSION } from '../shared/version.ts';
 import type { Agent, Progress, Result } from './agent.ts';
@@ -66,7 +67,7 @@ export class WireServer {
   private readonly tcp: TcpServer;
   private readonly http: HttpServer;
   private readonly wss: WebSocketServer;
-  private readonly authorized: PublicKey[];
+  private readonly authorized: AuthorizedKey[];
   private readonly agent: Agent;
   private readonly log: Logger;
   private readonly host: Signer;
@@ -79,7 +80,7 @@ export class WireServer {
   private readonly pendingBySource = new Map<string, number>();
   private refused = { count: 0, loggedMono: -Infinity };
 
-  private constructor(config: AgentConfig, agent: Agent, log: Logger, host: Signer, authorized: PublicKey[]) {
+  private constructor(config: AgentConfig, agent: Agent, log: Logger, host: Signer, authorized: AuthorizedKey[]) {
     this.agent = agent;
     this.log = log;
     this.host = host;
@@ -104,18 +105,9 @@ export class WireServer {
     this.http.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => this.upgrade(req, socket, head));
   }
 
-  /** Parses `authorizedKeys`; lines that are not ssh-ed25519 keys are reported and skipped. */
-  static authorizedKeys(lines: string[], log: Logger): PublicKey[] {
-    const out: PublicKey[] = [];
-    for (const line of lines) {
-      if (!line.trim() || line.trim().startsWith('#')) continue;
-      try {
-        out.push(parsePublicKeyLine(line));
-      } catch (err) {
-        log.warn({ line: line.slice(0, 80) }, `authorizedKeys: skipping a line: ${(err as Error).message}`);
-      }
-    }
-    return out;
+  /** Parses `authorizedKeys`; lines that cannot be honoured exactly are reported and skipped. */
+  static authorizedKeys(lines: string[], log: Logger): AuthorizedKey[] {
+    return parseAuthorizedKeys(lines, (msg) => log.warn(msg));
   }
 
   static async listen(config: AgentConfig, agent: Agent, log: Logger, host: Signer): Promise<WireServer> {
@@ -311,11 +303,15 @@ export class WireServer {
       agentKex: s.kex.publicKey,
       controllerKex: msg.kex,
     };
-    const known = this.authorized.find((k) => k.blob.equals(key.blob));
-    if (!known || !verifySignature(key, transcript('client', h), msg.sig)) {
-      this.log.warn({ peer: s.peer, key: key.fingerprint }, known ? 'refusing a controller with a bad handshake signature' : 'refusing an unknown controller key');
+    // The signature first: only who holds the key learns anything about its authorizedKeys line,
+    // and only they can make the log say more than "bad signature".
+    const verdict = verifySignature(key, transcript('client', h), msg.sig) ? authorize(this.authorized, key, s.conn.address, Date.now()) : undefined;
+    if (!verdict?.ok) {
+      // The client learns only "not authorized"; the log says why (signature, unknown key, from=, expiry-time).
+      this.log.warn({ peer: s.peer, key: key.fingerprint }, verdict ? `refusing a controller key: ${verdict.message}` : 'refusing a controller with a bad handshake signature');
       return this.fail(s, 'unauthorized', `key ${key.fingerprint} is not authorized on this host`, true);
     }
+    const known = verdict.entry.key;
     let macKey: Buffer;
     try {
       macKey = s.kex.macKey(msg.kex, transcript('host', h));

@@ -21,7 +21,8 @@ import {
   type SignedCommand,
   type Welcome,
 } from '../shared/protocol.ts';
-import { formatPublicKey, knownHostKeys, parsePublicKeyLine, verifySignature, type PublicKey, type Signer } from '../shared/ssh.ts';
+import { knownHosts, type KnownHosts } from '../shared/known-hosts.ts';
+import { formatPublicKey, parsePublicKeyLine, verifySignature, type PublicKey, type Signer } from '../shared/ssh.ts';
 
 export interface SessionOptions {
   /** for the connection and the handshake */
@@ -115,7 +116,7 @@ export class Session {
     throw last ?? new SnapbackError('unauthorized', 'no SSH key to authenticate with');
   }
 
-  private static openWith(name: string, host: FleetHost, signer: Signer, expected: PublicKey[], opts: SessionOptions): Promise<Session> {
+  private static openWith(name: string, host: FleetHost, signer: Signer, expected: KnownHosts, opts: SessionOptions): Promise<Session> {
     const timeoutMs = opts.timeoutMs ?? 10_000;
     const pin = host.tlsFingerprint?.replace(/:/g, '').toLowerCase();
     return new Promise((resolve, reject) => {
@@ -162,9 +163,12 @@ export class Session {
           } catch {
             return fail(new SnapbackError('unauthorized', `${name}: the agent sent an unusable host key`, { hostKey: true }));
           }
-          if (!expected.some((k) => k.blob.equals(hostKey!.blob))) {
+          if (expected.revoked.some((k) => k.blob.equals(hostKey!.blob))) {
+            return fail(new SnapbackError('unauthorized', `${name}: host key ${hostKey.fingerprint} is revoked (@revoked in known_hosts) — stopping before any change`, { hostKey: true }));
+          }
+          if (!expected.keys.some((k) => k.blob.equals(hostKey!.blob))) {
             return fail(
-              new SnapbackError('unauthorized', `${name}: host key ${hostKey.fingerprint} does not match the expected host key ${expected.map((k) => k.fingerprint).join(' or ')} — stopping before any change`, {
+              new SnapbackError('unauthorized', `${name}: host key ${hostKey.fingerprint} does not match the expected host key ${expected.keys.map((k) => k.fingerprint).join(' or ')} — stopping before any change`, {
                 hostKey: true,
               }),
             );
@@ -254,27 +258,30 @@ function parseServerMessage(raw: unknown): ServerMessage | undefined {
   return r.success ? r.data : undefined;
 }
 
-/** The fleet file's `hostKey`, else the host's ssh-ed25519 entries in ~/.ssh/known_hosts. */
-export function expectedHostKeys(name: string, host: FleetHost, knownHostsFile = expandHome('~/.ssh/known_hosts')): PublicKey[] {
-  if (host.hostKey) {
-    try {
-      return [parsePublicKeyLine(host.hostKey)];
-    } catch (err) {
-      throw new SnapbackError('config-invalid', `hosts.${name}.hostKey: ${(err as Error).message}`);
-    }
-  }
+/**
+ * The fleet file's `hostKey`, else the host's ssh-ed25519 entries in ~/.ssh/known_hosts; and the keys
+ * known_hosts marks @revoked for the host, which stay refused even when the fleet file names them.
+ */
+export function expectedHostKeys(name: string, host: FleetHost, knownHostsFile = expandHome('~/.ssh/known_hosts')): KnownHosts {
   const url = new URL(host.url);
   const hostname = url.hostname.replace(/^\[|\]$/g, '');
   let text = '';
   try {
     text = readFileSync(knownHostsFile, 'utf8');
   } catch {}
-  const keys = knownHostKeys(text, hostname, url.port ? Number(url.port) : undefined);
-  if (!keys.length) {
+  const known = knownHosts(text, hostname, url.port ? Number(url.port) : undefined);
+  if (host.hostKey) {
+    try {
+      return { keys: [parsePublicKeyLine(host.hostKey)], revoked: known.revoked };
+    } catch (err) {
+      throw new SnapbackError('config-invalid', `hosts.${name}.hostKey: ${(err as Error).message}`);
+    }
+  }
+  if (!known.keys.length) {
     throw new SnapbackError(
       'config-invalid',
       `hosts.${name}: no hostKey in the fleet file and no ssh-ed25519 key for ${hostname} in ${knownHostsFile} (add "hostKey": the output of "ssh-keyscan -t ed25519 ${hostname}" without the host name)`,
     );
   }
-  return keys;
+  return known;
 }

@@ -1,8 +1,8 @@
 // SSH keys as identities: OpenSSH public key lines and private key files (ssh-ed25519), SHA256
 // fingerprints, SSHSIG-framed signatures (the format of `ssh-keygen -Y sign`, so a signature made for
-// Snapback can never pass as an SSH login), and a minimal ssh-agent client.
+// Snapback can never pass as an SSH login), a minimal ssh-agent client, and OpenSSH's `*`/`?` patterns.
 
-import { createHash, createHmac, createPrivateKey, createPublicKey, sign as cryptoSign, verify as cryptoVerify, type KeyObject } from 'node:crypto';
+import { createHash, createPrivateKey, createPublicKey, sign as cryptoSign, verify as cryptoVerify, type KeyObject } from 'node:crypto';
 import { readInput } from './input.ts';
 import { createConnection } from 'node:net';
 import { SnapbackError } from './errors.ts';
@@ -255,33 +255,13 @@ export function agentSigner(socketPath: string, publicKey: PublicKey): Signer {
   };
 }
 
-// ---- known_hosts ------------------------------------------------------------------------------------
+// ---- OpenSSH patterns --------------------------------------------------------------------------------
 
-/** Host keys `~/.ssh/known_hosts` lists for `host` (plain, `[host]:port` and hashed `|1|` entries). */
-export function knownHostKeys(text: string, host: string, port?: number): PublicKey[] {
-  const names = [host, ...(port ? [`[${host}]:${port}`] : [])];
-  const out: PublicKey[] = [];
-  for (const line of text.split('\n')) {
-    const t = line.trim();
-    if (!t || t.startsWith('#') || t.startsWith('@revoked')) continue;
-    const fields = t.replace(/^@cert-authority\s+/, '').split(/\s+/);
-    const [patterns, type, data] = fields;
-    if (!patterns || type !== 'ssh-ed25519' || !data) continue;
-    const matches = patterns.split(',').some((p) => {
-      if (p.startsWith('|1|')) {
-        const [, , salt, hash] = p.split('|');
-        return names.some((n) => createHmacSha1(Buffer.from(salt ?? '', 'base64'), n) === hash);
-      }
-      return names.includes(p);
-    });
-    if (!matches) continue;
-    try {
-      out.push(publicKeyFromBlob(Buffer.from(data, 'base64')));
-    } catch {}
-  }
-  return out;
-}
-
-function createHmacSha1(key: Buffer, data: string): string {
-  return createHmac('sha1', key).update(data).digest('base64');
+/**
+ * OpenSSH's wildcard match (`match_pattern`): `*` is any run of characters, `?` exactly one, the rest
+ * literal; the whole of `text` must match. Case-insensitive, as sshd and ssh compare host names.
+ */
+export function matchWildcard(text: string, pattern: string): boolean {
+  const re = pattern.replace(/[.+^${}()|[\]\\]/g, '\\$&').replace(/\*/g, '.*').replace(/\?/g, '.');
+  return new RegExp(`^${re}$`, 'is').test(text);
 }

@@ -1,5 +1,5 @@
-// SSH identities: OpenSSH key lines and files, fingerprints, SSHSIG signatures that `ssh-keygen -Y
-// verify` accepts, and known_hosts lookups — checked against the real OpenSSH tools.
+// SSH identities: OpenSSH key lines and files, fingerprints, and SSHSIG signatures that `ssh-keygen -Y
+// verify` accepts — checked against the real OpenSSH tools.
 
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
@@ -7,7 +7,7 @@ import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
-import { SIG_NAMESPACE, armorSignature, keyFileSigner, knownHostKeys, parsePublicKeyLine, readKeyFile, verifySignature } from '../shared/ssh.ts';
+import { SIG_NAMESPACE, armorSignature, keyFileSigner, parsePublicKeyLine, readKeyFile, verifySignature } from '../shared/ssh.ts';
 import { canonicalJson } from '../shared/protocol.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'snapback-ssh-'));
@@ -51,20 +51,5 @@ describe('ssh identities', () => {
     const file = readKeyFile(locked);
     assert.equal(file.privateKey, undefined);
     assert.throws(() => keyFileSigner(locked, file), /encrypted.*ssh-add/);
-  });
-
-  it('looks up known_hosts: plain, [host]:port and hashed entries', () => {
-    const line = readFileSync(`${k}.pub`, 'utf8').trim().split(' ').slice(0, 2).join(' ');
-    const kh = join(dir, 'known_hosts');
-    writeFileSync(kh, `web1.lan,10.0.0.1 ${line}\n[web2.lan]:7731 ${line}\nweb3.lan ${line}\n`);
-    execFileSync('ssh-keygen', ['-H', '-F', 'web3.lan', '-f', kh], { stdio: 'ignore' });
-    execFileSync('ssh-keygen', ['-H', '-f', kh], { stdio: 'ignore' });
-    const text = readFileSync(kh, 'utf8');
-    assert.ok(!text.includes('web3.lan'), 'hashed');
-    assert.equal(knownHostKeys(text, 'web3.lan').length, 1);
-    assert.equal(knownHostKeys(text, '10.0.0.1').length, 1);
-    assert.equal(knownHostKeys(text, 'web2.lan', 7731).length, 1);
-    assert.equal(knownHostKeys(text, 'web2.lan').length, 0);
-    assert.equal(knownHostKeys(text, 'other').length, 0);
   });
 });
