@@ -237,7 +237,12 @@ async function listenWire(config: AgentConfig, agent: Agent, log: ReturnType<typ
     log.error({ hostKey: config.hostKey }, `cannot use the host key, not listening for controllers: ${(err as Error).message}`);
     return undefined;
   }
-  const wire = await WireServer.listen(config, agent, log, host);
+  const authorized = WireServer.authorizedKeys(config.authorizedKeys, log);
+  if (authorized.length === 0) {
+    log.warn('no usable authorizedKeys line (see the warnings above): not listening for controllers (the console works)');
+    return undefined;
+  }
+  const wire = await WireServer.listen(config, agent, log, host, authorized);
   const { address, port } = wire.address();
   log.info({ address, port, tls: Boolean(config.listen.tls), hostKey: host.publicKey.fingerprint }, `listening for controllers on port ${port}`);
   return wire;

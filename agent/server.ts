@@ -110,8 +110,8 @@ export class WireServer {
     return parseAuthorizedKeys(lines, (msg) => log.warn(msg));
   }
 
-  static async listen(config: AgentConfig, agent: Agent, log: Logger, host: Signer): Promise<WireServer> {
-    const server = new WireServer(config, agent, log, host, WireServer.authorizedKeys(config.authorizedKeys, log));
+  static async listen(config: AgentConfig, agent: Agent, log: Logger, host: Signer, authorized: AuthorizedKey[]): Promise<WireServer> {
+    const server = new WireServer(config, agent, log, host, authorized);
     await new Promise<void>((resolve, reject) => {
       const failed = (err: Error) => reject(err);
       server.tcp.once('error', failed);
