@@ -14,7 +14,7 @@ import { AGENT_BIN, ROOT } from './helpers/host.ts';
 describe('agent configuration', () => {
   it('fills every key of DESIGN §8 with a default', () => {
     const c = parseAgentConfig({});
-    assert.deepEqual(c.listen, { host: '::', port: 7731 });
+    assert.deepEqual(c.listen, { host: '::', port: 7731, handshakeTimeoutSec: 10, maxPendingPerAddress: 8, maxPending: 64, maxConnections: 256 });
     assert.equal(c.stateDir, '/var/lib/snapback');
     assert.equal(c.controlSocket, '/run/snapback/control.sock');
     assert.equal(c.hostKey, '/etc/ssh/ssh_host_ed25519_key');
