@@ -10,7 +10,7 @@ import { execa } from 'execa';
 import type { AgentConfig } from '../shared/config.ts';
 import { SnapbackError, type ErrorCode } from '../shared/errors.ts';
 import type { Actor, HistoryEntry, Outcome, Phase, Target } from '../shared/model.ts';
-import { describeTarget } from '../shared/model.ts';
+import { MAX_TIMER_MS, describeTarget } from '../shared/model.ts';
 import { DirectRunner, SystemdRunner, type RunResult, type Runner } from './activation.ts';
 import { FallbackTimer, systemdRunning } from './systemd.ts';
 import { now, readBootId } from './clock.ts';
@@ -390,7 +390,8 @@ export class Agent {
   private arm(atMono: number): void {
     if (this.closed) return;
     if (this.timer) clearTimeout(this.timer);
-    const delay = Math.max(0, atMono - now().mono) + 5;
+    // Node fires a longer timer at once; the early tick changes nothing and arms the rest.
+    const delay = Math.min(MAX_TIMER_MS, Math.max(0, atMono - now().mono) + 5);
     this.timer = setTimeout(() => {
       this.timer = undefined;
       void this.dispatch({ type: 'tick' })

@@ -7,7 +7,7 @@ import { parseArgs } from 'node:util';
 import { UsageError, parseCommandLine, positiveInt, reportError } from '../shared/cli.ts';
 import { DEFAULT_CONFIG_PATH, loadAgentConfig, type AgentConfig } from '../shared/config.ts';
 import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
-import { describeOutcome, type HistoryEntry, type Outcome, type Target } from '../shared/model.ts';
+import { MAX_SECONDS, describeOutcome, type HistoryEntry, type Outcome, type Target } from '../shared/model.ts';
 import { VERSION } from '../shared/version.ts';
 import { Agent, statusOf, type AgentOptions, type Progress, type Result, type Status } from './agent.ts';
 import { readBootId } from './clock.ts';
@@ -82,7 +82,7 @@ export async function main(argv: string[]): Promise<number> {
         return await history(config, o.json, o.limit ? positiveInt(o.limit, '--limit') : undefined);
       case 'activate': {
         const target = parseTarget(rest, o.flake, o.generation);
-        const timeoutSec = o.timeout ? positiveInt(o.timeout, '--timeout') : undefined;
+        const timeoutSec = o.timeout ? positiveInt(o.timeout, '--timeout', MAX_SECONDS) : undefined;
         const dryRun = o['dry-run'] ? { dryRun: true } : {};
         return await ask(config, { cmd: 'activate', target, ...(timeoutSec ? { timeoutSec } : {}), ...dryRun, ...user() }, o.json);
       }
@@ -92,7 +92,7 @@ export async function main(argv: string[]): Promise<number> {
         return await ask(config, { cmd: 'rollback', ...(o.id ? { id: o.id } : {}), ...user() }, o.json);
       case 'extend': {
         if (rest.length !== 1) throw new UsageError('extend takes one argument: SECONDS');
-        return await ask(config, { cmd: 'extend', seconds: positiveInt(rest[0]!, 'SECONDS'), ...(o.id ? { id: o.id } : {}), ...user() }, o.json);
+        return await ask(config, { cmd: 'extend', seconds: positiveInt(rest[0]!, 'SECONDS', MAX_SECONDS), ...(o.id ? { id: o.id } : {}), ...user() }, o.json);
       }
       case 'revert': {
         if (!o.id) throw new UsageError('revert needs --id ID');

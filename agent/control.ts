@@ -6,7 +6,7 @@ import { createConnection, createServer, type Server, type Socket } from 'node:n
 import { dirname } from 'node:path';
 import { z } from 'zod';
 import { SnapbackError, describeIssues } from '../shared/errors.ts';
-import { targetSchema, type Actor } from '../shared/model.ts';
+import { cappedSecondsSchema, secondsSchema, targetSchema, type Actor } from '../shared/model.ts';
 import type { Agent, Progress, Result } from './agent.ts';
 import type { Logger } from './log.ts';
 
@@ -16,13 +16,13 @@ export const controlRequestSchema = z.discriminatedUnion('cmd', [
   z.strictObject({
     cmd: z.literal('activate'),
     target: targetSchema,
-    timeoutSec: z.number().int().positive().optional(),
+    timeoutSec: secondsSchema.optional(),
     dryRun: z.boolean().optional(),
     user: z.string().optional(),
   }),
   z.strictObject({ cmd: z.literal('confirm'), id: z.string().optional(), user: z.string().optional() }),
   z.strictObject({ cmd: z.literal('rollback'), id: z.string().optional(), user: z.string().optional() }),
-  z.strictObject({ cmd: z.literal('extend'), seconds: z.number().int(), id: z.string().optional(), user: z.string().optional() }),
+  z.strictObject({ cmd: z.literal('extend'), seconds: cappedSecondsSchema, id: z.string().optional(), user: z.string().optional() }),
   z.strictObject({ cmd: z.literal('revert'), id: z.string(), user: z.string().optional() }),
 ]);
 export type ControlRequest = z.infer<typeof controlRequestSchema>;

@@ -1,11 +1,11 @@
 // Everything the agent asks of Nix: realise a store path from trusted caches, build a flake's
 // toplevel, resolve a generation, hold GC roots, and move the system profile. Only Nix 2.8 features.
 
-import { accessSync, constants, readdirSync, readlinkSync, realpathSync, rmSync } from 'node:fs';
+import { accessSync, constants, readdirSync, readlinkSync, realpathSync, rmSync, statSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { execa } from 'execa';
 import { SnapbackError } from '../shared/errors.ts';
-import type { Target } from '../shared/model.ts';
+import { describeTarget, storePathSchema, type Target } from '../shared/model.ts';
 import type { ProfileBefore } from './lifecycle.ts';
 
 export interface NixSettings {
@@ -38,30 +38,40 @@ export class Nix {
   /**
    * Obtains the target's toplevel in the store, rooted at `gcRoot`, and checks that it is a NixOS
    * toplevel. Nothing on the running system changes here.
+   *
+   * The toplevel returned is canonical: a store path that is itself a symlink (`nix-store --add` of
+   * a link, or a derivation whose `$out` is one) is resolved, because `/run/current-system` reads
+   * as the resolved path, and every compare-and-swap compares with what this returns. Whatever
+   * resolves outside the store, or below one of its entries, is refused.
    */
   async obtain(target: Target, gcRoot: string, profile: string, onLine?: LineSink): Promise<string> {
-    let path: string;
-    if ('storePath' in target) {
-      await this.run('nix-store', ['--realise', target.storePath, '--add-root', gcRoot, ...this.trustOptions()], 'fetch-failed', onLine);
-      path = target.storePath;
-    } else if ('flake' in target) {
-      path = await this.buildFlake(target.flake, gcRoot, onLine);
-    } else {
-      path = generationPath(profile, target.generation);
-      await this.run('nix-store', ['--realise', path, '--add-root', gcRoot], 'fetch-failed', onLine);
-    }
     try {
-      assertToplevel(path);
+      let path: string;
+      if ('storePath' in target) {
+        await this.run('nix-store', ['--realise', ...this.trustOptions(), '--add-root', gcRoot, '--', storeArg(target.storePath)], 'fetch-failed', onLine);
+        path = target.storePath;
+      } else if ('flake' in target) {
+        path = await this.buildFlake(target.flake, gcRoot, onLine);
+      } else {
+        path = generationPath(profile, target.generation);
+      }
+      const toplevel = canonicalStorePath(path, describeTarget(target));
+      // The root holds what runs, not the link to it (a link added with `nix-store --add` does not
+      // keep its target alive); for a generation this is its first root.
+      if (toplevel !== path || 'generation' in target) {
+        await this.run('nix-store', ['--realise', '--add-root', gcRoot, '--', toplevel], 'fetch-failed', onLine);
+      }
+      assertToplevel(toplevel);
+      return toplevel;
     } catch (err) {
       rmSync(gcRoot, { force: true });
       throw err;
     }
-    return path;
   }
 
   /** Holds an existing store path (the revert target) with a GC root of the agent's own. */
   async hold(path: string, gcRoot: string): Promise<void> {
-    await this.run('nix-store', ['--realise', path, '--add-root', gcRoot], 'fetch-failed');
+    await this.run('nix-store', ['--realise', '--add-root', gcRoot, '--', storeArg(path)], 'fetch-failed');
   }
 
   private async buildFlake(flake: string, gcRoot: string, onLine?: LineSink): Promise<string> {
@@ -69,8 +79,9 @@ export class Nix {
     const ref = flake.slice(0, hash);
     const host = flake.slice(hash + 1);
     const installable = `${ref}#nixosConfigurations.${JSON.stringify(host)}.config.system.build.toplevel`;
-    // Nix 2.8 has no --print-out-paths: read the path from --json.
-    const stdout = await this.run('nix', [...FLAKES, 'build', '--json', '--out-link', gcRoot, installable, ...this.trustOptions()], 'build-failed', onLine);
+    // Nix 2.8 has no --print-out-paths: read the path from --json. After `--` the installable is one
+    // whatever it begins with: read as options, `-I#…` would leave none, and Nix would build `.`.
+    const stdout = await this.run('nix', [...FLAKES, 'build', '--json', '--out-link', gcRoot, ...this.trustOptions(), '--', installable], 'build-failed', onLine);
     try {
       const parsed = JSON.parse(stdout) as { outputs?: { out?: string } }[];
       const out = parsed[0]?.outputs?.out;
@@ -113,6 +124,35 @@ export function readCurrentSystem(link: string): string | null {
   }
 }
 
+const STORE_DIR = '/nix/store';
+
+/**
+ * `path` with every symlink resolved, which must be a directory directly under the store
+ * (`/nix/store/<hash>-<name>`, nothing below it); else `bad-target`, naming `what` was asked for.
+ */
+export function canonicalStorePath(path: string, what: string): string {
+  let real: string;
+  try {
+    real = realpathSync(path);
+  } catch (err) {
+    throw new SnapbackError('bad-target', `${what} does not resolve to an existing path: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+  if (!storePathSchema.safeParse(real).success) {
+    throw new SnapbackError('bad-target', `${what} resolves to ${real}, which is not a directory directly under ${STORE_DIR}; refused`);
+  }
+  if (!statSync(real).isDirectory()) throw new SnapbackError('bad-target', `${what} resolves to ${real}, which is not a directory; refused`);
+  return real;
+}
+
+/**
+ * nix-store and nix-env (Nix 2.8) accept `--` but still read a later `-x` as their own flag: a path
+ * handed to them must be absolute, so it cannot begin with `-`.
+ */
+function storeArg(path: string): string {
+  if (!path.startsWith('/')) throw new SnapbackError('bad-target', `"${path}" is not an absolute path; refused`);
+  return path;
+}
+
 export function assertToplevel(path: string): void {
   try {
     accessSync(join(path, 'bin', 'switch-to-configuration'), constants.X_OK);
@@ -142,9 +182,11 @@ export function currentGeneration(profile: string): number | null {
   return m ? Number(m[1]) : null;
 }
 
-async function nixEnv(profile: string, args: string[]): Promise<void> {
-  const r = await execa('nix-env', ['-p', profile, ...args], { reject: false, stdin: 'ignore' });
-  if (r.exitCode !== 0) throw new Error(`nix-env -p ${profile} ${args.join(' ')}: ${String(r.stderr).trim() || `exit ${r.exitCode}`}`);
+/** `nix-env -p PROFILE OP -- ARGS…`: the profile and every path argument absolute (see storeArg). */
+async function nixEnv(profile: string, op: string, args: string[]): Promise<void> {
+  for (const a of args) if (!/^\d+$/.test(a)) storeArg(a);
+  const r = await execa('nix-env', ['-p', storeArg(profile), op, '--', ...args], { reject: false, stdin: 'ignore' });
+  if (r.exitCode !== 0) throw new Error(`nix-env -p ${profile} ${op} ${args.join(' ')}: ${String(r.stderr).trim() || `exit ${r.exitCode}`}`);
 }
 
 /** The generation numbers of a profile (`system-N-link` beside `system`), ascending. */
@@ -170,7 +212,7 @@ export const profiles = {
   },
 
   /** `nix-env -p P --set X`: a new generation, unless X is already the newest one. */
-  set: (profile: string, path: string) => nixEnv(profile, ['--set', path]),
+  set: (profile: string, path: string) => nixEnv(profile, '--set', [path]),
 
   /**
    * Puts the profile back to what `before` recorded, by the system's path (its generation may be
@@ -186,14 +228,14 @@ export const profiles = {
     if (points === toplevel) {
       if (before.path === null) rmSync(profile, { force: true });
       else if (before.generation !== null && readGeneration(profile, before.generation) === before.path) {
-        await nixEnv(profile, ['--switch-generation', String(before.generation)]);
-      } else await nixEnv(profile, ['--set', before.path]);
+        await nixEnv(profile, '--switch-generation', [String(before.generation)]);
+      } else await nixEnv(profile, '--set', [before.path]);
     }
     const current = currentGeneration(profile);
     const created = generations(profile).filter((n) => n > (before.newest ?? 0) && n !== current && readGeneration(profile, n) === toplevel);
     if (created.length === 0) return;
     if (before.path === null) for (const n of created) rmSync(`${profile}-${n}-link`, { force: true });
-    else await nixEnv(profile, ['--delete-generations', ...created.map(String)]);
+    else await nixEnv(profile, '--delete-generations', created.map(String));
   },
 };
 

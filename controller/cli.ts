@@ -7,8 +7,8 @@ import { parseArgs } from 'node:util';
 import { execa } from 'execa';
 import { UsageError, parseCommandLine, positiveInt, reportError } from '../shared/cli.ts';
 import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
-import { loadFleet, parseFleet, type Fleet, type FleetHost } from '../shared/fleet.ts';
-import { describeOutcome, type Target } from '../shared/model.ts';
+import { isHost, loadFleet, parseFleet, type Fleet, type FleetHost } from '../shared/fleet.ts';
+import { MAX_SECONDS, describeOutcome, flakeRefSchema, type Target } from '../shared/model.ts';
 import { describeStatus } from '../shared/text.ts';
 import { VERSION } from '../shared/version.ts';
 import { exitCodeOf } from './deploy.ts';
@@ -62,11 +62,15 @@ export async function main(argv: string[]): Promise<number> {
   const { values: o, positionals } = parsed;
   const [command, ...names] = positionals as [string, ...string[]];
   try {
+    // Checked before any use: a flake reference beginning with "-" would be an option to Nix.
+    if (o.flake !== undefined && !flakeRefSchema.safeParse(`${o.flake}#snapback`).success) {
+      throw new UsageError(`--flake must be a flake reference without spaces or "#" that does not begin with "-", not "${o.flake}"`);
+    }
     const fleet = await fleetFrom(o.fleet, o.flake);
     switch (command) {
       case 'deploy': {
         const hosts = select(fleet, names, o.all, o.tag ?? [], true);
-        const timeoutSec = o.timeout ? positiveInt(o.timeout, '--timeout') : undefined;
+        const timeoutSec = o.timeout ? positiveInt(o.timeout, '--timeout', MAX_SECONDS) : undefined;
         const parallel = o.parallel ? positiveInt(o.parallel, '--parallel') : fleet.defaults.parallel;
         return await deploy(fleet, hosts, { json: o.json, parallel, dryRun: o['dry-run'], atomic: o.atomic, ...(o.flake ? { flake: o.flake } : {}), ...(timeoutSec ? { timeoutSec } : {}) });
       }
@@ -89,7 +93,7 @@ export async function main(argv: string[]): Promise<number> {
 
 /** Hosts named on the command line, or `--all`, or by `--tag`; in fleet-file order. */
 function select(fleet: Fleet, names: string[], all: boolean, tags: string[], requireChoice: boolean): string[] {
-  for (const n of names) if (!(n in fleet.hosts)) throw new UsageError(`unknown host "${n}" (the fleet file has: ${Object.keys(fleet.hosts).join(', ')})`);
+  for (const n of names) if (!isHost(fleet, n)) throw new UsageError(`unknown host "${n}" (the fleet file has: ${Object.keys(fleet.hosts).join(', ')})`);
   const chosen = Object.entries(fleet.hosts)
     .filter(([name, h]) => all || names.includes(name) || h.tags.some((t) => tags.includes(t)))
     .map(([name]) => name);
@@ -104,7 +108,7 @@ function select(fleet: Fleet, names: string[], all: boolean, tags: string[], req
 async function fleetFrom(file: string | undefined, flake: string | undefined): Promise<Fleet> {
   if (file || !flake || existsSync('snapback.json')) return loadFleet(file ?? 'snapback.json');
   const installable = `${flake}#snapback`;
-  const r = await execa('nix', ['--extra-experimental-features', 'nix-command flakes', 'eval', '--json', installable], { reject: false, stdin: 'ignore' });
+  const r = await execa('nix', ['--extra-experimental-features', 'nix-command flakes', 'eval', '--json', '--', installable], { reject: false, stdin: 'ignore' });
   if (r.exitCode !== 0) {
     const why = String(r.stderr).trim().split('\n').filter(Boolean).slice(-2).join(' | ');
     throw new SnapbackError('config-invalid', `no snapback.json here, and nix eval ${installable} failed: ${why}`);
@@ -150,8 +154,8 @@ function checkAcyclic(fleet: Fleet, names: string[]): void {
 }
 
 async function withSession<T>(fleet: Fleet, name: string, fn: (s: Session) => Promise<T>): Promise<T> {
-  const host = fleet.hosts[name];
-  if (!host) throw new UsageError(`unknown host "${name}"`);
+  if (!isHost(fleet, name)) throw new UsageError(`unknown host "${name}" (the fleet file has: ${Object.keys(fleet.hosts).join(', ')})`);
+  const host = fleet.hosts[name]!;
   const s = await Session.open(name, host, await resolveSigners(fleet));
   try {
     return await fn(s);

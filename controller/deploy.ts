@@ -9,7 +9,7 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { EXIT, SnapbackError, type ExitCode } from '../shared/errors.ts';
 import type { FleetHost, Probe } from '../shared/fleet.ts';
-import { describeOutcome, type Outcome, type Target } from '../shared/model.ts';
+import { MAX_TIMER_MS, describeOutcome, type Outcome, type Target } from '../shared/model.ts';
 import type { ServerMessage } from '../shared/protocol.ts';
 import type { Signer } from '../shared/ssh.ts';
 import { runProbes, type ProbeResult } from './probes.ts';
@@ -239,8 +239,8 @@ async function freshTrialSession(o: DeployHostOptions, id: string, until: number
 
 /** After the deadline: keep asking the host for the outcome of `id`; `unknown` if it never answers. */
 async function learnOutcome(o: DeployHostOptions, id: string, deadline: number): Promise<HostResult> {
-  const wait = deadline - mono() + 1000;
-  if (wait > 0) await sleep(wait);
+  // In steps: Node fires a timer longer than MAX_TIMER_MS at once, and the host tells the deadline.
+  while (deadline + 1000 - mono() > 0) await sleep(Math.min(MAX_TIMER_MS, deadline + 1000 - mono()));
   const until = mono() + (o.graceSec ?? 120) * 1000;
   let last = 'no connection';
   let attempt = 0;

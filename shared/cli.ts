@@ -7,8 +7,10 @@ import { VERSION } from './version.ts';
 
 export class UsageError extends Error {}
 
-export function positiveInt(s: string, what: string): number {
+/** A whole number 1..max from the command line; `what` names the option in the error. */
+export function positiveInt(s: string, what: string, max = Number.MAX_SAFE_INTEGER): number {
   if (!/^\d+$/.test(s) || Number(s) <= 0) throw new UsageError(`${what} must be a positive whole number, not "${s}"`);
+  if (Number(s) > max) throw new UsageError(`${what} must be at most ${max}, not ${s}`);
   return Number(s);
 }
 

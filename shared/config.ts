@@ -3,10 +3,11 @@
 
 import { z } from 'zod';
 import { parseInput, readInput, validateInput } from './input.ts';
+import { secondsSchema } from './model.ts';
 import { DEFAULT_PORT } from './protocol.ts';
 
 const absolutePath = z.string().startsWith('/', { message: 'must be an absolute path' });
-const seconds = z.number().int().positive();
+const seconds = secondsSchema;
 
 export const healthCheckSchema = z.strictObject({
   name: z.string().min(1).optional(),

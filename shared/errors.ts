@@ -60,11 +60,16 @@ export class SnapbackError extends Error {
 
 /** Whether a request refused with `code` may succeed if simply sent again later. */
 export function retryable(code: string): boolean {
-  return code in ERROR_CODES ? ERROR_CODES[code as ErrorCode][1] : false;
+  return isErrorCode(code) ? ERROR_CODES[code][1] : false;
 }
 
 export function exitCodeFor(code: string): ExitCode {
-  return code in ERROR_CODES ? ERROR_CODES[code as ErrorCode][0] : EXIT.unknown;
+  return isErrorCode(code) ? ERROR_CODES[code][0] : EXIT.unknown;
+}
+
+/** Codes arrive from the wire: `constructor` or `toString` is no code of ours. */
+function isErrorCode(code: string): code is ErrorCode {
+  return Object.hasOwn(ERROR_CODES, code);
 }
 
 /** One line per problem: `confirm.maxTimeoutSec: expected number, received string`. */
@@ -74,6 +79,8 @@ export function describeIssues(error: z.ZodError): string[] {
     if (issue.code === 'unrecognized_keys') {
       return `${where}: unknown key${issue.keys.length > 1 ? 's' : ''} ${issue.keys.map((k) => `"${k}"`).join(', ')}`;
     }
+    // A bad key of a record (a host name): say what is wrong with it, not only that it is.
+    if (issue.code === 'invalid_key') return `${where}: ${issue.issues.map((i) => i.message).join('; ')}`;
     return `${where}: ${issue.message}`;
   });
 }

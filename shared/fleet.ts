@@ -3,9 +3,9 @@
 import { homedir } from 'node:os';
 import { z } from 'zod';
 import { parseInput, readInput } from './input.ts';
-import { targetSchema } from './model.ts';
+import { secondsSchema, targetSchema } from './model.ts';
 
-const timeoutSec = z.number().int().positive();
+const timeoutSec = secondsSchema;
 
 const hostPort = z.string().regex(/^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):\d{1,5}$/, 'must be HOST:PORT');
 
@@ -24,6 +24,16 @@ export const probeSchema = z.union([
   }),
 ]);
 export type Probe = z.infer<typeof probeSchema>;
+
+/**
+ * Host names index plain objects: the names every object already has (`constructor`, `toString`,
+ * `__proto__`…) would be found where no host is, or vanish from the parsed file.
+ */
+const reservedNames = new Set([...Object.getOwnPropertyNames(Object.prototype), '__proto__']);
+const hostNameSchema = z
+  .string()
+  .regex(/^[A-Za-z0-9_.-]+$/, 'host names use letters, digits, "_", "." and "-"')
+  .refine((n) => !reservedNames.has(n), { error: (i) => `"${String(i.input)}" cannot be a host name (every JavaScript object has it)` });
 
 export const fleetHostSchema = z.strictObject({
   url: z.string().regex(/^wss?:\/\/[^\s/]+\/?$/, 'must be ws://HOST[:PORT] or wss://HOST[:PORT]'),
@@ -55,16 +65,27 @@ export const fleetSchema = z
         outcomeGraceSec: timeoutSec.default(120),
       })
       .prefault({}),
-    hosts: z.record(z.string().regex(/^[A-Za-z0-9_.-]+$/, 'host names use letters, digits, "_", "." and "-"'), fleetHostSchema),
+    // A record never sees the key `__proto__` (it would drop the host silently): refuse it here.
+    hosts: z.preprocess((hosts, ctx) => {
+      if (hosts && typeof hosts === 'object' && Object.hasOwn(hosts, '__proto__')) {
+        ctx.issues.push({ code: 'custom', path: ['__proto__'], input: hosts, message: '"__proto__" cannot be a host name (every JavaScript object has it)' });
+      }
+      return hosts;
+    }, z.record(hostNameSchema, fleetHostSchema)),
   })
   .superRefine((f, ctx) => {
     for (const [name, h] of Object.entries(f.hosts)) {
       for (const dep of h.dependsOn) {
-        if (!(dep in f.hosts)) ctx.addIssue({ code: 'custom', path: ['hosts', name, 'dependsOn'], message: `unknown host "${dep}"` });
+        if (!isHost(f, dep)) ctx.addIssue({ code: 'custom', path: ['hosts', name, 'dependsOn'], message: `unknown host "${dep}"` });
       }
     }
   });
 export type Fleet = z.infer<typeof fleetSchema>;
+
+/** Whether `name` is a host of the fleet (its own entry, never one every object has). */
+export function isHost(fleet: Pick<Fleet, 'hosts'>, name: string): boolean {
+  return Object.hasOwn(fleet.hosts, name);
+}
 
 export function expandHome(path: string): string {
   return path === '~' || path.startsWith('~/') ? homedir() + path.slice(1) : path;

@@ -7,12 +7,35 @@ export const storePathSchema = z
   .string()
   .regex(/^\/nix\/store\/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-._?=]+$/, 'must be a /nix/store path');
 
-/** Flake references are passed to `nix build` as one argument, never through a shell. */
+/**
+ * Flake references are passed to `nix build` as one argument, never through a shell, and after
+ * `--`; a leading `-` is refused all the same, so no Nix version or command can read one as an option.
+ */
 export const flakeRefSchema = z
   .string()
   .min(3)
   .max(2048)
+  .regex(/^[^-]/, 'must not begin with "-" (Nix would read it as an option)')
   .regex(/^[^\s#]+#[A-Za-z0-9_.'-]+$/, 'must look like REF#HOST (no spaces)');
+
+/**
+ * The longest time any configured or requested window, timeout or extension may last: 7 days.
+ * Node fires a timer of more than 2^31-1 ms (24.8 days) at once, and some timers add two or three
+ * of these values (switch limit + confirm window + grace); 7 days keeps every such sum inside, and
+ * a trial left unconfirmed for longer than a week is no longer a trial.
+ */
+export const MAX_SECONDS = 7 * 24 * 3600;
+
+/** The longest delay Node's setTimeout honours; it fires a longer one at once. */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
+const tooLong = { message: `must be at most ${MAX_SECONDS} seconds (7 days)` };
+
+/** A whole number of seconds, 1..MAX_SECONDS; the error names the limit. */
+export const secondsSchema = z.number().int().positive().max(MAX_SECONDS, tooLong);
+
+/** Seconds bounded only by the cap: the agent answers a value below its own range with `timeout-out-of-range`. */
+export const cappedSecondsSchema = z.number().int().max(MAX_SECONDS, tooLong);
 
 export const targetSchema = z.union([
   z.strictObject({ storePath: storePathSchema }),

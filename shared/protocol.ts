@@ -13,7 +13,7 @@
 // connection, and any change to it breaks the signature.
 
 import { z } from 'zod';
-import { outcomeSchema, phaseSchema, targetSchema, historyEntrySchema, actorSchema } from './model.ts';
+import { outcomeSchema, phaseSchema, targetSchema, historyEntrySchema, actorSchema, secondsSchema, cappedSecondsSchema } from './model.ts';
 
 export const SUBPROTOCOL = 'snapback.v1';
 export const MAX_PAYLOAD = 256 * 1024;
@@ -44,14 +44,14 @@ export const activateSchema = z.strictObject({
   type: z.literal('activate'),
   seq,
   target: targetSchema,
-  timeoutSec: z.number().int().positive().optional(),
+  timeoutSec: secondsSchema.optional(),
   /** build or fetch, then only `switch-to-configuration dry-activate`: nothing changes */
   dryRun: z.boolean().optional(),
   sig: signature,
 });
 export const confirmSchema = z.strictObject({ type: z.literal('confirm'), seq, id, token: z.string().min(1).max(256), sig: signature });
 export const rollbackSchema = z.strictObject({ type: z.literal('rollback'), seq, id: id.optional(), sig: signature });
-export const extendSchema = z.strictObject({ type: z.literal('extend'), seq, id: id.optional(), seconds: z.number().int(), sig: signature });
+export const extendSchema = z.strictObject({ type: z.literal('extend'), seq, id: id.optional(), seconds: cappedSecondsSchema, sig: signature });
 
 export const clientMessageSchema = z.discriminatedUnion('type', [
   helloSchema,

@@ -5,11 +5,14 @@
 
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
-import { haveNix, nix, nixStore, writeFlake } from './helpers/nix.ts';
+import { haveNix, nix, nixStore, storeLink, switchScript, writeFlake } from './helpers/nix.ts';
 import { ScratchHost, waitFor } from './helpers/host.ts';
+import { Nix, profiles } from '../agent/nix.ts';
+import type { SnapbackError } from '../shared/errors.ts';
 
 const skip = haveNix();
 if (skip) console.warn(`SKIPPED: ${skip}`);
@@ -443,6 +446,60 @@ describe('agent on real Nix', { skip }, () => {
     assert.equal(h.running(), h.gen1);
   });
 
+  it('a store path that is a symlink to a toplevel runs, is held and reverts as that toplevel', async () => {
+    const h = await host();
+    const x = h.toplevel('x');
+    const link = storeLink(join(h.dir, 'links'), 'nixos-system-alias', x);
+    assert.notEqual(link, x);
+    const a = await h.cli(['activate', link, '--timeout', '2']);
+    assert.equal(a.code, 0, JSON.stringify(a.out));
+    assert.equal(a.out.toplevel, x, 'the toplevel is the resolved path');
+    assert.equal(h.running(), x);
+    assert.equal(readlinkSync(join(h.stateDir, 'gcroots', a.out.id)), x, 'the GC root holds what runs, not the link');
+    assert.equal((await h.cli(['status'])).out.deployment.toplevel, x);
+    const end = await h.waitOutcome(a.out.id);
+    assert.match(end.msg, /reverted: timeout/, 'the revert recognises the running system as the trial');
+    assert.equal(h.running(), h.gen1);
+    assert.deepEqual(h.generations(), [1]);
+    assert.equal(h.history().find((e) => e.id === a.out.id && e.to === 'idle').toplevel, x);
+  });
+
+  it('a flake whose toplevel is a symlink runs and rolls back as the resolved toplevel', async () => {
+    const h = await host();
+    const ref = writeFlake(join(h.dir, 'flake'), 'web1', h.calls, h.current, {}, { link: true });
+    const a = await h.cli(['activate', '--flake', `${ref}#web1`, '--timeout', '60']);
+    assert.equal(a.code, 0, JSON.stringify(a.out));
+    assert.match(a.out.toplevel, /nixos-system-web1-flake$/, 'not the link');
+    assert.equal(h.running(), a.out.toplevel);
+    const r = await h.cli(['rollback']);
+    assert.deepEqual(r.out.outcome, { outcome: 'reverted', reason: 'requested' });
+    assert.equal(h.running(), h.gen1);
+  });
+
+  it('refuses a store path that resolves outside the store or below one of its entries, before anything changes', async () => {
+    const h = await host();
+    // A toplevel anywhere but directly under the store: a scratch directory, a subdirectory of a store path.
+    const outside = join(h.dir, 'outside');
+    mkdirSync(join(outside, 'bin'), { recursive: true });
+    writeFileSync(join(outside, 'bin', 'switch-to-configuration'), switchScript(h.calls, h.current, {}), { mode: 0o755 });
+    const tree = join(h.dir, 'tree');
+    mkdirSync(join(tree, 'inner', 'bin'), { recursive: true });
+    writeFileSync(join(tree, 'inner', 'bin', 'switch-to-configuration'), switchScript(h.calls, h.current, {}), { mode: 0o755 });
+    const inStore = nixStore(['--add', tree]);
+    for (const [name, target] of [['nixos-system-outside', outside], ['nixos-system-below', join(inStore, 'inner')]] as const) {
+      const link = storeLink(join(h.dir, 'links'), name, target);
+      const a = await h.cli(['activate', link, '--timeout', '60']);
+      assert.equal(a.code, 1, JSON.stringify(a.out));
+      assert.equal(a.out.outcome.code, 'bad-target', name);
+      assert.match(a.out.outcome.message, /not a directory directly under \/nix\/store/);
+      assert.ok(a.out.outcome.message.includes(target), a.out.outcome.message);
+    }
+    assert.equal(h.switchCalls().length, 0);
+    assert.equal(h.running(), h.gen1);
+    assert.deepEqual(h.generations(), [1]);
+    assert.deepEqual(readdirSync(join(h.stateDir, 'gcroots')), []);
+  });
+
   it('a full state directory refuses activation and leaves the system untouched', async (t) => {
     const h = await host({}, false);
     const mnt = join(h.dir, 'small');
@@ -549,3 +606,39 @@ function killRun(h: ScratchHost, mode: string): void {
     } catch {}
   }
 }
+
+describe('Nix commands take what comes from outside as arguments', { skip }, () => {
+  const nixOf = () => new Nix({ substituters: [], trustedPublicKeys: [] });
+
+  it('a flake reference beginning with "-" is a reference to nix build, never an option', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'snapback-nix-'));
+    // Read as an option, `-I#…` leaves nix build no installable: it would build the default package
+    // of the flake in the agent's working directory.
+    writeFlake(dir, 'web1', join(dir, 'calls'), join(dir, 'current'), {}, { defaultPackage: true });
+    const cwd = process.cwd();
+    process.chdir(dir);
+    try {
+      const root = join(dir, 'root');
+      await assert.rejects(nixOf().obtain({ flake: '-I#web1' }, root, join(dir, 'profile')), (err: SnapbackError) => {
+        assert.equal(err.code, 'build-failed');
+        assert.match(err.message, /-I/);
+        return true;
+      });
+      assert.ok(!existsSync(root), 'nothing was built or rooted');
+    } finally {
+      process.chdir(cwd);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('nix-store and nix-env are handed only absolute paths (they read a later "-x" as their own flag)', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'snapback-nix-'));
+    try {
+      // `nix-store --realise --dry-run --add-root R` succeeds and roots nothing.
+      await assert.rejects(nixOf().hold('--dry-run', join(dir, 'root')), /"--dry-run" is not an absolute path/);
+      await assert.rejects(profiles.set(join(dir, 'system'), '--dry-run'), /"--dry-run" is not an absolute path/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

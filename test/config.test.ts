@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { agentConfigSchema, parseAgentConfig } from '../shared/config.ts';
 import { SnapbackError } from '../shared/errors.ts';
+import { MAX_SECONDS } from '../shared/model.ts';
 import { VERSION } from '../shared/version.ts';
 import { AGENT_BIN, ROOT } from './helpers/host.ts';
 
@@ -62,6 +63,26 @@ describe('agent configuration', () => {
   it('cross-checks the timeout bounds', () => {
     assert.throws(() => parseAgentConfig({ confirm: { minTimeoutSec: 60, maxTimeoutSec: 30, defaultTimeoutSec: 40 } }), /confirm\.minTimeoutSec: must not exceed/);
     assert.throws(() => parseAgentConfig({ confirm: { defaultTimeoutSec: 5 } }), /confirm\.defaultTimeoutSec: must lie within/);
+  });
+
+  it('caps every seconds key at MAX_SECONDS, so no timer of the agent can overflow', () => {
+    const huge = 3_000_000; // 34 days: Node would fire such a timer at once
+    try {
+      parseAgentConfig({
+        confirm: { defaultTimeoutSec: huge, minTimeoutSec: huge, maxTimeoutSec: huge, activationTimeoutSec: huge },
+        health: { checks: [{ command: 'true', timeoutSec: huge }] },
+      });
+      assert.fail('should have thrown');
+    } catch (err) {
+      assert.ok(err instanceof SnapbackError);
+      const text = (err.details?.problems as string[]).join('\n');
+      for (const key of ['confirm.defaultTimeoutSec', 'confirm.minTimeoutSec', 'confirm.maxTimeoutSec', 'confirm.activationTimeoutSec', 'health.checks.0.timeoutSec']) {
+        assert.ok(text.includes(`${key}: must be at most ${MAX_SECONDS} seconds (7 days)`), `${key} in:\n${text}`);
+      }
+    }
+    const edge = parseAgentConfig({ confirm: { maxTimeoutSec: MAX_SECONDS, activationTimeoutSec: MAX_SECONDS } });
+    assert.equal(edge.confirm.maxTimeoutSec, MAX_SECONDS);
+    assert.ok(MAX_SECONDS * 3 * 1000 <= 2 ** 31 - 1, 'three capped values add up to a delay Node still honours');
   });
 
   it('the daemon does not start with a bad file, and says why (exit 2)', () => {

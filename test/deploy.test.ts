@@ -3,8 +3,9 @@
 
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:http';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { haveNix, writeFlake } from './helpers/nix.ts';
@@ -299,5 +300,37 @@ describe('snapback deploy', { skip }, () => {
     assert.match(noTarget.stderr, /hosts\.web1\.target is missing/);
     const unknown = await h.snapback(['deploy', 'web9', '--fleet', good], { json: false });
     assert.equal(unknown.code, 2);
+  });
+
+  it('names every object has are no hosts: refused on the command line and as dependencies (exit 2)', async () => {
+    const h = await wireHost();
+    const good = await h.fleet({ target: { storePath: h.toplevel('x') } });
+    for (const args of [['deploy', 'constructor'], ['status', 'toString'], ['confirm', 'constructor'], ['rollback', '__proto__'], ['history', 'hasOwnProperty']]) {
+      const r = await h.snapback([...args, '--fleet', good], { json: false });
+      assert.equal(r.code, 2, `${args.join(' ')}: ${r.stdout}${r.stderr}`);
+      assert.match(r.stderr, new RegExp(`unknown host "${args[1]}" \\(the fleet file has: web1\\)`));
+    }
+    const fleet = JSON.parse(readFileSync(good, 'utf8'));
+    fleet.hosts.web1.dependsOn = ['constructor'];
+    writeFileSync(good, JSON.stringify(fleet));
+    const dep = await h.snapback(['deploy', 'web1', '--fleet', good], { json: false });
+    assert.equal(dep.code, 2);
+    assert.match(dep.stderr, /hosts\.web1\.dependsOn: unknown host "constructor"/);
+    assert.equal(h.switchCalls().length, 0);
+  });
+
+  it('a --timeout past MAX_SECONDS and a --flake beginning with "-" are usage errors (exit 2)', async () => {
+    const h = await wireHost();
+    const good = await h.fleet({ target: { storePath: h.toplevel('x') } });
+    const long = await h.snapback(['deploy', 'web1', '--fleet', good, '--timeout', '3000000'], { json: false });
+    assert.equal(long.code, 2);
+    assert.match(long.stderr, /--timeout must be at most 604800/);
+    // Without a fleet file the controller asks Nix for REF#snapback: `-I` there would be an option.
+    const empty = mkdtempSync(join(tmpdir(), 'snapback-noflake-'));
+    cleanups.push(() => rmSync(empty, { recursive: true, force: true }));
+    const flake = await h.snapback(['deploy', 'web1', '--flake=-I'], { json: false, cwd: empty });
+    assert.equal(flake.code, 2);
+    assert.match(flake.stderr, /--flake must be a flake reference .* not "-I"/);
+    assert.equal(h.switchCalls().length, 0);
   });
 });

@@ -7,6 +7,8 @@ import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { haveNix } from './helpers/nix.ts';
 import { ScratchHost, runController } from './helpers/host.ts';
+import { parseFleet } from '../shared/fleet.ts';
+import { MAX_SECONDS } from '../shared/model.ts';
 
 const skip = haveNix();
 if (skip) console.warn(`SKIPPED: ${skip}`);
@@ -117,5 +119,47 @@ describe('fleet deploys', { skip }, () => {
     assert.equal(res.db1.status, 'reverted');
     assert.deepEqual(web1.generations(), [1]);
     assert.deepEqual(db1.generations(), [1]);
+  });
+});
+
+/** The problems parseFleet reports for `fleet`, one line each. */
+function problems(fleet: unknown): string {
+  try {
+    parseFleet(JSON.stringify(fleet), 'snapback.json');
+  } catch (err) {
+    return ((err as { details?: { problems?: string[] } }).details?.problems ?? []).join('\n');
+  }
+  assert.fail('the fleet file was accepted');
+}
+
+describe('the fleet file', () => {
+  const url = 'ws://127.0.0.1:7731';
+
+  it('caps every seconds key at MAX_SECONDS, naming the key and the limit', () => {
+    const huge = 3_000_000;
+    const text = problems({
+      defaults: { confirmTimeoutSec: huge, probeTimeoutSec: huge, outcomeGraceSec: huge, probes: [{ tcp: 'a:1', timeoutSec: huge }] },
+      hosts: { web1: { url, confirmTimeoutSec: huge, probes: [{ http: 'http://a/', timeoutSec: huge }, { command: 'true', timeoutSec: huge }] } },
+    });
+    const keys = [
+      'defaults.confirmTimeoutSec',
+      'defaults.probeTimeoutSec',
+      'defaults.outcomeGraceSec',
+      'defaults.probes.0.timeoutSec',
+      'hosts.web1.confirmTimeoutSec',
+      'hosts.web1.probes.0.timeoutSec',
+      'hosts.web1.probes.1.timeoutSec',
+    ];
+    for (const key of keys) assert.ok(text.includes(`${key}: must be at most ${MAX_SECONDS} seconds (7 days)`), `${key} in:\n${text}`);
+  });
+
+  it('refuses the names every JavaScript object has, as host names and as dependencies', () => {
+    for (const name of ['constructor', 'toString', '__proto__']) {
+      // JSON.parse keeps "__proto__" as an ordinary key, as a fleet file read from disk has it.
+      const asHost = problems(JSON.parse(`{"hosts": {"web1": {"url": "${url}"}, "${name}": {"url": "${url}"}}}`));
+      assert.match(asHost, new RegExp(`hosts\\.${name}: "${name}" cannot be a host name`));
+      const asDependency = problems({ hosts: { web1: { url, dependsOn: [name] } } });
+      assert.match(asDependency, new RegExp(`hosts\\.web1\\.dependsOn: unknown host "${name}"`));
+    }
   });
 });

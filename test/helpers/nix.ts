@@ -4,7 +4,7 @@
 // path (run the toplevel's script) is the production one.
 
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { arch } from 'node:os';
 
@@ -80,21 +80,43 @@ export function buildToplevel(dir: string, name: string, calls: string, current:
   return execFileSync('nix-build', [join(dir, `${name}.nix`), '--no-out-link'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
 }
 
+export interface FlakeShape {
+  /** the toplevel attribute is a store path that is only a symlink to the fake toplevel */
+  link?: boolean;
+  /** the fake toplevel is also the flake's default package (what a bare `nix build` builds) */
+  defaultPackage?: boolean;
+}
+
 /** Writes a `path:` flake whose nixosConfigurations.HOST toplevel is a fake toplevel; returns its ref. */
-export function writeFlake(dir: string, host: string, calls: string, current: string, b: Behaviour = {}): string {
+export function writeFlake(dir: string, host: string, calls: string, current: string, b: Behaviour = {}, shape: FlakeShape = {}): string {
   mkdirSync(dir, { recursive: true });
   writeFileSync(join(dir, 'switch.sh'), switchScript(calls, current, b));
   writeFileSync(join(dir, 'toplevel.nix'), toplevelExpr(`${host}-flake`, 'switch.sh'));
+  const link = `derivation {
+      name = "nixos-system-${host}-link";
+      system = "${SYSTEM}";
+      builder = "/bin/sh";
+      args = [ "-c" "/bin/ln -s \${toplevel} $out" ];
+    }`;
   writeFileSync(
     join(dir, 'flake.nix'),
     `{
-  outputs = { self }: {
-    nixosConfigurations.${host}.config.system.build.toplevel = import ./toplevel.nix;
+  outputs = { self }: let toplevel = import ./toplevel.nix; in {
+    nixosConfigurations.${host}.config.system.build.toplevel = ${shape.link ? link : 'toplevel'};
+    ${shape.defaultPackage ? `packages.${SYSTEM}.default = toplevel;\n    defaultPackage.${SYSTEM} = toplevel;` : ''}
   };
 }
 `,
   );
   return `path:${dir}`;
+}
+
+/** Adds a symlink named NAME pointing at `target` to the store (`nix-store --add`): a store path that is a link. */
+export function storeLink(dir: string, name: string, target: string): string {
+  mkdirSync(dir, { recursive: true });
+  const link = join(dir, name);
+  symlinkSync(target, link);
+  return nixStore(['--add', link]);
 }
 
 export function nixStore(args: string[]): string {
