@@ -50,6 +50,8 @@ in
       description = ''
         OpenSSH public keys (ssh-ed25519) of the operators allowed to deploy. By default, whoever may
         log in as root over SSH. Without any, the agent does not listen (the console still works).
+        Lines keep their options: `from="…"` and `expiry-time="…"` are honoured; a line with
+        `command=`, `restrict`, `principals=` or `cert-authority` is refused, never made an operator.
       '';
     };
   };
