@@ -37,18 +37,24 @@ const BURST = 20;
 const REFILL_PER_SEC = 10;
 /** A connection we close gets this long to answer the close frame before its socket is destroyed. */
 const CLOSE_GRACE_MS = 1000;
+/** Ping interval; a connection that missed a whole interval's pong is dropped. */
+const KEEPALIVE_MS = 15_000;
 /** Refused connections are logged at most this often (a flood must not flood the journal). */
 const REFUSAL_LOG_MS = 10_000;
 
 /** One accepted TCP connection, from the accept on: freshness and the limits are counted from here. */
 interface Conn {
   raw: Socket;
+  /** what HTTP sees: the TLS wrapper on wss://, else `raw` */
+  sock: Socket;
   /** the peer address; IPv4-mapped IPv6 written as IPv4 */
   address: string;
   /** what the per-source limit counts: the address, or its /64 for IPv6 */
   source: string;
   acceptedMono: number;
   authenticated: boolean;
+  /** its slot is free again (closed, or dropped to make room) */
+  released: boolean;
   timer: NodeJS.Timeout;
 }
 
@@ -144,15 +150,7 @@ export class WireServer {
     raw.on('error', () => raw.destroy());
     const address = plainAddress(raw.remoteAddress ?? '');
     const source = sourceOf(address);
-    const { maxConnections, maxPending, maxPendingPerAddress } = this.limits;
-    const refusal =
-      this.conns.size >= maxConnections
-        ? `${maxConnections} connections are open (listen.maxConnections)`
-        : this.pending >= maxPending
-          ? `${maxPending} connections are waiting to authenticate (listen.maxPending)`
-          : (this.pendingBySource.get(source) ?? 0) >= maxPendingPerAddress
-            ? `${maxPendingPerAddress} connections from ${source} are waiting to authenticate (listen.maxPendingPerAddress)`
-            : undefined;
+    const refusal = this.admission(source);
     if (refusal) {
       raw.destroy();
       this.refused.count++;
@@ -166,27 +164,66 @@ export class WireServer {
     const sock = this.tls ? new TLSSocket(raw, { isServer: true, secureContext: this.tls }) : raw;
     const conn: Conn = {
       raw,
+      sock,
       address,
       source,
       acceptedMono: now().mono,
       authenticated: false,
+      released: false,
       // Destroyed, not closed: a peer that never answers a close frame must not keep its socket.
-      timer: setTimeout(() => raw.destroy(), this.limits.handshakeTimeoutSec * 1000),
+      timer: setTimeout(() => this.drop(conn), this.limits.handshakeTimeoutSec * 1000),
     };
     this.conns.set(sock, conn);
     this.pending++;
     this.pendingBySource.set(source, (this.pendingBySource.get(source) ?? 0) + 1);
-    raw.once('close', () => {
-      clearTimeout(conn.timer);
-      this.conns.delete(sock);
-      if (!conn.authenticated) this.unpend(conn);
-    });
+    raw.once('close', () => this.release(conn));
     if (sock instanceof TLSSocket) {
       sock.on('error', () => raw.destroy());
       sock.once('secure', () => this.http.emit('connection', sock));
     } else {
       this.http.emit('connection', sock);
     }
+  }
+
+  /**
+   * Whether a new connection from `source` may be accepted; the reason when not. A source over its
+   * own share is refused. When the agent is full, the oldest unauthenticated connection of the
+   * source holding the most makes room for a source holding fewer: whoever spreads a flood over
+   * many addresses (all of 127.0.0.0/8 is one local user; a routed IPv6 prefix holds many /64s)
+   * gets turns like everyone else, and cannot keep a newcomer out by holding every slot first.
+   */
+  private admission(source: string): string | undefined {
+    const { maxConnections, maxPending, maxPendingPerAddress } = this.limits;
+    const mine = this.pendingBySource.get(source) ?? 0;
+    if (mine >= maxPendingPerAddress) return `${maxPendingPerAddress} connections from ${source} are waiting to authenticate (listen.maxPendingPerAddress)`;
+    const full = this.conns.size >= maxConnections ? `${maxConnections} connections are open (listen.maxConnections)` : this.pending >= maxPending ? `${maxPending} connections are waiting to authenticate (listen.maxPending)` : undefined;
+    if (!full) return undefined;
+    let victim: Conn | undefined;
+    let most = mine;
+    for (const c of this.conns.values()) {
+      const n = c.authenticated ? 0 : (this.pendingBySource.get(c.source) ?? 0);
+      if (n > most) {
+        most = n;
+        victim = c;
+      }
+    }
+    if (!victim) return full;
+    this.drop(victim);
+    return undefined;
+  }
+
+  /** Ends a connection now and frees its slot at once (its `close` event comes later). */
+  private drop(conn: Conn): void {
+    this.release(conn);
+    conn.raw.destroy();
+  }
+
+  private release(conn: Conn): void {
+    if (conn.released) return;
+    conn.released = true;
+    clearTimeout(conn.timer);
+    this.conns.delete(conn.sock);
+    if (!conn.authenticated) this.unpend(conn);
   }
 
   private unpend(conn: Conn): void {
@@ -197,7 +234,7 @@ export class WireServer {
   }
 
   private authenticated(conn: Conn): void {
-    if (conn.authenticated) return;
+    if (conn.authenticated || conn.released) return;
     conn.authenticated = true;
     clearTimeout(conn.timer);
     this.unpend(conn);
@@ -232,6 +269,16 @@ export class WireServer {
       refilledAt: t,
     };
     ws.on('error', () => ws.terminate());
+    // A controller that vanished without a FIN must not hold its slot for ever: no pong, no connection.
+    let answered = true;
+    const keepalive = setInterval(() => {
+      if (!answered) return ws.terminate();
+      answered = false;
+      ws.ping();
+    }, KEEPALIVE_MS);
+    keepalive.unref();
+    ws.on('pong', () => (answered = true));
+    ws.on('close', () => clearInterval(keepalive));
     ws.on('message', (data, isBinary) => {
       if (!this.admit(s)) return;
       if (isBinary) return this.fail(s, 'bad-request', 'binary frames are not part of snapback.v1', !s.auth);

@@ -81,8 +81,19 @@ function done(o: DeployHostOptions, result: HostResult): HostResult {
 
 /** The first half: everything up to passed probes. Anything else ends here, reported, with its result. */
 export async function trial(o: DeployHostOptions): Promise<Passed | { kind: 'ended'; result: HostResult }> {
-  const r = await trialFlow(o);
+  const r = await trialFlow(o).catch((err: Error) => afterActivation(o.name, err));
   return 'kind' in r ? r : { kind: 'ended', result: done(o, r) };
+}
+
+/**
+ * What an error that escaped the flow means: every failure before `activate` is answered inside it
+ * (exit 3, nothing changed), so whatever escapes came after — the host may be in a trial, and its
+ * own deadline decides. One host's surprise never takes the other hosts' results with it.
+ */
+function afterActivation(host: string, err: Error): HostResult {
+  // A fleet file that cannot be used is the operator's error (exit 2), found before any change.
+  if (err instanceof SnapbackError && err.code === 'config-invalid') throw err;
+  return { host, status: 'unknown', message: `outcome unknown: ${err.message}` };
 }
 
 async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
@@ -159,6 +170,10 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
  * leave it waiting for its deadline), or roll back with the reason given.
  */
 export async function finish(o: DeployHostOptions, p: Passed, decision: { confirm: true } | { confirm: false; why: string }): Promise<HostResult> {
+  return finishFlow(o, p, decision).catch((err: Error) => done(o, { ...afterActivation(o.name, err), id: p.id }));
+}
+
+async function finishFlow(o: DeployHostOptions, p: Passed, decision: { confirm: true } | { confirm: false; why: string }): Promise<HostResult> {
   const { name } = o;
   const { session, id, deadline } = p;
   if (!decision.confirm) {
@@ -227,8 +242,8 @@ async function freshTrialSession(o: DeployHostOptions, id: string, until: number
       // Still building or switching: its window has not even started.
       if (w.state.phase === 'preparing' || w.state.phase === 'activating') until = Math.max(until, mono() + windowMs);
     } catch (err) {
-      if (err instanceof SnapbackError && (err.code === 'config-invalid' || err.details?.hostKey)) throw err;
-      error = (err as Error).message;
+      if (err instanceof SnapbackError && err.code === 'config-invalid') throw err;
+      error = suspicious(err);
     }
     o.emit({ type: 'reconnecting', host: o.name, attempt, error });
     await sleep(Math.max(0, Math.min(delay, until - mono())));
@@ -254,13 +269,22 @@ async function learnOutcome(o: DeployHostOptions, id: string, deadline: number):
       last = st.deployment?.id === id ? `still ${st.phase}` : `the host does not know ${id}`;
       if (st.deployment?.id !== id) break;
     } catch (err) {
-      if (err instanceof SnapbackError && (err.code === 'config-invalid' || err.details?.hostKey)) throw err;
-      last = (err as Error).message;
+      if (err instanceof SnapbackError && err.code === 'config-invalid') throw err;
+      last = suspicious(err);
     }
     o.emit({ type: 'reconnecting', host: o.name, attempt, error: last });
     await sleep(Math.min(2000, Math.max(0, until - mono())));
   }
   return { host: o.name, status: 'unknown', id, message: `outcome unknown: ${last}` };
+}
+
+/**
+ * After the activation a wrong host key (or TLS pin) is not "nothing changed, stop": the host is in
+ * a trial either way. It is said loudly, and the next attempt may reach the real host.
+ */
+function suspicious(err: unknown): string {
+  const message = (err as Error).message;
+  return err instanceof SnapbackError && err.details?.hostKey ? `${message} — the host was reached with the right key before; someone in the middle?` : message;
 }
 
 function fromOutcome(host: string, id: string, outcome: Outcome): HostResult {
@@ -270,7 +294,7 @@ function fromOutcome(host: string, id: string, outcome: Outcome): HostResult {
 
 function unreachable(host: string, err: unknown): HostResult {
   if (err instanceof SnapbackError && err.code === 'config-invalid') throw err;
-  return { host, status: 'unreachable', message: (err as Error).message };
+  return { host, status: 'unreachable', message: `${(err as Error).message} — nothing was changed` };
 }
 
 /** 0 all confirmed; 4 any outcome unknown; 1 any reverted or failed; 3 any unreachable before a change. */

@@ -164,11 +164,11 @@ export class Session {
             return fail(new SnapbackError('unauthorized', `${name}: the agent sent an unusable host key`, { hostKey: true }));
           }
           if (expected.revoked.some((k) => k.blob.equals(hostKey!.blob))) {
-            return fail(new SnapbackError('unauthorized', `${name}: host key ${hostKey.fingerprint} is revoked (@revoked in known_hosts) — stopping before any change`, { hostKey: true }));
+            return fail(new SnapbackError('unauthorized', `${name}: host key ${hostKey.fingerprint} is revoked (@revoked in known_hosts)`, { hostKey: true }));
           }
           if (!expected.keys.some((k) => k.blob.equals(hostKey!.blob))) {
             return fail(
-              new SnapbackError('unauthorized', `${name}: host key ${hostKey.fingerprint} does not match the expected host key ${expected.keys.map((k) => k.fingerprint).join(' or ')} — stopping before any change`, {
+              new SnapbackError('unauthorized', `${name}: host key ${hostKey.fingerprint} does not match the expected host key ${expected.keys.map((k) => k.fingerprint).join(' or ')}`, {
                 hostKey: true,
               }),
             );

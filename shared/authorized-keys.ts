@@ -171,8 +171,15 @@ export function fromMatches(patterns: string[], peerAddress: string): boolean {
   for (const p of patterns) {
     const negated = p.startsWith('!');
     const bare = negated ? p.slice(1) : p;
+    // As sshd's addr_match_list: a pattern that is an address (any spelling of it) is compared as
+    // a number, a /32 or /128 block; only what is not an address is a wildcard over the text.
+    const address = bare.includes('/') ? undefined : normalize(bare).ip;
     const net = bare.includes('/') ? cidr(bare) : undefined;
-    const matches = net ? !!peer.ip && peer.ip.family === net.family && peer.ip.bits >> net.hostBits === net.bits >> net.hostBits : matchWildcard(peer.text, bare);
+    const matches = address
+      ? !!peer.ip && peer.ip.family === address.family && peer.ip.bits === address.bits
+      : net
+        ? !!peer.ip && peer.ip.family === net.family && peer.ip.bits >> net.hostBits === net.bits >> net.hostBits
+        : matchWildcard(peer.text, bare);
     if (matches && negated) return false;
     if (matches) hit = true;
   }

@@ -24,7 +24,9 @@ export function knownHosts(text: string, host: string, port?: number): KnownHost
     if (marker !== undefined && marker !== '@revoked') continue;
     const [patterns, type, data] = fields;
     if (!patterns || type !== 'ssh-ed25519' || !data) continue;
-    if (!names.some((n) => hostMatches(patterns, n))) continue;
+    // Both names are looked up (the agent's port is not ssh's); a line that excludes either applies to neither.
+    const verdicts = names.map((n) => hostMatches(patterns, n));
+    if (verdicts.includes('excluded') || !verdicts.includes('yes')) continue;
     try {
       (marker ? out.revoked : out.keys).push(publicKeyFromBlob(Buffer.from(data, 'base64')));
     } catch {}
@@ -33,18 +35,18 @@ export function knownHosts(text: string, host: string, port?: number): KnownHost
 }
 
 /** ssh's rule: a hashed field is one name; otherwise some pattern matches and no `!pattern` does. */
-function hostMatches(patterns: string, name: string): boolean {
+function hostMatches(patterns: string, name: string): 'yes' | 'no' | 'excluded' {
   if (patterns.startsWith('|1|')) {
     const [, , salt = '', hash] = patterns.split('|');
-    return createHmac('sha1', Buffer.from(salt, 'base64')).update(name).digest('base64') === hash;
+    return createHmac('sha1', Buffer.from(salt, 'base64')).update(name).digest('base64') === hash ? 'yes' : 'no';
   }
   let hit = false;
   for (const p of patterns.split(',')) {
     if (p.startsWith('!')) {
-      if (matchWildcard(name, p.slice(1))) return false;
+      if (matchWildcard(name, p.slice(1))) return 'excluded';
     } else if (matchWildcard(name, p)) {
       hit = true;
     }
   }
-  return hit;
+  return hit ? 'yes' : 'no';
 }
