@@ -31,7 +31,7 @@ function wss(port: number): WebSocket {
   return ws;
 }
 
-describe('review: socket torture on wss://', { skip }, () => {
+describe('socket torture on wss://', { skip }, () => {
   it('the agent survives and its counts drain', async () => {
     const h = new ScratchHost('rv-tls').enableWire().install();
     cleanups.push(() => h.cleanup());
