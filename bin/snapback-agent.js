@@ -1,6 +1,4 @@
 #!/usr/bin/env node
-// Runs the compiled agent when built (`npm run build`), else the TypeScript sources (Node >= 22.18).
-import { existsSync } from 'node:fs';
-const built = new URL('../dist/agent/cli.js', import.meta.url);
-const { main } = await import(existsSync(built) ? built.href : new URL('../agent/cli.ts', import.meta.url).href);
-process.exit(await main(process.argv.slice(2)));
+// The agent: `snapback-agent serve` (the daemon) and the console commands.
+import { start } from './start.js';
+await start('snapback-agent', 'agent/cli');

@@ -1,14 +1,18 @@
-# Snapback (agent and controller) for nixpkgs' buildNpmPackage.
+# Snapback (agent and controller), built without naming any registry.
 #
-# npmDepsHash cannot be computed on the machines this project is built on (no network beyond the
-# npm registry for npm itself); compute it where Nix can fetch, from the repository root:
-#   nix run nixpkgs#prefetch-npm-deps package-lock.json
-# and replace lib.fakeHash below with its output.
+# nixpkgs' npm fetchers (fetchNpmDeps, importNpmLock) read the download address of every package
+# from package-lock.json; this project's lockfile has none, on purpose. So the one step that needs
+# the network is a fixed-output derivation in which npm itself installs the production dependencies
+# from the lockfile (nix/npm-deps.sh); everything after it is offline (nix/build.sh). CI runs the
+# same two scripts and fails when the hash below does not match (scripts/check-package.sh);
+# after a dependency change, `scripts/check-package.sh --update` writes the new one.
 {
   lib,
-  buildNpmPackage,
+  stdenv,
+  stdenvNoCC,
   nodejs_24,
   typescript,
+  cacert,
   makeWrapper,
   pkg-config,
   python3,
@@ -17,9 +21,39 @@
   systemd,
   util-linux,
 }:
-buildNpmPackage {
-  pname = "snapback";
+let
   version = (lib.importJSON ../package.json).version;
+
+  npmDeps = stdenvNoCC.mkDerivation {
+    pname = "snapback-npm-deps";
+    inherit version;
+    src = lib.fileset.toSource {
+      root = ../.;
+      fileset = lib.fileset.unions [
+        ../package.json
+        ../package-lock.json
+        ./npm-deps.sh
+      ];
+    };
+    nativeBuildInputs = [ nodejs_24 ];
+    buildPhase = ''
+      runHook preBuild
+      sh nix/npm-deps.sh . $out
+      runHook postBuild
+    '';
+    dontInstall = true;
+    # Patching shebangs or stripping would make the output depend on this machine's store paths.
+    dontFixup = true;
+    SSL_CERT_FILE = "${cacert}/etc/ssl/certs/ca-bundle.crt";
+    impureEnvVars = lib.fetchers.proxyImpureEnvVars;
+    outputHashMode = "recursive";
+    outputHashAlgo = "sha256";
+    outputHash = "sha256-aJStD3kAeRfEDG2uogtn/fM6pw6k/kAk5GazmVxESVU=";
+  };
+in
+stdenv.mkDerivation {
+  pname = "snapback";
+  inherit version;
   src = lib.fileset.toSource {
     root = ../.;
     fileset = lib.fileset.unions [
@@ -31,41 +65,52 @@ buildNpmPackage {
       ../agent
       ../controller
       ../shared
-      ../scripts/build-addons.js
+      ./build.sh
     ];
   };
-  nodejs = nodejs_24;
-  npmDepsHash = lib.fakeHash;
 
-  # The `node` dev dependency would download a Node binary in its install script: skip every
-  # install script, then build the one native addon (sd-notify, libsystemd) by hand.
-  npmRebuildFlags = [ "--ignore-scripts" ];
-  nativeBuildInputs = [ makeWrapper pkg-config python3 typescript ];
+  nativeBuildInputs = [
+    nodejs_24
+    typescript
+    makeWrapper
+    pkg-config
+    python3
+  ];
   buildInputs = [ systemdMinimal ];
-  dontNpmBuild = true;
-  # Compiled JavaScript (dist/, which bin/ prefers) starts faster and takes about 25 MiB less
-  # memory per agent than stripping types at run time (npm run bench). nixpkgs' tsc (5.8 or newer)
-  # reads the same tsconfig as the TypeScript 7 used in development.
+
+  # The sd-notify addon against libsystemd and this Node's headers; the TypeScript compiled by
+  # nixpkgs' tsc (5.8 or newer reads the tsconfig; the build config does not type-check). Compiled
+  # JavaScript (dist/, which bin/ prefers) starts faster and takes less memory than stripping types
+  # at run time (npm run bench).
   buildPhase = ''
     runHook preBuild
-    npm rebuild sd-notify --ignore-scripts=false --nodedir=${nodejs_24}
-    tsc -p tsconfig.build.json
+    sh nix/build.sh . ${npmDeps}/node_modules ${nodejs_24} tree
     runHook postBuild
   '';
 
+  # --suffix: the PATH of the unit (on NixOS the module's `path`, with the system's own Nix) comes
+  # first; these are only the fallback for running the commands by hand.
   installPhase = ''
     runHook preInstall
-    npm prune --omit=dev --ignore-scripts --no-save
-    mkdir -p $out/share/snapback $out/bin
-    cp -r package.json bin dist node_modules $out/share/snapback/
+    mkdir -p $out/share $out/bin
+    cp -R tree $out/share/snapback
     makeWrapper ${lib.getExe nodejs_24} $out/bin/snapback-agent \
       --add-flags $out/share/snapback/bin/snapback-agent.js \
-      --prefix PATH : ${lib.makeBinPath [ nix systemd util-linux ]}
+      --set-default NODE_ENV production \
+      --suffix PATH : ${
+        lib.makeBinPath [
+          nix
+          systemd
+          util-linux
+        ]
+      }
     makeWrapper ${lib.getExe nodejs_24} $out/bin/snapback \
       --add-flags $out/share/snapback/bin/snapback.js \
-      --prefix PATH : ${lib.makeBinPath [ nix ]}
+      --suffix PATH : ${lib.makeBinPath [ nix ]}
     runHook postInstall
   '';
+
+  passthru = { inherit npmDeps; };
 
   meta = {
     description = "Commit-confirmed deployments for NixOS: activate a trial, revert on its own unless confirmed";

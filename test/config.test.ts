@@ -2,7 +2,7 @@
 
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
@@ -101,5 +101,23 @@ describe('agent configuration', () => {
 
   it('reports the version of package.json', () => {
     assert.equal(VERSION, JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).version);
+  });
+
+  it('an old Node says what to do instead of failing with a stack trace (exit 2)', (t) => {
+    // The first node on PATH other than the project's own, if it is too old to run TypeScript.
+    const dirs = (process.env.PATH ?? '').split(':').filter((d) => d && !d.startsWith(join(ROOT, 'node_modules')));
+    const old = dirs
+      .map((d) => join(d, 'node'))
+      .find((n) => spawnSync(n, ['-e', 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a < 22 || (a === 22 && b < 18) ? 0 : 1)']).status === 0);
+    if (!old) return t.skip('SKIPPED: no Node.js older than 22.18 on PATH to try');
+    if (existsSync(join(ROOT, 'dist'))) return t.skip('SKIPPED: dist/ is built here, so the source path is not taken');
+    for (const bin of [AGENT_BIN, join(ROOT, 'bin', 'snapback.js')]) {
+      const r = spawnSync(old, [bin, '--version'], { encoding: 'utf8' });
+      assert.equal(r.status, 2, r.stderr);
+      assert.match(r.stderr, /Node\.js 22\.18 or newer is needed to run from source/);
+      assert.match(r.stderr, /node_modules\/\.bin\/node/);
+      assert.match(r.stderr, /npm run build/);
+      assert.doesNotMatch(r.stderr, /\n\s+at /, 'no stack trace');
+    }
   });
 });
