@@ -112,7 +112,7 @@ describe('agent configuration', () => {
     if (!old) return t.skip('SKIPPED: no Node.js older than 22.18 on PATH to try');
     if (existsSync(join(ROOT, 'dist'))) return t.skip('SKIPPED: dist/ is built here, so the source path is not taken');
     for (const bin of [AGENT_BIN, join(ROOT, 'bin', 'snapback.js')]) {
-      const r = spawnSync(old, [bin, '--version'], { encoding: 'utf8' });
+      const r = spawnSync(old, [bin, '--version'], { encoding: 'utf8' }) as { status: number | null; stderr: string };
       assert.equal(r.status, 2, r.stderr);
       assert.match(r.stderr, /Node\.js 22\.18 or newer is needed to run from source/);
       assert.match(r.stderr, /node_modules\/\.bin\/node/);
