@@ -1,0 +1,109 @@
+// The NixOS module as NixOS would evaluate it: the flake's nixosModules.default with nixpkgs' own
+// lib and declarations of the NixOS options it sets (test/fixtures/module-eval.nix), then what it
+// produces — the unit, the assertions, and the agent configuration, which the agent must accept.
+
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
+import { parseAgentConfig } from '../shared/config.ts';
+import { haveNix } from './helpers/nix.ts';
+import { ROOT } from './helpers/host.ts';
+
+/** nixpkgs' lib/ (full nixpkgs cannot be fetched here; /work/shared/vendor/README.md). */
+const NIXPKGS_LIB = process.env.SNAPBACK_NIXPKGS_LIB ?? join(ROOT, '..', 'shared', 'vendor', 'nixpkgs-lib', 'lib');
+const FIXTURE = join(ROOT, 'test', 'fixtures', 'module-eval.nix');
+
+function skipReason(): string | undefined {
+  const noNix = haveNix();
+  if (noNix) return noNix;
+  if (!existsSync(join(NIXPKGS_LIB, 'default.nix'))) {
+    return `nixpkgs' lib/ is not at ${NIXPKGS_LIB} (set SNAPBACK_NIXPKGS_LIB to a nixpkgs lib/ directory): skipping the evaluation of the NixOS module`;
+  }
+  return undefined;
+}
+const skip = skipReason();
+if (skip) console.error(`module.test.ts: ${skip}`);
+
+/** A Nix string literal. */
+const nixStr = (s: string) => JSON.stringify(s).replaceAll('${', '\\${');
+
+/** `--read-write-mode`: write to the store like a real evaluation does (toFile, paths in strings). */
+function args(attr: string, configuration: string): string[] {
+  const e = `(import ${FIXTURE} { nixpkgsLib = /. + ${nixStr(NIXPKGS_LIB)}; configuration = ${configuration}; }).${attr}`;
+  return ['--eval', '--strict', '--json', '--read-write-mode', '--expr', e];
+}
+
+/** One attribute of the fixture's result, with `configuration` (a NixOS module, Nix code) added. */
+function evaluate<T>(attr: string, configuration = '{ }'): T {
+  const out = execFileSync('nix-instantiate', args(attr, configuration), {
+    encoding: 'utf8',
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  return JSON.parse(out) as T;
+}
+
+/** The error evaluating `attr` fails with. */
+function evaluationError(attr: string, configuration = '{ }'): string {
+  try {
+    execFileSync('nix-instantiate', args(attr, configuration), { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+  } catch (e) {
+    return String((e as { stderr?: string }).stderr);
+  }
+  assert.fail(`evaluating ${attr} succeeded`);
+}
+
+interface Service {
+  description: string;
+  wantedBy: string[];
+  wants: string[];
+  after: string[];
+  unitConfig: Record<string, unknown>;
+  serviceConfig: Record<string, unknown>;
+  environment: Record<string, string | null>;
+  restartIfChanged: boolean;
+  stopIfChanged: boolean;
+  path: string[];
+}
+
+const KEY = 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl alice@laptop';
+
+describe("the flake's NixOS module, evaluated with nixpkgs' lib", { skip }, () => {
+  it('runs the agent as a notify service with a watchdog, restarted always, in its own directories', () => {
+    const s = evaluate<Service>('service');
+    const pkg = evaluate<string>('package');
+    assert.equal(s.serviceConfig.ExecStart, `${pkg}/bin/snapback-agent serve --config /etc/snapback/agent.json`);
+    assert.equal(s.serviceConfig.Type, 'notify');
+    assert.equal(s.serviceConfig.Restart, 'always');
+    assert.equal(s.serviceConfig.WatchdogSec, '30s');
+    assert.equal(s.serviceConfig.WatchdogSignal, 'SIGKILL');
+    assert.equal(s.serviceConfig.StateDirectory, 'snapback');
+    assert.equal(s.serviceConfig.RuntimeDirectory, 'snapback');
+    assert.equal(s.serviceConfig.CacheDirectory, 'snapback');
+    assert.equal(s.environment.XDG_CACHE_HOME, '%C/snapback');
+    // A switch that changes the unit restarts it once, after activation; removal leaves it running.
+    assert.equal(s.stopIfChanged, false);
+    assert.equal(s.restartIfChanged, true);
+    assert.equal(s.unitConfig['X-StopOnRemoval'], false);
+    assert.equal(s.unitConfig.StartLimitIntervalSec, 0);
+    assert.deepEqual(s.wantedBy, ['multi-user.target']);
+    assert.deepEqual(evaluate('failedAssertions'), []);
+    assert.deepEqual(evaluate('warnings'), []);
+    assert.deepEqual(evaluate('allowedTCPPorts'), []);
+    assert.deepEqual(evaluate('allowedTCPPorts', '{ services.snapback.openFirewall = true; }'), [7731]);
+  });
+
+  it('writes to /etc/snapback/agent.json what the agent accepts, with root\'s SSH keys', () => {
+    const file = evaluate<string>('agentJson', `{ users.users.root.openssh.authorizedKeys.keys = [ ${nixStr(KEY)} ]; }`);
+    const config = parseAgentConfig(JSON.parse(readFileSync(file, 'utf8')), 'the module example');
+    assert.equal(config.listen.host, '::');
+    assert.equal(config.listen.port, 7731);
+    assert.equal(config.system.runner, 'systemd');
+    assert.equal(config.confirm.defaultTimeoutSec, 120);
+    assert.equal(config.health.checks.length, 1);
+    assert.deepEqual(config.authorizedKeys, [KEY]);
+    assert.equal(config.stateDir, '/var/lib/snapback');
+    assert.equal(config.controlSocket, '/run/snapback/control.sock');
+  });
+});
