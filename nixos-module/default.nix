@@ -66,10 +66,17 @@ in
       wantedBy = [ "multi-user.target" ];
       after = [ "network-online.target" "nix-daemon.socket" ];
       wants = [ "network-online.target" ];
-      path = [ config.nix.package config.systemd.package pkgs.util-linux pkgs.coreutils ];
+      # NixOS puts coreutils, findutils, gnugrep, gnused and systemd in every service's PATH.
+      path = [ config.nix.package pkgs.util-linux ];
       restartTriggers = [ configFile ];
-      # Nix keeps its fetcher and evaluation caches under XDG_CACHE_HOME; the home is read-only.
-      environment.XDG_CACHE_HOME = "%C/snapback";
+      environment = {
+        # Builds and substitutions run in the daemon, in its sandbox and as its build users, not
+        # inside this hardened unit; the agent only asks for them.
+        NIX_REMOTE = "daemon";
+        # Nix keeps its fetcher and evaluation caches under XDG_CACHE_HOME; the home is read-only.
+        XDG_CACHE_HOME = "%C/snapback";
+        NODE_ENV = "production";
+      };
       # A switch that changes this unit restarts it once, after activation; the agent then resumes
       # the trial from its state directory. A configuration without the agent leaves it running.
       stopIfChanged = false;
@@ -92,9 +99,10 @@ in
         RuntimeDirectoryMode = "0755";
         CacheDirectory = "snapback";
         # Hardening that still lets it switch the system: the switch runs in a transient unit
-        # started by PID 1, so none of this applies to it.
+        # started by PID 1, so none of this applies to it. "full" makes /usr, /boot, /efi and /etc
+        # read-only and leaves /nix alone: profiles and GC roots stay writable, the store is the
+        # daemon's.
         ProtectSystem = "full";
-        ReadWritePaths = [ "-/nix/var/nix" "-/nix/store" ];
         ProtectHome = "read-only";
         PrivateTmp = true;
         ProtectKernelModules = true;

@@ -106,4 +106,88 @@ describe("the flake's NixOS module, evaluated with nixpkgs' lib", { skip }, () =
     assert.equal(config.stateDir, '/var/lib/snapback');
     assert.equal(config.controlSocket, '/run/snapback/control.sock');
   });
+
+  it('lets Nix build through the daemon, and says so in the environment the plain unit file has too', () => {
+    const s = evaluate<Service>('service');
+    // Builds then run in the daemon's sandbox, not inside the agent's hardened unit.
+    assert.equal(s.environment.NIX_REMOTE, 'daemon');
+    assert.equal(s.environment.NODE_ENV, 'production');
+  });
+
+  it("lists each package once in the service's PATH (NixOS adds coreutils, findutils, gnugrep, gnused, systemd)", () => {
+    const s = evaluate<Service>('service');
+    assert.deepEqual(s.path.filter((p, i) => s.path.indexOf(p) !== i), []);
+    assert.ok(s.path.includes(evaluate<string>('nixPackage')), 'nix.package');
+    assert.ok(s.path.includes(evaluate<string>('utilLinux')), 'util-linux');
+  });
+
+  it('sets nothing that does nothing: ProtectSystem=full leaves /nix writable', () => {
+    // systemd.exec(5): "full" makes /usr, /boot, /efi and /etc read-only, nothing else.
+    assert.equal(evaluate<Service>('service').serviceConfig.ReadWritePaths, undefined);
+  });
+
+  it('the plain unit file says what the unit NixOS renders says, in the same sections', () => {
+    const s = evaluate<Service>('service');
+    const plain = parseUnit(readFileSync(join(ROOT, 'systemd', 'snapback-agent.service'), 'utf8'));
+    const nixos = renderUnit(s);
+    // ExecStart differs by design (the store path against /usr/local/bin); its arguments do not.
+    const args = (argv: string[] | undefined) => argv?.slice(1);
+    assert.deepEqual(args(plain.Service?.ExecStart), args(nixos.Service?.ExecStart));
+    assert.match(nixos.Service?.ExecStart?.[0] ?? '', /^\/nix\/store\/[^/]+\/bin\/snapback-agent$/);
+    delete plain.Service?.ExecStart;
+    delete nixos.Service?.ExecStart;
+    assert.deepEqual(plain, nixos);
+  });
 });
+
+type Unit = Record<string, Record<string, string[]>>;
+
+/** Sections, keys and values of a unit file; booleans as true/false, lists split on spaces. */
+function parseUnit(text: string): Unit {
+  const unit: Unit = {};
+  let section: Record<string, string[]> | undefined;
+  for (const raw of text.split('\n')) {
+    const line = raw.trim();
+    if (!line || line.startsWith('#') || line.startsWith(';')) continue;
+    const header = /^\[(.+)\]$/.exec(line);
+    if (header) {
+      section = unit[header[1]!] ??= {};
+      continue;
+    }
+    const eq = line.indexOf('=');
+    assert.ok(section && eq > 0, `unit file line: ${line}`);
+    add(section, line.slice(0, eq), line.slice(eq + 1));
+  }
+  return unit;
+}
+
+function add(section: Record<string, string[]>, key: string, value: unknown): void {
+  const v = String(value).replace(/^"(.*)"$/, '$1');
+  const normal = ({ yes: 'true', on: 'true', no: 'false', off: 'false' } as Record<string, string>)[v] ?? v;
+  // Description is prose; everything else the agent's unit sets is a word or a list of words.
+  (section[key] ??= []).push(...(key === 'Description' ? [normal] : normal.split(/\s+/)));
+  // Environment= lines come in any order (NixOS sorts them by name).
+  if (key === 'Environment') section[key]!.sort();
+}
+
+/** The unit text NixOS renders from a service (nixpkgs nixos/lib/systemd-lib.nix: unitConfig, serviceToUnit). */
+function renderUnit(s: Service): Unit {
+  const unit: Unit = { Unit: {}, Service: {}, Install: {} };
+  const section = (name: string, attrs: Record<string, unknown>) => {
+    for (const [k, v] of Object.entries(attrs)) for (const x of Array.isArray(v) ? v : [v]) add(unit[name]!, k, x);
+  };
+  section('Unit', {
+    ...(s.description ? { Description: s.description } : {}),
+    ...(s.wants.length ? { Wants: s.wants.join(' ') } : {}),
+    ...(s.after.length ? { After: s.after.join(' ') } : {}),
+    ...s.unitConfig,
+  });
+  section('Service', {
+    Environment: Object.entries(s.environment).flatMap(([k, v]) => (v === null ? [] : [`${k}=${v}`])),
+    ...(s.restartIfChanged ? {} : { 'X-RestartIfChanged': false }),
+    ...(s.stopIfChanged ? {} : { 'X-StopIfChanged': false }),
+    ...s.serviceConfig,
+  });
+  section('Install', s.wantedBy.length ? { WantedBy: s.wantedBy.join(' ') } : {});
+  return unit;
+}
