@@ -5,7 +5,38 @@ let
   cfg = config.services.snapback;
   settingsFormat = pkgs.formats.json { };
   agentConfig = import ./settings.nix { inherit (cfg) settings authorizedKeys; };
-  configFile = settingsFormat.generate "snapback-agent.json" agentConfig;
+
+  # Where the settings hold a Nix path. The JSON type accepts paths, and writing JSON copies each
+  # file into the store, readable by every user of the host: `listen.tls.key = ./key.pem` would
+  # publish the key. A location on the host is a string; "${./file}" copies a file on purpose.
+  pathsIn =
+    loc: value:
+    if builtins.isPath value then
+      [ loc ]
+    else if builtins.isAttrs value then
+      # A package becomes its store path (outPath), already in the store.
+      if value ? outPath then
+        pathsIn loc value.outPath
+      else
+        lib.concatLists (lib.mapAttrsToList (name: pathsIn "${loc}.${lib.strings.escapeNixIdentifier name}") value)
+    else if builtins.isList value then
+      lib.concatLists (lib.imap0 (i: pathsIn "${loc}[${toString i}]") value)
+    else
+      [ ];
+  settingsPaths = pathsIn "services.snapback.settings" cfg.settings;
+  settingsPathsMessage = ''
+    ${lib.concatStringsSep ", " settingsPaths} ${if lib.length settingsPaths == 1 then "is a Nix path" else "are Nix paths"}:
+    the file would be copied into the world-readable Nix store, where every user of the host can
+    read it. Give the file's location on the host as a string instead (e.g.
+    "/var/lib/secrets/snapback-key.pem"), or write "''${./file}" for a file that may be public.
+  '';
+
+  # Refused rather than written, should anything read it before the assertions are checked.
+  configFile =
+    if settingsPaths != [ ] then
+      throw settingsPathsMessage
+    else
+      settingsFormat.generate "snapback-agent.json" agentConfig;
 in
 {
   options.services.snapback = {
@@ -57,6 +88,13 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = settingsPaths == [ ];
+        message = settingsPathsMessage;
+      }
+    ];
+
     environment.etc."snapback/agent.json".source = configFile;
     environment.systemPackages = [ cfg.package ];
     networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ cfg.settings.listen.port ];

@@ -4,7 +4,9 @@
 
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { randomUUID } from 'node:crypto';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { parseAgentConfig } from '../shared/config.ts';
@@ -124,6 +126,32 @@ describe("the flake's NixOS module, evaluated with nixpkgs' lib", { skip }, () =
   it('sets nothing that does nothing: ProtectSystem=full leaves /nix writable', () => {
     // systemd.exec(5): "full" makes /usr, /boot, /efi and /etc read-only, nothing else.
     assert.equal(evaluate<Service>('service').serviceConfig.ReadWritePaths, undefined);
+  });
+
+  it('refuses a Nix path anywhere in settings: it would copy a private key into the world-readable store', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'snapback-module-'));
+    try {
+      const id = randomUUID();
+      const key = join(dir, `key-${id}.pem`);
+      const check = join(dir, `check-${id}.sh`);
+      writeFileSync(key, '-----BEGIN PRIVATE KEY-----\nnot really\n-----END PRIVATE KEY-----\n');
+      writeFileSync(check, '#!/bin/sh\nexit 0\n');
+      const configuration = `{
+        services.snapback.settings.listen.tls = { cert = "/var/lib/snapback/tls/cert.pem"; key = /. + ${nixStr(key)}; };
+        services.snapback.settings.health.checks = [ { command = [ (/. + ${nixStr(check)}) ]; } ];
+      }`;
+      const failed = evaluate<string[]>('failedAssertions', configuration);
+      assert.equal(failed.length, 1, failed.join('\n'));
+      assert.match(failed[0]!, /services\.snapback\.settings\.listen\.tls\.key\b/);
+      assert.match(failed[0]!, /services\.snapback\.settings\.health\.checks\[1\]\.command\[0\]/);
+      assert.doesNotMatch(failed[0]!, /tls\.cert/);
+      assert.match(failed[0]!, /world-readable/);
+      // Even asked for directly, the file is refused rather than written.
+      assert.match(evaluationError('agentJson', configuration), /services\.snapback\.settings\.listen\.tls\.key/);
+      assert.deepEqual(readdirSync('/nix/store').filter((p) => p.includes(id)), []);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('the plain unit file says what the unit NixOS renders says, in the same sections', () => {
