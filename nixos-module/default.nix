@@ -31,6 +31,19 @@ let
     "/var/lib/secrets/snapback-key.pem"), or write "''${./file}" for a file that may be public.
   '';
 
+  # The unit's StateDirectory= and RuntimeDirectory= (below), which systemd creates at every start
+  # with their modes. The state must outlive restarts (a trial is resumed after the switch that
+  # restarts the agent), which /run/snapback does not: systemd empties it when the unit stops. The
+  # socket must be where the console can reach it: the unit's /tmp is its own (PrivateTmp), /etc
+  # is read-only to it. The unit could follow other settings, but StateDirectory= only names
+  # directories below /var/lib, and the plain unit file could not follow at all.
+  stateDirectory = "/var/lib/snapback";
+  runtimeDirectory = "/run/snapback";
+  # toString: a Nix path (refused above) must not be copied into the store by this check either.
+  stateDir = toString agentConfig.stateDir;
+  controlSocket = toString agentConfig.controlSocket;
+  within = dir: p: lib.hasPrefix "${dir}/" p && !(lib.elem ".." (lib.splitString "/" p));
+
   # Refused rather than written, should anything read it before the assertions are checked.
   configFile =
     if settingsPaths != [ ] then
@@ -93,6 +106,22 @@ in
         assertion = settingsPaths == [ ];
         message = settingsPathsMessage;
       }
+      {
+        assertion = stateDir == stateDirectory || within stateDirectory stateDir;
+        message = ''
+          services.snapback.settings.stateDir ("${stateDir}") must be ${stateDirectory} or a
+          directory below it: the unit's StateDirectory=, which systemd keeps across restarts. The
+          agent resumes a trial from it after the switch restarts the agent.
+        '';
+      }
+      {
+        assertion = within runtimeDirectory controlSocket;
+        message = ''
+          services.snapback.settings.controlSocket ("${controlSocket}") must be in
+          ${runtimeDirectory}: the unit's RuntimeDirectory=, where the console reaches it (the unit's
+          /tmp is private to it and /etc is read-only to it).
+        '';
+      }
     ];
 
     environment.etc."snapback/agent.json".source = configFile;
@@ -131,6 +160,7 @@ in
         # Node.js catches SIGABRT (the default watchdog signal); a frozen agent must die outright.
         WatchdogSignal = "SIGKILL";
         TimeoutStopSec = "30s";
+        # stateDirectory and runtimeDirectory above.
         StateDirectory = "snapback";
         StateDirectoryMode = "0700";
         RuntimeDirectory = "snapback";

@@ -154,6 +154,20 @@ describe("the flake's NixOS module, evaluated with nixpkgs' lib", { skip }, () =
     }
   });
 
+  it("refuses a state directory or control socket outside the directories the unit creates", () => {
+    const failed = (stateDir: string, controlSocket: string) =>
+      evaluate<string[]>('failedAssertions', `{ services.snapback.settings = { stateDir = ${nixStr(stateDir)}; controlSocket = ${nixStr(controlSocket)}; }; }`);
+    assert.deepEqual(failed('/var/lib/snapback/host-a', '/run/snapback/agent.sock'), []);
+    // /run/snapback is emptied whenever the unit stops: a trial's record would not survive the
+    // restart after the switch. /tmp is the unit's own (PrivateTmp): the console could not connect.
+    const messages = failed('/run/snapback/state', '/tmp/snapback.sock');
+    assert.equal(messages.length, 2, messages.join('\n'));
+    assert.match(messages[0]!, /services\.snapback\.settings\.stateDir \("\/run\/snapback\/state"\).*\/var\/lib\/snapback/s);
+    assert.match(messages[1]!, /services\.snapback\.settings\.controlSocket \("\/tmp\/snapback\.sock"\).*\/run\/snapback/s);
+    assert.equal(failed('/var/lib/snapback/../elsewhere', '/run/snapback/control.sock').length, 1);
+    assert.equal(failed('/var/lib/snapback', '/run/snapback').length, 1);
+  });
+
   it('the plain unit file says what the unit NixOS renders says, in the same sections', () => {
     const s = evaluate<Service>('service');
     const plain = parseUnit(readFileSync(join(ROOT, 'systemd', 'snapback-agent.service'), 'utf8'));
