@@ -6,6 +6,15 @@ let
   settingsFormat = pkgs.formats.json { };
   agentConfig = import ./settings.nix { inherit (cfg) settings authorizedKeys; };
 
+  rootKeys = config.users.users.root.openssh.authorizedKeys;
+  # The lines of an authorized_keys file, read at evaluation time as NixOS's sshd module reads
+  # keyFiles; blank lines and comments left out as sshd does (the agent refuses empty entries).
+  keyFileLines =
+    file:
+    lib.filter (line: builtins.match "[[:space:]]*(#.*)?" line == null) (
+      lib.splitString "\n" (builtins.readFile file)
+    );
+
   # Where the settings hold a Nix path. The JSON type accepts paths, and writing JSON copies each
   # file into the store, readable by every user of the host: `listen.tls.key = ./key.pem` would
   # publish the key. A location on the host is a string; "${./file}" copies a file on purpose.
@@ -89,11 +98,16 @@ in
 
     authorizedKeys = lib.mkOption {
       type = lib.types.listOf lib.types.str;
-      default = config.users.users.root.openssh.authorizedKeys.keys;
-      defaultText = lib.literalExpression "config.users.users.root.openssh.authorizedKeys.keys";
+      default = rootKeys.keys ++ lib.concatMap keyFileLines rootKeys.keyFiles;
+      defaultText = lib.literalMD ''
+        the keys in `config.users.users.root.openssh.authorizedKeys.keys`, then the lines of the
+        files in `config.users.users.root.openssh.authorizedKeys.keyFiles` (without blank lines
+        and comments)
+      '';
       description = ''
         OpenSSH public keys (ssh-ed25519) of the operators allowed to deploy. By default, whoever may
-        log in as root over SSH. Without any, the agent does not listen (the console still works).
+        log in as root over SSH, from keys or keyFiles (read when the configuration is evaluated).
+        Without any, the agent does not listen (the console still works).
         Lines keep their options: `from="…"` and `expiry-time="…"` are honoured; a line with
         `command=`, `restrict`, `principals=` or `cert-authority` is refused, never made an operator.
       '';

@@ -168,6 +168,27 @@ describe("the flake's NixOS module, evaluated with nixpkgs' lib", { skip }, () =
     assert.equal(failed('/var/lib/snapback', '/run/snapback').length, 1);
   });
 
+  it("by default authorizes root's SSH keys: the keys, and the lines of the keyFiles", () => {
+    const dir = mkdtempSync(join(tmpdir(), 'snapback-module-'));
+    try {
+      const bob = 'from="10.0.0.0/8" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHkq1m3Fv5l0l2O1xXjN6yFv0m0Gm2r8eD8i6bq0Xl9K bob@desk';
+      const carol = 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA2yU1yq9m3y6Wq8Q5u0m6mN0Xr2lWq1Z8mF3aQ4k1bC carol@ci';
+      const bobFile = join(dir, 'bob.pub');
+      const carolFile = join(dir, 'carol.pub');
+      // Blank lines and comments, as sshd reads authorized_keys.
+      writeFileSync(bobFile, `# Bob, ops\n\n${bob}\n   \n`);
+      writeFileSync(carolFile, `  # CI\r\n${carol}`);
+      const file = evaluate<string>(
+        'agentJson',
+        `{ users.users.root.openssh.authorizedKeys = { keys = [ ${nixStr(KEY)} ]; keyFiles = [ (/. + ${nixStr(bobFile)}) ${nixStr(carolFile)} ]; }; }`,
+      );
+      const config = parseAgentConfig(JSON.parse(readFileSync(file, 'utf8')), 'the module with keyFiles');
+      assert.deepEqual(config.authorizedKeys, [KEY, bob, carol]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('the plain unit file says what the unit NixOS renders says, in the same sections', () => {
     const s = evaluate<Service>('service');
     const plain = parseUnit(readFileSync(join(ROOT, 'systemd', 'snapback-agent.service'), 'utf8'));
