@@ -189,6 +189,15 @@ describe("the flake's NixOS module, evaluated with nixpkgs' lib", { skip }, () =
     }
   });
 
+  it("the flake's module has a name in error messages, and its formatter is nixpkgs' nixfmt", () => {
+    const files = evaluate<string[]>('packageDefinedIn');
+    assert.ok(files.some((f) => f.endsWith('/flake.nix#nixosModules.default')), files.join(' '));
+    // Two definitions of the same priority: the error lists where each comes from.
+    const conflict = '{ lib, pkgs, ... }: { services.snapback.package = lib.mkDefault pkgs.coreutils; }';
+    assert.match(evaluationError('service', conflict), /In `[^`']*flake\.nix#nixosModules\.default'/);
+    assert.equal(evaluate('formatter'), 'nixfmt');
+  });
+
   it('the plain unit file says what the unit NixOS renders says, in the same sections', () => {
     const s = evaluate<Service>('service');
     const plain = parseUnit(readFileSync(join(ROOT, 'systemd', 'snapback-agent.service'), 'utf8'));
