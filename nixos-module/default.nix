@@ -70,6 +70,11 @@ in
       description = ''
         Agent configuration, written to {file}`/etc/snapback/agent.json` and validated by the agent
         when it starts (unknown keys are errors). See the README for every key.
+
+        Files are named by their location on the host, as strings: a Nix path (`./key.pem`) is
+        refused, since writing the configuration would copy it into the world-readable store.
+        `stateDir` stays in {file}`/var/lib/snapback` and `controlSocket` in {file}`/run/snapback`,
+        the directories the unit creates.
       '';
       default = { };
       example = lib.literalExpression "import ./example.nix";
