@@ -24,10 +24,13 @@
       overlays.default = final: prev: { snapback = final.callPackage ./nix/package.nix { }; };
 
       nixosModules.default = { lib, pkgs, ... }: {
+        # Named in the module system's messages (a function has no file of its own).
+        _file = "${toString ./flake.nix}#nixosModules.default";
         imports = [ ./nixos-module ];
         services.snapback.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
       };
 
-      formatter = forAllSystems (pkgs: pkgs.nixfmt-rfc-style);
+      # The RFC 166 formatter; `nixfmt-rfc-style` is now a deprecated alias of it.
+      formatter = forAllSystems (pkgs: pkgs.nixfmt);
     };
 }

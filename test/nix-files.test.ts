@@ -43,27 +43,46 @@ describe('Nix files', { skip }, () => {
 });
 
 describe('unit file and module', () => {
-  it('the plain unit file has the settings the module writes', () => {
-    const unit = readFileSync(join(ROOT, 'systemd', 'snapback-agent.service'), 'utf8');
+  it('the plain unit file has the settings the module writes, in the sections NixOS reads them from', () => {
+    const unit = sections(readFileSync(join(ROOT, 'systemd', 'snapback-agent.service'), 'utf8'));
     const module = readFileSync(join(ROOT, 'nixos-module', 'default.nix'), 'utf8');
-    const pairs: [string, RegExp][] = [
-      ['Type=notify', /Type = "notify";/],
-      ['NotifyAccess=all', /NotifyAccess = "all";/],
-      ['Restart=always', /Restart = "always";/],
-      ['WatchdogSec=30s', /WatchdogSec = "30s";/],
-      ['WatchdogSignal=SIGKILL', /WatchdogSignal = "SIGKILL";/],
-      ['StateDirectory=snapback', /StateDirectory = "snapback";/],
-      ['RuntimeDirectory=snapback', /RuntimeDirectory = "snapback";/],
-      ['CacheDirectory=snapback', /CacheDirectory = "snapback";/],
-      ['Environment=XDG_CACHE_HOME=%C/snapback', /environment\.XDG_CACHE_HOME = "%C\/snapback";/],
-      ['X-StopOnRemoval=false', /X-StopOnRemoval = false;/],
-      ['X-StopIfChanged=false', /stopIfChanged = false;/],
-      ['ProtectSystem=full', /ProtectSystem = "full";/],
-      ['ReadWritePaths=-/nix/var/nix -/nix/store', /ReadWritePaths = \[ "-\/nix\/var\/nix" "-\/nix\/store" \];/],
+    // switch-to-configuration reads X-StopOnRemoval in [Unit] and X-StopIfChanged in [Service]
+    // (nixpkgs switch-to-configuration-ng; systemd-lib.nix renders stopIfChanged into [Service]).
+    const pairs: [string, string, RegExp][] = [
+      ['Unit', 'X-StopOnRemoval=false', /X-StopOnRemoval = false;/],
+      ['Unit', 'StartLimitIntervalSec=0', /StartLimitIntervalSec = 0;/],
+      ['Service', 'X-StopIfChanged=false', /stopIfChanged = false;/],
+      ['Service', 'Type=notify', /Type = "notify";/],
+      ['Service', 'NotifyAccess=all', /NotifyAccess = "all";/],
+      ['Service', 'Restart=always', /Restart = "always";/],
+      ['Service', 'WatchdogSec=30s', /WatchdogSec = "30s";/],
+      ['Service', 'WatchdogSignal=SIGKILL', /WatchdogSignal = "SIGKILL";/],
+      ['Service', 'StateDirectory=snapback', /StateDirectory = "snapback";/],
+      ['Service', 'RuntimeDirectory=snapback', /RuntimeDirectory = "snapback";/],
+      ['Service', 'CacheDirectory=snapback', /CacheDirectory = "snapback";/],
+      ['Service', 'Environment=NIX_REMOTE=daemon', /NIX_REMOTE = "daemon";/],
+      ['Service', 'Environment=XDG_CACHE_HOME=%C/snapback', /XDG_CACHE_HOME = "%C\/snapback";/],
+      ['Service', 'Environment=NODE_ENV=production', /NODE_ENV = "production";/],
+      ['Service', 'ProtectSystem=full', /ProtectSystem = "full";/],
     ];
-    for (const [line, nix] of pairs) {
-      assert.ok(unit.split('\n').includes(line), `unit file: ${line}`);
+    for (const [section, line, nix] of pairs) {
+      assert.ok(unit[section]?.includes(line), `unit file [${section}]: ${line}`);
       assert.match(module, nix, `module: ${line}`);
     }
+    // ProtectSystem=full leaves /nix writable: ReadWritePaths= there did nothing.
+    assert.ok(!Object.values(unit).flat().some((l) => l.startsWith('ReadWritePaths=')), 'unit file: ReadWritePaths=');
+    assert.doesNotMatch(module, /ReadWritePaths/, 'module: ReadWritePaths');
   });
 });
+
+/** The lines of each section of a unit file, comments left out. */
+function sections(text: string): Record<string, string[]> {
+  const out: Record<string, string[]> = {};
+  let current: string[] = [];
+  for (const line of text.split('\n')) {
+    const header = /^\[(.+)\]$/.exec(line);
+    if (header) current = out[header[1]!] ??= [];
+    else if (line && !line.startsWith('#')) current.push(line);
+  }
+  return out;
+}

@@ -150,7 +150,8 @@ export class TestHost {
     put('usr/local/bin/snapback-agent', '#!/bin/sh\nexec /opt/snapback/node_modules/.bin/node /opt/snapback/bin/snapback-agent.js "$@"\n', 0o755);
     // The plain unit file we ship for non-NixOS hosts, unchanged; the test's settings are a drop-in.
     put('usr/lib/systemd/system/snapback-agent.service', readFileSync(join(ROOT, 'systemd', 'snapback-agent.service'), 'utf8'));
-    put('etc/systemd/system/snapback-agent.service.d/testbed.conf', `[Service]\nEnvironment=SNAPBACK_DEBUG_FREEZE=1\n${opts.dropIn ?? ''}`);
+    // Debian's Nix here is single-user, without a daemon: the agent opens the store itself.
+    put('etc/systemd/system/snapback-agent.service.d/testbed.conf', `[Service]\nEnvironment=SNAPBACK_DEBUG_FREEZE=1\nUnsetEnvironment=NIX_REMOTE\n${opts.dropIn ?? ''}`);
     put('etc/systemd/system/snapback-testbed-boot.service', TESTBED_BOOT_UNIT);
     const wants = join(h.upper, 'etc/systemd/system/multi-user.target.wants');
     mkdirSync(wants, { recursive: true });
