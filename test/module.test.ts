@@ -13,8 +13,8 @@ import { parseAgentConfig } from '../shared/config.ts';
 import { haveNix } from './helpers/nix.ts';
 import { ROOT } from './helpers/host.ts';
 
-/** nixpkgs' lib/ (full nixpkgs cannot be fetched here; /work/shared/vendor/README.md). */
-const NIXPKGS_LIB = process.env.SNAPBACK_NIXPKGS_LIB ?? join(ROOT, '..', 'shared', 'vendor', 'nixpkgs-lib', 'lib');
+/** nixpkgs' lib/, vendored (vendor/README.md): full nixpkgs cannot be fetched here. */
+const NIXPKGS_LIB = process.env.SNAPBACK_NIXPKGS_LIB ?? join(ROOT, 'vendor', 'nixpkgs-lib', 'lib');
 const FIXTURE = join(ROOT, 'test', 'fixtures', 'module-eval.nix');
 
 function skipReason(): string | undefined {

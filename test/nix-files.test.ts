@@ -15,7 +15,7 @@ const skip = haveNix();
 
 function nixFiles(dir: string): string[] {
   return readdirSync(dir, { withFileTypes: true }).flatMap((e) => {
-    if (e.name === 'node_modules' || e.name.startsWith('.')) return [];
+    if (e.name === 'node_modules' || e.name === 'vendor' || e.name.startsWith('.')) return [];
     const p = join(dir, e.name);
     return e.isDirectory() ? nixFiles(p) : e.name.endsWith('.nix') ? [p] : [];
   });
