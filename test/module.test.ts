@@ -92,8 +92,8 @@ describe("the flake's NixOS module, evaluated with nixpkgs' lib", { skip }, () =
     assert.deepEqual(s.wantedBy, ['multi-user.target']);
     assert.deepEqual(evaluate('failedAssertions'), []);
     assert.deepEqual(evaluate('warnings'), []);
-    assert.deepEqual(evaluate('allowedTCPPorts'), []);
-    assert.deepEqual(evaluate('allowedTCPPorts', '{ services.snapback.openFirewall = true; }'), [7731]);
+    assert.deepEqual(evaluate('allowedTCPPorts'), [7731], 'the example opens the port');
+    assert.deepEqual(evaluate('allowedTCPPorts', '{ lib, ... }: { services.snapback.openFirewall = lib.mkForce false; }'), []);
   });
 
   it('writes to /etc/snapback/agent.json what the agent accepts, with root\'s SSH keys', () => {
@@ -263,3 +263,18 @@ function renderUnit(s: Service): Unit {
   section('Install', s.wantedBy.length ? { WantedBy: s.wantedBy.join(' ') } : {});
   return unit;
 }
+
+describe("the README's NixOS recipe", () => {
+  it('shows nixos-module/example-host.nix and example.nix unchanged (the files CI evaluates)', () => {
+    const readme = readFileSync(join(ROOT, 'README.md'), 'utf8');
+    for (const f of ['example-host.nix', 'example.nix']) {
+      const text = readFileSync(join(ROOT, 'nixos-module', f), 'utf8').trimEnd();
+      // Inside a numbered step the block is indented by three spaces.
+      const shown = text
+        .split('\n')
+        .map((l) => (l ? `   ${l}` : ''))
+        .join('\n');
+      assert.ok(readme.includes(`   \`\`\`nix\n${shown}\n   \`\`\``), `README.md shows nixos-module/${f} as it is`);
+    }
+  });
+});
