@@ -24,17 +24,29 @@
 let
   version = (lib.importJSON ../package.json).version;
 
+  # Only the named files and directories of the repository (paths relative to its root), so that
+  # nothing else changes the derivations; builtins.path keeps this evaluable by Nix 2.8 too.
+  sourceOf =
+    name: entries:
+    builtins.path {
+      inherit name;
+      path = ../.;
+      filter =
+        path: _type:
+        let
+          rel = lib.removePrefix (toString ../. + "/") (toString path);
+        in
+        lib.any (e: rel == e || lib.hasPrefix (e + "/") rel || lib.hasPrefix (rel + "/") e) entries;
+    };
+
   npmDeps = stdenvNoCC.mkDerivation {
     pname = "snapback-npm-deps";
     inherit version;
-    src = lib.fileset.toSource {
-      root = ../.;
-      fileset = lib.fileset.unions [
-        ../package.json
-        ../package-lock.json
-        ./npm-deps.sh
-      ];
-    };
+    src = sourceOf "snapback-npm-deps-source" [
+      "package.json"
+      "package-lock.json"
+      "nix/npm-deps.sh"
+    ];
     nativeBuildInputs = [ nodejs_24 ];
     buildPhase = ''
       runHook preBuild
@@ -54,20 +66,17 @@ in
 stdenv.mkDerivation {
   pname = "snapback";
   inherit version;
-  src = lib.fileset.toSource {
-    root = ../.;
-    fileset = lib.fileset.unions [
-      ../package.json
-      ../package-lock.json
-      ../tsconfig.json
-      ../tsconfig.build.json
-      ../bin
-      ../agent
-      ../controller
-      ../shared
-      ./build.sh
-    ];
-  };
+  src = sourceOf "snapback-source" [
+    "package.json"
+    "package-lock.json"
+    "tsconfig.json"
+    "tsconfig.build.json"
+    "bin"
+    "agent"
+    "controller"
+    "shared"
+    "nix/build.sh"
+  ];
 
   nativeBuildInputs = [
     nodejs_24

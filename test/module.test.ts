@@ -278,3 +278,26 @@ describe("the README's NixOS recipe", () => {
     }
   });
 });
+
+describe('the Nix package, evaluated with nixpkgs\' lib and stand-in packages', { skip }, () => {
+  it('runs the two scripts CI runs, on sources that hold them, with the hash CI checks', () => {
+    const e = `import ${join(ROOT, 'test', 'fixtures', 'package-eval.nix')} { nixpkgsLib = /. + ${nixStr(NIXPKGS_LIB)}; }`;
+    const p = JSON.parse(execFileSync('nix-instantiate', ['--eval', '--strict', '--json', '--read-write-mode', '--expr', e], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }));
+    assert.equal(p.version, JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).version);
+    // The dependency step: a fixed-output derivation of nix/npm-deps.sh on the lockfile, unfixed.
+    assert.match(p.deps.buildPhase, /sh nix\/npm-deps\.sh \. \$out/);
+    assert.deepEqual(p.deps.src.sort(), ['nix', 'package-lock.json', 'package.json']);
+    assert.deepEqual(p.deps.srcNix, ['npm-deps.sh']);
+    assert.equal(p.deps.outputHashMode, 'recursive');
+    assert.equal(p.deps.dontFixup, true);
+    const ci = readFileSync(join(ROOT, 'scripts', 'check-package.sh'), 'utf8');
+    assert.match(ci, /nix\/npm-deps\.sh/);
+    assert.match(p.deps.outputHash, /^sha256-[A-Za-z0-9+/]{43}=$/);
+    // The build: nix/build.sh over the sources it needs, then wrappers that leave the unit's PATH first.
+    assert.match(p.buildPhase, /sh nix\/build\.sh \. \S+\/node_modules \S+ tree/);
+    for (const f of ['agent', 'bin', 'controller', 'shared', 'nix', 'package.json', 'package-lock.json', 'tsconfig.json', 'tsconfig.build.json']) assert.ok(p.src.includes(f), f);
+    assert.deepEqual(p.srcNix, ['build.sh']);
+    assert.match(p.installPhase, /--suffix PATH/);
+    assert.doesNotMatch(p.installPhase, /--prefix PATH/);
+  });
+});
