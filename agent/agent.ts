@@ -6,6 +6,7 @@ import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { existsSync, rmSync } from 'node:fs';
 import { hostname } from 'node:os';
+import { dirname, join } from 'node:path';
 import { execa } from 'execa';
 import type { AgentConfig } from '../shared/config.ts';
 import { SnapbackError, type ErrorCode } from '../shared/errors.ts';
@@ -18,6 +19,7 @@ import { healthProblems } from './health.ts';
 import { step, secondsLeft, type Announcement, type Effect, type Event, type ProfileBefore, type Reply, type State } from './lifecycle.ts';
 import type { Logger } from './log.ts';
 import { Nix, profiles, readCurrentSystem } from './nix.ts';
+import { releasePushRoots, type PushPlaces } from './push.ts';
 import { StateDir } from './state-dir.ts';
 import { VERSION } from '../shared/version.ts';
 import type { HostStatus } from '../shared/protocol.ts';
@@ -104,6 +106,12 @@ export class Agent {
   /** Resumes whatever the previous process left: a countdown, a switch, a commit, a revert. */
   async start(): Promise<void> {
     this.recoverOutcome();
+    // Leftovers of pushes cut off by a stop: half-received NARs, and roots of pushes a day old that
+    // no deployment followed.
+    rmSync(this.pushPlaces().tmpDir, { recursive: true, force: true });
+    try {
+      releasePushRoots(this.pushPlaces().gcRootDir, 24 * 3600_000);
+    } catch {}
     const current = readCurrentSystem(this.config.system.currentSystem);
     await this.dispatch({ type: 'start', bootId: this.bootId(), current });
   }
@@ -404,9 +412,16 @@ export class Agent {
     }, delay);
   }
 
+  /** Where a pushed closure goes on its way into the store (agent/push.ts). */
+  pushPlaces(): PushPlaces {
+    return { tmpDir: join(this.config.stateDir, 'push'), gcRootDir: dirname(this.dir.gcRoot('x')), trustOptions: this.nix.trustOptions(), log: this.log };
+  }
+
   private release(id: string): void {
     rmSync(this.dir.gcRoot(id), { force: true });
     rmSync(this.dir.gcRoot(`${id}-previous`), { force: true });
+    // The paths pushed for it are now held by the system profile, or no longer needed.
+    releasePushRoots(dirname(this.dir.gcRoot(id)));
     this.dir.pruneRuns();
   }
 

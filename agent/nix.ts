@@ -27,7 +27,7 @@ export class Nix {
    * `--option` flags adding the agent's caches and keys to Nix's own: naming only your cache must
    * not cut the host off from the cache the rest of the closure comes from.
    */
-  private trustOptions(): string[] {
+  trustOptions(): string[] {
     const { substituters, trustedPublicKeys } = this.settings;
     const out: string[] = [];
     if (substituters.length) out.push('--option', 'extra-substituters', substituters.join(' '));

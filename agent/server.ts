@@ -11,7 +11,7 @@ import { TLSSocket, createSecureContext, type SecureContext } from 'node:tls';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { KeyExchange, seal } from '../shared/channel.ts';
 import type { AgentConfig } from '../shared/config.ts';
-import { describeIssues, retryable, type ErrorCode } from '../shared/errors.ts';
+import { SnapbackError, describeIssues, retryable, type ErrorCode } from '../shared/errors.ts';
 import type { Actor } from '../shared/model.ts';
 import {
   MAX_PAYLOAD,
@@ -29,6 +29,7 @@ import { authorize, parseAuthorizedKeys, type AuthorizedKey } from '../shared/au
 import { formatPublicKey, parsePublicKeyLine, verifySignature, type PublicKey, type Signer } from '../shared/ssh.ts';
 import { VERSION } from '../shared/version.ts';
 import type { Agent, Progress, Result } from './agent.ts';
+import { PUSH_ACK_EVERY, PUSH_WINDOW, Push, invalidPaths } from './push.ts';
 import { now } from './clock.ts';
 import type { Logger } from './log.ts';
 
@@ -67,6 +68,8 @@ interface Session {
   tokens: number;
   refilledAt: number;
   auth?: { key: PublicKey; who: string; controllerNonce: string; lastSeq: number; macKey: Buffer; ctr: number };
+  /** a push this connection is sending (agent/push.ts) */
+  push?: { seq: number; p: Push; acked: number; finishing: boolean };
 }
 
 export class WireServer {
@@ -279,9 +282,18 @@ export class WireServer {
     keepalive.unref();
     ws.on('pong', () => (answered = true));
     ws.on('close', () => clearInterval(keepalive));
+    ws.on('close', () => {
+      // A push cut off half-way keeps what was verified and imported; a retry sends the rest.
+      const t = s.push;
+      s.push = undefined;
+      if (t) void t.p.interrupt().catch((err: Error) => this.log.error({ err: err.message }, 'ending an interrupted push failed'));
+    });
     ws.on('message', (data, isBinary) => {
+      // The NAR stream of a push the operator signed: flow-controlled by its window, so it is
+      // exempt from the message rate limit that everything else is under.
+      if (isBinary && s.push) return this.pushData(s, data as Buffer);
       if (!this.admit(s)) return;
-      if (isBinary) return this.fail(s, 'bad-request', 'binary frames are not part of snapback.v1', !s.auth);
+      if (isBinary) return this.fail(s, 'bad-request', 'binary frames are not part of snapback.v1 outside a push', !s.auth);
       void this.receive(s, data.toString()).catch((err: Error) => {
         this.log.error({ err: err.stack, peer: s.peer }, 'internal error handling a message');
         this.fail(s, 'internal', err.message, false);
@@ -414,7 +426,65 @@ export class WireServer {
         return this.reply(s, msg.seq, await this.agent.rollback({ ...(msg.id ? { id: msg.id } : {}), by }, progress));
       case 'extend':
         return this.reply(s, msg.seq, await this.agent.extend({ ...(msg.id ? { id: msg.id } : {}), seconds: msg.seconds, by }));
+      case 'missing':
+        return this.send(s, { type: 'missing', paths: await invalidPaths(msg.paths) });
+      case 'push':
+        return this.startPush(s, msg);
     }
+  }
+
+  private async startPush(s: Session, msg: Extract<ClientMessage, { type: 'push' }>): Promise<void> {
+    const error = (code: ErrorCode, message: string) => this.send(s, { type: 'error', code, message, retryable: retryable(code), re: msg.seq });
+    if (s.push) return error('busy', 'a push is already running on this connection');
+    let p: Push;
+    try {
+      p = await Push.prepare(randomBytes(6).toString('hex'), msg.paths, msg.substitute === true, this.agent.pushPlaces());
+    } catch (err) {
+      return error(err instanceof SnapbackError ? (err.code as ErrorCode) : 'push-failed', (err as Error).message);
+    }
+    this.log.info({ peer: s.peer, who: s.auth!.who, paths: msg.paths.length, need: p.need.length, bytes: p.total }, `receiving ${p.need.length} of ${msg.paths.length} paths`);
+    if (p.complete) {
+      await p.finish();
+      return this.send(s, { type: 'push-done', re: msg.seq, imported: 0, bytes: 0 });
+    }
+    s.push = { seq: msg.seq, p, acked: 0, finishing: false };
+    this.send(s, { type: 'push-ready', re: msg.seq, need: p.need.map((e) => e.path), window: PUSH_WINDOW });
+  }
+
+  private pushData(s: Session, data: Buffer): void {
+    const t = s.push!;
+    if (t.finishing) return this.endPush(s, new SnapbackError('bad-nar', 'bytes after the last path of the manifest'));
+    try {
+      t.p.receive(data);
+    } catch (err) {
+      return this.endPush(s, err as Error);
+    }
+    if (t.p.received - t.acked >= PUSH_ACK_EVERY) {
+      t.acked = t.p.received;
+      this.send(s, { type: 'push-ack', re: t.seq, bytes: t.p.received, imported: t.p.verified.length });
+    }
+    if (!t.p.complete) return;
+    t.finishing = true;
+    t.p.finish().then(
+      (imported) => {
+        if (s.push !== t) return;
+        s.push = undefined;
+        this.log.info({ peer: s.peer, imported, bytes: t.p.received }, `imported ${imported} pushed paths`);
+        this.send(s, { type: 'push-done', re: t.seq, imported, bytes: t.p.received });
+      },
+      (err: Error) => this.endPush(s, err),
+    );
+  }
+
+  /** A push refused half-way (a NAR that does not match, an import that failed): nothing of it stays. */
+  private endPush(s: Session, err: Error): void {
+    const t = s.push;
+    if (!t) return;
+    s.push = undefined;
+    const code: ErrorCode = err instanceof SnapbackError ? (err.code as ErrorCode) : 'push-failed';
+    this.log.warn({ peer: s.peer, err: err.message }, 'refusing a pushed closure');
+    void t.p.abort().catch((e: Error) => this.log.error({ err: e.message }, 'cleaning up a refused push failed'));
+    this.send(s, { type: 'error', code, message: err.message, retryable: retryable(code), re: t.seq });
   }
 
   private progress(s: Session, p: Progress): void {

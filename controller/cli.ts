@@ -14,6 +14,7 @@ import { VERSION } from '../shared/version.ts';
 import { exitCodeOf } from './deploy.ts';
 import { deployFleet } from './orchestrate.ts';
 import { resolveSigners } from './identity.ts';
+import { planDeploy, type PlanOptions } from './plan.ts';
 import { renderer } from './render.ts';
 import { Session } from './session.ts';
 
@@ -22,7 +23,10 @@ const USAGE = `snapback ${VERSION} — deploy NixOS systems that revert on their
 usage: snapback <command> [options]
 
   deploy [HOST…|--all|--tag T]   activate, reconnect, probe, confirm (or roll back) each host
-         [--flake REF]            the hosts build REF#<host> themselves
+         [TOPLEVEL]               one host: push ./result (or a /nix/store path) and activate it
+         [--flake REF]            build REF#nixosConfigurations.<host>…toplevel here, push, activate
+         [--build-on local|host]  where a flake is built (default: buildOn in the fleet file, local)
+         [--substitute-on-host]   the host fetches what its own caches have; only the rest is pushed
          [--timeout S]            confirm window (else the host's confirmTimeoutSec, defaults, or the agent's default)
          [--parallel N]           hosts at once (default: defaults.parallel, 10)
          [--atomic]               confirm nobody until every host passed its probes, else roll all back
@@ -48,6 +52,8 @@ export async function main(argv: string[]): Promise<number> {
         all: { type: 'boolean', default: false },
         tag: { type: 'string', multiple: true },
         flake: { type: 'string' },
+        'build-on': { type: 'string' },
+        'substitute-on-host': { type: 'boolean' },
         timeout: { type: 'string' },
         parallel: { type: 'string' },
         limit: { type: 'string' },
@@ -69,10 +75,28 @@ export async function main(argv: string[]): Promise<number> {
     const fleet = await fleetFrom(o.fleet, o.flake);
     switch (command) {
       case 'deploy': {
-        const hosts = select(fleet, names, o.all, o.tag ?? [], true);
+        // A word with a "/" (./result, /nix/store/…) is a toplevel, not a host name.
+        const paths = names.filter((n) => n.includes('/'));
+        if (paths.length > 1) throw new UsageError(`one toplevel at a time, not ${paths.join(' ')}`);
+        if (paths.length && o.flake) throw new UsageError('give a toplevel or --flake REF, not both');
+        const hosts = select(fleet, names.filter((n) => !n.includes('/')), o.all, o.tag ?? [], true);
         const timeoutSec = o.timeout ? positiveInt(o.timeout, '--timeout', MAX_SECONDS) : undefined;
         const parallel = o.parallel ? positiveInt(o.parallel, '--parallel') : fleet.defaults.parallel;
-        return await deploy(fleet, hosts, { json: o.json, parallel, dryRun: o['dry-run'], atomic: o.atomic, ...(o.flake ? { flake: o.flake } : {}), ...(timeoutSec ? { timeoutSec } : {}) });
+        const buildOn = o['build-on'];
+        if (buildOn !== undefined && buildOn !== 'local' && buildOn !== 'host') throw new UsageError(`--build-on must be "local" or "host", not "${buildOn}"`);
+        return await deploy(fleet, hosts, {
+          json: o.json,
+          parallel,
+          dryRun: o['dry-run'],
+          atomic: o.atomic,
+          plan: {
+            ...(o.flake ? { flake: o.flake } : {}),
+            ...(paths[0] ? { path: paths[0] } : {}),
+            ...(buildOn ? { buildOn } : {}),
+            ...(o['substitute-on-host'] !== undefined ? { substitute: o['substitute-on-host'] } : {}),
+          },
+          ...(timeoutSec ? { timeoutSec } : {}),
+        });
       }
       case 'status':
         return await status(fleet, select(fleet, names, o.all || names.length === 0, o.tag ?? [], false), o.json);
@@ -116,19 +140,18 @@ async function fleetFrom(file: string | undefined, flake: string | undefined): P
   return parseFleet(String(r.stdout), installable);
 }
 
-function targetFor(name: string, host: FleetHost, flake?: string): Target {
-  if (flake) return { flake: `${flake}#${name}` };
-  if (host.target) return host.target;
-  throw new SnapbackError('config-invalid', `hosts.${name}.target is missing (or pass --flake REF to let the host build REF#${name})`);
-}
-
-async function deploy(fleet: Fleet, names: string[], opts: { json: boolean; parallel: number; dryRun: boolean; atomic: boolean; flake?: string; timeoutSec?: number }): Promise<number> {
-  const targets = new Map(names.map((n) => [n, targetFor(n, fleet.hosts[n]!, opts.flake)]));
+async function deploy(
+  fleet: Fleet,
+  names: string[],
+  opts: { json: boolean; parallel: number; dryRun: boolean; atomic: boolean; plan: Omit<PlanOptions, 'emit'>; timeoutSec?: number },
+): Promise<number> {
   checkAcyclic(fleet, names);
   const signers = await resolveSigners(fleet);
   const out = renderer(opts.json ? 'json' : process.stdout.isTTY ? 'live' : 'text');
+  const { targets, pushes } = await planDeploy(fleet, names, { ...opts.plan, emit: (e) => out.event(e) });
   const results = await deployFleet(fleet, names, {
     targets,
+    pushes,
     parallel: opts.parallel,
     atomic: opts.atomic,
     dryRun: opts.dryRun,

@@ -13,6 +13,7 @@ import { MAX_TIMER_MS, describeOutcome, type Outcome, type Target } from '../sha
 import type { ServerMessage } from '../shared/protocol.ts';
 import type { Signer } from '../shared/ssh.ts';
 import { runProbes, type ProbeResult } from './probes.ts';
+import { pushClosure, type PushProgress } from './push.ts';
 import { Session, type SessionOptions } from './session.ts';
 
 export type HostStatus = 'confirmed' | 'reverted' | 'failed' | 'unreachable' | 'unknown' | 'dry-run';
@@ -37,7 +38,16 @@ export type DeployEvent =
   | { type: 'confirming'; host: string; id: string }
   | { type: 'rolling-back'; host: string; id: string; why: string }
   | { type: 'waiting'; host: string; id: string; seconds: number; why: string }
+  | { type: 'building'; host: string; installable: string }
+  | { type: 'push'; host: string; paths: number; totalPaths: number; bytes: number; totalBytes: number; bytesPerSec?: number; secondsLeft?: number; done?: boolean }
   | { type: 'done'; host: string; result: HostResult };
+
+/** A toplevel in the operator's store, sent to the host before it is activated. */
+export interface PushPlan {
+  toplevel: string;
+  /** the host fetches what its own caches have first */
+  substitute: boolean;
+}
 
 export interface DeployHostOptions {
   name: string;
@@ -53,6 +63,7 @@ export interface DeployHostOptions {
   graceSec?: number;
   /** only build or fetch and `switch-to-configuration dry-activate`: show what would change */
   dryRun?: boolean;
+  push?: PushPlan;
 }
 
 const mono = () => performance.now();
@@ -105,6 +116,10 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
     return unreachable(name, err);
   }
   o.emit({ type: 'connected', host: name, as: first.welcome.you });
+  if (o.push) {
+    const refused = await push(o, first, o.push);
+    if (refused) return refused;
+  }
   if (o.dryRun) return dryRun(o, first);
 
   let id: string | undefined;
@@ -196,6 +211,38 @@ async function finishFlow(o: DeployHostOptions, p: Passed, decision: { confirm: 
   }
   session.close();
   return done(o, await settle(o, id, deadline, r));
+}
+
+/**
+ * Sends what the host lacks of the toplevel's closure over the authenticated session, reporting
+ * progress at most twice a second. Nothing on the running system changes; a refusal ends here.
+ */
+async function push(o: DeployHostOptions, session: Session, plan: PushPlan): Promise<HostResult | undefined> {
+  const started = mono();
+  let last = 0;
+  const emit = (p: PushProgress, done = false) => {
+    const t = mono();
+    if (!done && t - last < 500) return;
+    last = t;
+    const seconds = (t - started) / 1000;
+    const rate = seconds > 0.2 && p.bytes > 0 ? p.bytes / seconds : undefined;
+    o.emit({
+      type: 'push',
+      host: o.name,
+      ...p,
+      ...(rate ? { bytesPerSec: Math.round(rate), secondsLeft: Math.ceil((p.totalBytes - p.bytes) / rate) } : {}),
+      ...(done ? { done } : {}),
+    });
+  };
+  try {
+    emit(await pushClosure(session, plan.toplevel, { substitute: plan.substitute, onProgress: (p) => emit(p) }), true);
+    return undefined;
+  } catch (err) {
+    session.close();
+    const e = err as SnapbackError;
+    const status: HostStatus = e.code === 'unreachable' ? 'unreachable' : 'failed';
+    return { host: o.name, status, message: `push of ${plan.toplevel} refused (${e.code ?? 'push-failed'}): ${e.message}; the running system was not touched` };
+  }
 }
 
 async function dryRun(o: DeployHostOptions, session: Session): Promise<HostResult> {

@@ -6,10 +6,12 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Fleet } from '../shared/fleet.ts';
 import type { Target } from '../shared/model.ts';
 import type { Signer } from '../shared/ssh.ts';
-import { deployHost, finish, trial, type DeployEvent, type DeployHostOptions, type HostResult, type Passed } from './deploy.ts';
+import { deployHost, finish, trial, type DeployEvent, type DeployHostOptions, type HostResult, type Passed, type PushPlan } from './deploy.ts';
 
 export interface FleetDeployOptions {
   targets: Map<string, Target>;
+  /** hosts whose toplevel comes from the operator's store: pushed before it is activated */
+  pushes?: Map<string, PushPlan>;
   parallel: number;
   atomic: boolean;
   dryRun: boolean;
@@ -28,6 +30,7 @@ export async function deployFleet(fleet: Fleet, names: string[], opts: FleetDepl
       name,
       host,
       target: opts.targets.get(name)!,
+      ...(opts.pushes?.has(name) ? { push: opts.pushes.get(name)! } : {}),
       ...(timeoutSec ? { timeoutSec } : {}),
       probes: host.probes ?? fleet.defaults.probes ?? [],
       probeTimeoutSec: fleet.defaults.probeTimeoutSec,

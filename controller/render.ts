@@ -57,11 +57,25 @@ function describe(e: DeployEvent): string | undefined {
       return `rolling back: ${e.why}`;
     case 'waiting':
       return `waiting ${e.seconds}s for the deadline: ${e.why}`;
+    case 'building':
+      return `building ${e.installable} here`;
+    case 'push':
+      return describePush(e);
     case 'done':
       if (e.result.status === 'confirmed') return 'confirmed';
       if (e.result.status === 'dry-run') return e.result.message;
       return e.result.outcome ? e.result.message : `${e.result.status}: ${e.result.message}`;
   }
+}
+
+function describePush(e: Extract<DeployEvent, { type: 'push' }>): string {
+  if (e.done) return e.totalPaths ? `pushed ${e.paths} paths, ${mib(e.bytes)}` : 'the host has the whole closure already: nothing to push';
+  const rate = e.bytesPerSec ? `, ${mib(e.bytesPerSec)}/s, ${duration(e.secondsLeft ?? 0)} left` : '';
+  return `pushing ${e.paths}/${e.totalPaths} paths, ${mib(e.bytes)} of ${mib(e.totalBytes)}${rate}`;
+}
+
+function mib(bytes: number): string {
+  return `${(bytes / 1024 / 1024).toFixed(1)} MiB`;
 }
 
 interface Row {

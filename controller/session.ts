@@ -214,12 +214,12 @@ export class Session {
     const seq = ++this.seq;
     const unsigned = { ...cmd, seq } as Omit<SignedCommand, 'sig'>;
     const sig = await this.signer.sign(commandPayload(this.agentNonce, this.controllerNonce, unsigned));
-    const final = (m: ServerMessage) => (m.type === 'outcome' || m.type === 'error' || m.type === 'trial' || m.type === 'dry-run') && (m.re === seq || m.re === undefined);
+    const final = (m: ServerMessage) => (m.type === 'outcome' || m.type === 'error' || m.type === 'trial' || m.type === 'dry-run' || m.type === 'push-done') && (m.re === seq || m.re === undefined);
     return this.ask({ ...unsigned, sig }, final, onProgress);
   }
 
   /** Sends an unsigned read-only request (`status`, `history`). */
-  request(msg: { type: 'status' } | { type: 'history'; id?: string; limit?: number }): Promise<ServerMessage> {
+  request(msg: { type: 'status' } | { type: 'history'; id?: string; limit?: number } | { type: 'missing'; paths: string[] }): Promise<ServerMessage> {
     return this.ask(msg, (m) => m.type === msg.type || m.type === 'error');
   }
 
@@ -231,6 +231,15 @@ export class Session {
       this.pending.add({ match, resolve, ...(onOther ? { onOther } : {}) });
       this.ws.send(JSON.stringify(msg));
     });
+  }
+
+  get open(): boolean {
+    return !this.closedWith && this.ws.readyState === WebSocket.OPEN;
+  }
+
+  /** One binary frame of a push's NAR stream; resolves once it is handed to the socket. */
+  sendBinary(data: Buffer): Promise<void> {
+    return new Promise((resolve) => this.ws.send(data, { binary: true }, () => resolve()));
   }
 
   /** Sends raw text (tests use it to probe the agent's defences). */

@@ -49,6 +49,10 @@ export const fleetHostSchema = z.strictObject({
   dependsOn: z.array(z.string().min(1)).default([]),
   probes: z.array(probeSchema).optional(),
   confirmTimeoutSec: timeoutSec.optional(),
+  /** where a flake target is built: here, then pushed ("local", the default), or on the host */
+  buildOn: z.enum(['local', 'host']).optional(),
+  /** before pushing, the host fetches what its own caches have */
+  substituteOnHost: z.boolean().optional(),
 });
 export type FleetHost = z.infer<typeof fleetHostSchema>;
 
@@ -63,6 +67,8 @@ export const fleetSchema = z
         parallel: z.number().int().positive().default(10),
         /** after a deadline passed unconfirmed: how long to keep asking the host for its outcome */
         outcomeGraceSec: timeoutSec.default(120),
+        buildOn: z.enum(['local', 'host']).default('local'),
+        substituteOnHost: z.boolean().default(false),
       })
       .prefault({}),
     // A record never sees the key `__proto__` (it would drop the host silently): refuse it here.

@@ -13,7 +13,7 @@
 // connection, and any change to it breaks the signature.
 
 import { z } from 'zod';
-import { outcomeSchema, phaseSchema, targetSchema, historyEntrySchema, actorSchema, secondsSchema, cappedSecondsSchema } from './model.ts';
+import { outcomeSchema, phaseSchema, targetSchema, historyEntrySchema, actorSchema, secondsSchema, cappedSecondsSchema, storePathSchema } from './model.ts';
 
 export const SUBPROTOCOL = 'snapback.v1';
 export const MAX_PAYLOAD = 256 * 1024;
@@ -53,6 +53,39 @@ export const confirmSchema = z.strictObject({ type: z.literal('confirm'), seq, i
 export const rollbackSchema = z.strictObject({ type: z.literal('rollback'), seq, id: id.optional(), sig: signature });
 export const extendSchema = z.strictObject({ type: z.literal('extend'), seq, id: id.optional(), seconds: cappedSecondsSchema, sig: signature });
 
+// ---- closure push (controller → agent) ------------------------------------------------------------
+// `missing` asks which paths of a closure the host lacks. `push` sends a signed manifest of the
+// paths to send; the agent answers `push-ready` with those it still needs (after substituting from
+// its own caches when asked), then the NARs of exactly those follow, in manifest order, as binary
+// frames: path after path, each `narSize` bytes, each checked against its signed `narHash` before
+// Nix sees it. The agent acknowledges what it has written (`push-ack`), and the controller keeps
+// at most `window` bytes unacknowledged. `push-done` ends it; an `error` ends it too.
+
+/** Paths per `missing` and entries per `push`: a manifest stays far below MAX_PAYLOAD. */
+export const MAX_PUSH_PATHS = 400;
+/** Chunks of the NAR stream, far below MAX_PAYLOAD. */
+export const PUSH_CHUNK = 64 * 1024;
+
+export const narHashSchema = z.string().regex(/^sha256-[A-Za-z0-9+/]{43}=$/, 'must be an SRI SHA-256 hash (sha256-…)');
+export const manifestEntrySchema = z.strictObject({
+  path: storePathSchema,
+  narHash: narHashSchema,
+  narSize: z.number().int().positive().max(Number.MAX_SAFE_INTEGER),
+  references: z.array(storePathSchema).max(10_000),
+  deriver: storePathSchema.optional(),
+});
+export type ManifestEntry = z.infer<typeof manifestEntrySchema>;
+
+export const missingRequestSchema = z.strictObject({ type: z.literal('missing'), paths: z.array(storePathSchema).max(MAX_PUSH_PATHS * 5) });
+export const pushSchema = z.strictObject({
+  type: z.literal('push'),
+  seq,
+  paths: z.array(manifestEntrySchema).min(1).max(MAX_PUSH_PATHS),
+  /** fetch what the host's own caches have first; only the rest is sent */
+  substitute: z.boolean().optional(),
+  sig: signature,
+});
+
 export const clientMessageSchema = z.discriminatedUnion('type', [
   helloSchema,
   statusRequestSchema,
@@ -61,12 +94,19 @@ export const clientMessageSchema = z.discriminatedUnion('type', [
   confirmSchema,
   rollbackSchema,
   extendSchema,
+  missingRequestSchema,
+  pushSchema,
 ]);
 export type ClientMessage = z.infer<typeof clientMessageSchema>;
-export type SignedCommand = z.infer<typeof activateSchema> | z.infer<typeof confirmSchema> | z.infer<typeof rollbackSchema> | z.infer<typeof extendSchema>;
+export type SignedCommand =
+  | z.infer<typeof activateSchema>
+  | z.infer<typeof confirmSchema>
+  | z.infer<typeof rollbackSchema>
+  | z.infer<typeof extendSchema>
+  | z.infer<typeof pushSchema>;
 /** A signed command before `seq` and `sig` are added. */
 export type CommandBody = SignedCommand extends infer T ? (T extends SignedCommand ? Omit<T, 'sig' | 'seq'> : never) : never;
-export const SIGNED_TYPES = new Set(['activate', 'confirm', 'rollback', 'extend']);
+export const SIGNED_TYPES = new Set(['activate', 'confirm', 'rollback', 'extend', 'push']);
 
 // ---- agent → controller -------------------------------------------------------------------------
 
@@ -168,7 +208,24 @@ export const dryRunSchema = z.strictObject({
   re: seq.optional(),
 });
 
+export const missingReplySchema = z.strictObject({ ...sealed, type: z.literal('missing'), paths: z.array(z.string()) });
+export const pushReadySchema = z.strictObject({
+  ...sealed,
+  type: z.literal('push-ready'),
+  re: seq,
+  /** the manifest's paths the host still lacks, in manifest order: their NARs follow */
+  need: z.array(z.string()),
+  /** bytes the controller may send ahead of `push-ack` */
+  window: z.number().int().positive(),
+});
+export const pushAckSchema = z.strictObject({ ...sealed, type: z.literal('push-ack'), re: seq, bytes: z.number().int().nonnegative(), imported: z.number().int().nonnegative() });
+export const pushDoneSchema = z.strictObject({ ...sealed, type: z.literal('push-done'), re: seq, imported: z.number().int().nonnegative(), bytes: z.number().int().nonnegative() });
+
 export const serverMessageSchema = z.discriminatedUnion('type', [
+  missingReplySchema,
+  pushReadySchema,
+  pushAckSchema,
+  pushDoneSchema,
   dryRunSchema,
   challengeSchema,
   welcomeSchema,
