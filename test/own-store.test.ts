@@ -127,6 +127,8 @@ describe('a host with its own Nix store', { skip }, () => {
     assert.equal(a.code, 0, JSON.stringify(a.out));
     assert.equal(h.running(), x);
     for (const p of closure) assert.ok(h.hostHas(p), `${p} is valid in the host store`);
+    const root = join(h.stateDir, 'gcroots', a.out.id);
+    assert.ok(h.hostExists(root), 'the trial is held by a GC root, resolved in the host store');
     assert.deepEqual(h.hostRun('nix-store', ['-qR', x]).split('\n').sort(), closure);
     assert.equal((await h.cli(['confirm'])).code, 0);
     assert.equal(h.bootDefault(), x);

@@ -125,6 +125,20 @@ export class ScratchHost {
     return this.holder ? this.hostRun('readlink', ['-e', '--', path]) : realpathSync(path);
   }
 
+  /**
+   * Whether `path` exists as the host sees it, following links: a GC root or profile link points into
+   * the host's store, where existsSync (the operator's view) would look in the wrong one.
+   */
+  hostExists(path: string): boolean {
+    if (!this.holder) return existsSync(path);
+    try {
+      this.hostRun('test', ['-e', path]);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
   /** Whether `path` is valid in the host's store. */
   hostHas(path: string): boolean {
     try {
