@@ -1,13 +1,14 @@
 // A scratch "host" for integration tests: its own profile, current-system link, boot id, state
 // directory and control socket under a temp dir, and a real `snapback-agent serve` process.
+// With ownStore() the host also has its own Nix store, apart from the operator's (the test process's).
 
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { mkdtempSync, readFileSync, readdirSync, realpathSync, rmSync, symlinkSync, writeFileSync, mkdirSync } from 'node:fs';
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readdirSync, realpathSync, rmSync, symlinkSync, writeFileSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { buildToplevel, type Behaviour } from './nix.ts';
+import { NIX_CONFIG, buildToplevel, haveNix, runHere, type Behaviour, type Runner } from './nix.ts';
 
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const AGENT_BIN = join(ROOT, 'bin', 'snapback-agent.js');
@@ -28,6 +29,8 @@ export class ScratchHost {
   agent: ChildProcess | undefined;
   private lines: LogLine[] = [];
   private waiters = new Set<() => void>();
+  private holder: ChildProcess | undefined;
+  private hostEnv: string[] = [];
 
   constructor(name = 'host', config: Record<string, unknown> = {}) {
     this.dir = mkdtempSync(join(tmpdir(), `snapback-${name}-`));
@@ -57,28 +60,144 @@ export class ScratchHost {
     writeFileSync(this.configPath, JSON.stringify(this.config, null, 2));
   }
 
-  /** The "installed" system: generation 1 of the profile, and running. */
+  // ---- the host's own Nix store ----------------------------------------------------------------
+
+  /**
+   * Gives the host a Nix store of its own: a process holds a private mount namespace in which `/nix`
+   * is the empty `dir/nix-root` (or, with `sizeMiB`, a tmpfs that small), and every host-side
+   * process — the agent, the console, install()'s Nix commands, the host* helpers — runs in it
+   * through nsenter. Debian's Nix lives in /usr/bin, so it works there on a fresh store and database.
+   * Call it right after the constructor; tests using it skip on haveOwnStore(). A `sizeMiB` store
+   * runs its Nix with gc-reserved-space = 0, or the reserve alone would fill it.
+   */
+  ownStore(opts: { sizeMiB?: number } = {}): this {
+    if (this.holder) throw new Error('ownStore() called twice');
+    if (this.gen1 !== undefined) throw new Error('ownStore() must come before install(): gen1 would be in the operator\'s store');
+    const root = join(this.dir, 'nix-root');
+    mkdirSync(root);
+    // Nix reserves gc-reserved-space (8 MiB) in its database directory: that would fill a small store.
+    if (opts.sizeMiB !== undefined) this.hostEnv = ['env', `NIX_CONFIG=${process.env.NIX_CONFIG ?? NIX_CONFIG}\ngc-reserved-space = 0\n`];
+    const mount = opts.sizeMiB !== undefined ? `mount -t tmpfs -o size=${Math.floor(opts.sizeMiB)}m,mode=0755 snapback-store /nix` : `mount --bind '${root}' /nix`;
+    const log = join(this.dir, 'holder.log');
+    const fd = openSync(log, 'w');
+    // unshare, sh and sleep exec one another: the holder keeps one PID. setpriv's parent-death
+    // signal ends it with the test process should cleanup() never run.
+    const argv = ['unshare', '-m', '--propagation', 'private', 'sh', '-c', `${mount} && exec sleep infinity`];
+    const [cmd, ...args] = (haveSetpriv() ? ['setpriv', '--pdeathsig', 'KILL', ...argv] : argv) as [string, ...string[]];
+    const child = spawn(cmd, args, { stdio: ['ignore', fd, fd] });
+    closeSync(fd);
+    child.unref();
+    this.holder = child;
+    const pid = child.pid;
+    if (pid === undefined) throw new Error(`could not start the store holder (${cmd})`);
+    // Ready once the mount is done, that is once `sleep` runs; a failed mount ends the holder.
+    const start = Date.now();
+    for (;;) {
+      const stat = procStat(pid);
+      if (stat === undefined || stat.state === 'Z') throw new Error(`the store holder failed: ${readFileSync(log, 'utf8').trim() || 'no output'}`);
+      if (stat.comm === 'sleep') break;
+      if (Date.now() - start > 10_000) throw new Error('the store holder did not mount /nix in 10 s');
+      sleepSync(10);
+    }
+    return this;
+  }
+
+  /** PID of the process holding the host's mount namespace (ownStore), else undefined. */
+  get holderPid(): number | undefined {
+    return this.holder?.pid;
+  }
+
+  /** The command prefix that runs something as the host: in its mount namespace (ownStore), else as is. */
+  hostPrefix(): string[] {
+    const pid = this.holderPid;
+    // nsenter -m would leave us in `/`: keep the test's working directory.
+    return pid === undefined ? [] : ['nsenter', '-t', String(pid), '-m', `--wd=${process.cwd()}`, '--', ...this.hostEnv];
+  }
+
+  /** Runs CMD ARGS on the host (in its own store's namespace, if any); its stdout, trimmed. Throws on failure. */
+  hostRun(cmd: string, args: string[] = []): string {
+    const [c, ...a] = [...this.hostPrefix(), cmd, ...args] as [string, ...string[]];
+    return runHere(c, a);
+  }
+
+  /** `path` with every symlink resolved as the host sees it (its store, not the operator's). */
+  hostRealpath(path: string): string {
+    return this.holder ? this.hostRun('readlink', ['-e', '--', path]) : realpathSync(path);
+  }
+
+  /**
+   * Whether `path` exists as the host sees it, following links: a GC root or profile link points into
+   * the host's store, where existsSync (the operator's view) would look in the wrong one.
+   */
+  hostExists(path: string): boolean {
+    if (!this.holder) return existsSync(path);
+    try {
+      this.hostRun('test', ['-e', path]);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /** Whether `path` is valid in the host's store. */
+  hostHas(path: string): boolean {
+    try {
+      this.hostRun('nix-store', ['--check-validity', '--', path]);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /** Every valid path of the host's store, sorted; `.drv` files only with `drvs`. */
+  hostPaths(opts: { drvs?: boolean } = {}): string[] {
+    return this.hostRun('nix', ['--extra-experimental-features', 'nix-command', 'path-info', '--all'])
+      .split('\n')
+      .filter((p) => p && (opts.drvs || !p.endsWith('.drv')))
+      .sort();
+  }
+
+  /** Bytes free (for an unprivileged user) on the file system of the host's /nix/store. */
+  hostStoreFree(): number {
+    // /nix/store exists once Nix first ran; /nix is the same file system under ownStore.
+    const [avail, bsize] = this.hostRun('sh', ['-c', 'stat -f -c "%a %S" /nix/store 2>/dev/null || stat -f -c "%a %S" /nix']).split(' ').map(Number) as [number, number];
+    return avail * bsize;
+  }
+
+  private get hostRunner(): Runner {
+    return (cmd, args) => this.hostRun(cmd, args);
+  }
+
+  /** The "installed" system: generation 1 of the profile, and running — in the host's store. */
   install(b: Behaviour = {}): this {
-    this.gen1 = this.toplevel('gen1', b);
-    execFileSync('nix-env', ['-p', this.profile, '--set', this.gen1], { stdio: 'ignore' });
+    this.gen1 = this.hostToplevel('gen1', b);
+    this.hostRun('nix-env', ['-p', this.profile, '--set', this.gen1]);
     symlinkSync(this.gen1, this.current);
     return this;
   }
 
+  /** A fake toplevel built in the operator's store (the test process's, the real one). */
   toplevel(name: string, b: Behaviour = {}): string {
     return buildToplevel(join(this.dir, 'nix'), name, this.calls, this.current, b);
+  }
+
+  /** A fake toplevel built in the host's store (the same as toplevel() without ownStore). */
+  hostToplevel(name: string, b: Behaviour = {}): string {
+    if (!this.holder) return this.toplevel(name, b);
+    return buildToplevel(join(this.dir, 'host-nix'), name, this.calls, this.current, b, this.hostRunner);
   }
 
   // ---- the agent process ----------------------------------------------------------------------
 
   /**
    * Starts `snapback-agent serve`. `failpoints` makes it kill itself at those instants (agent/failpoint.ts);
-   * `wrap` runs it under another program (strace with fault injection).
+   * `wrap` runs it under another program (strace with fault injection), itself inside the host's
+   * mount namespace with ownStore.
    */
   async start(opts: { failpoints?: string[]; wrap?: string[] } = {}): Promise<void> {
     this.lines = [];
     const argv = [process.execPath, AGENT_BIN, 'serve', '--config', this.configPath];
-    const [cmd, ...args] = [...(opts.wrap ?? []), ...argv] as [string, ...string[]];
+    const [cmd, ...args] = [...this.hostPrefix(), ...(opts.wrap ?? []), ...argv] as [string, ...string[]];
     const env = { ...process.env, SNAPBACK_FAILPOINTS: (opts.failpoints ?? []).join(',') };
     const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
     this.agent = child;
@@ -176,7 +295,7 @@ export class ScratchHost {
     await this.kill9();
     writeFileSync(this.bootIdFile, randomUUID() + '\n');
     rmSync(this.current, { force: true });
-    symlinkSync(realpathSync(this.profile), this.current);
+    symlinkSync(this.hostRealpath(this.profile), this.current);
   }
 
   // ---- the network side ------------------------------------------------------------------------
@@ -233,7 +352,8 @@ export class ScratchHost {
   cli(args: string[], opts: { json?: boolean } = {}): Promise<{ code: number; out: any; stdout: string; stderr: string }> {
     const json = opts.json ?? true;
     return new Promise((resolve) => {
-      const child = spawn(process.execPath, [AGENT_BIN, ...args, '--config', this.configPath, ...(json ? ['--json'] : [])], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const [cmd, ...argv] = [...this.hostPrefix(), process.execPath, AGENT_BIN, ...args, '--config', this.configPath, ...(json ? ['--json'] : [])] as [string, ...string[]];
+      const child = spawn(cmd, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
       let stdout = '';
       let stderr = '';
       child.stdout.on('data', (c) => (stdout += c));
@@ -259,7 +379,7 @@ export class ScratchHost {
   }
 
   running(): string {
-    return realpathSync(this.current);
+    return this.hostRealpath(this.current);
   }
 
   generations(): number[] {
@@ -271,7 +391,7 @@ export class ScratchHost {
   }
 
   bootDefault(): string {
-    return realpathSync(this.profile);
+    return this.hostRealpath(this.profile);
   }
 
   history(): any[] {
@@ -285,10 +405,61 @@ export class ScratchHost {
     }
   }
 
+  /** Ends the agent, then the store holder (by PID: the namespace and a tmpfs store go with it), then removes the dir. */
   async cleanup(): Promise<void> {
     await this.kill9();
+    await this.endHolder();
+    // Store paths are read-only; root removes them anyway, anyone else needs write access back.
+    if (existsSync(join(this.dir, 'nix-root'))) spawnSync('chmod', ['-R', 'u+w', join(this.dir, 'nix-root')], { stdio: 'ignore' });
     rmSync(this.dir, { recursive: true, force: true });
   }
+
+  private async endHolder(): Promise<void> {
+    const child = this.holder;
+    if (!child) return;
+    if (child.exitCode === null && child.signalCode === null) {
+      const gone = new Promise((r) => child.once('exit', r));
+      child.ref(); // unref'd at start: the wait for its exit must keep the process alive
+      child.kill('SIGKILL');
+      await gone;
+    }
+    this.holder = undefined;
+  }
+}
+
+/** Why a test cannot give a scratch host its own store (ownStore), or undefined if it can. */
+export function haveOwnStore(): string | undefined {
+  const nix = haveNix();
+  if (nix) return nix;
+  if (!existsSync('/nix')) return 'no /nix directory to mount a store over: skipping tests that give a host its own Nix store';
+  const probe = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', 'mount -t tmpfs -o size=1m snapback-probe /nix && nsenter --version'], { encoding: 'utf8' });
+  if (probe.status !== 0) {
+    const why = probe.error?.message ?? (probe.stderr.trim() || `exit ${probe.status}`);
+    return `cannot make a mount namespace with its own /nix (unshare -m, mount and nsenter need root or CAP_SYS_ADMIN): ${why}: skipping tests that give a host its own Nix store`;
+  }
+  return undefined;
+}
+
+let setpriv: boolean | undefined;
+function haveSetpriv(): boolean {
+  setpriv ??= spawnSync('setpriv', ['--version'], { stdio: 'ignore' }).status === 0;
+  return setpriv;
+}
+
+/** State and command name of process `pid` from /proc, or undefined once it is gone. */
+function procStat(pid: number): { state: string; comm: string } | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // "PID (COMM) STATE …": COMM may hold spaces and parentheses, the last ')' ends it.
+    const close = stat.lastIndexOf(')');
+    return { comm: stat.slice(stat.indexOf('(') + 1, close), state: stat.slice(close + 2, close + 3) };
+  } catch {
+    return undefined;
+  }
+}
+
+function sleepSync(ms: number): void {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 }
 
 /** Polls `cond` every 20 ms until it holds. */

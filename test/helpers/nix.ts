@@ -32,6 +32,20 @@ export interface Behaviour {
   boot?: string;
   /** leave out bin/switch-to-configuration: not a toplevel */
   notToplevel?: boolean;
+  /** a real closure to push: the toplevel references this many dependency paths (see closureExpr) */
+  closure?: Closure;
+}
+
+/**
+ * `paths` dependency store paths of `sizeKiB` each, incompressible and deterministic: AES-128-CTR
+ * of zeros under a key derived from `seed` and the index, so the same seed gives the same paths
+ * (and the same bytes) in any store, and another seed other paths. The default seed is the
+ * toplevel's name.
+ */
+export interface Closure {
+  paths: number;
+  sizeKiB: number;
+  seed?: string;
 }
 
 /** The shell script a fake toplevel runs as `bin/switch-to-configuration`. */
@@ -57,27 +71,61 @@ exit 0
 }
 
 /** The Nix expression of a fake toplevel (pure: usable from a flake). */
-export function toplevelExpr(name: string, scriptFile: string | null): string {
-  const install = scriptFile
+export function toplevelExpr(name: string, scriptFile: string | null, closure?: Closure): string {
+  let install = scriptFile
     ? '/bin/mkdir -p $out/bin && printf "%s" "$script" > $out/bin/switch-to-configuration && /bin/chmod +x $out/bin/switch-to-configuration'
     : '/bin/mkdir -p $out/share && echo not-a-toplevel > $out/share/readme';
-  return `derivation {
+  // Writing the dependencies' paths into $out is what makes them references of the toplevel.
+  if (closure) install += ' && /bin/mkdir -p $out/share && for d in $deps; do echo $d; done > $out/share/closure';
+  return `${closure ? `let
+${closureExpr(closure.seed ?? name, closure)}
+in ` : ''}derivation {
   name = "nixos-system-${name}";
   system = "${SYSTEM}";
   builder = "/bin/sh";
   args = [ "-c" ${JSON.stringify(install)} ];
   ${scriptFile ? `script = builtins.readFile ./${scriptFile};` : ''}
+  ${closure ? 'deps = builtins.genList dep paths;' : ''}
 }
 `;
 }
 
-/** Builds a fake toplevel in `dir` and returns its store path (not rooted: tests may delete it). */
-export function buildToplevel(dir: string, name: string, calls: string, current: string, b: Behaviour = {}): string {
+/** A Nix string literal of `s`. */
+function nixString(s: string): string {
+  return `"${s.replace(/[\\"$]/g, (c) => `\\${c}`)}"`;
+}
+
+/** `dep i`: the i-th dependency path of a closure (see Closure); binds `dep` and `paths`. */
+function closureExpr(seed: string, c: Closure): string {
+  if (!Number.isInteger(c.paths) || c.paths < 0 || !Number.isInteger(c.sizeKiB) || c.sizeKiB < 0) throw new Error(`bad closure ${JSON.stringify(c)}`);
+  const bytes = c.sizeKiB * 1024;
+  // openssl failing would leave a short file: the size check fails the build instead.
+  const fill = `/usr/bin/openssl enc -aes-128-ctr -nosalt -K "$key" -iv 00000000000000000000000000000000 < /dev/zero 2>/dev/null | /usr/bin/head -c ${bytes} > $out && test "$(/usr/bin/wc -c < $out)" -eq ${bytes}`;
+  return `  paths = ${c.paths};
+  dep = i: derivation {
+    name = "closure-dep-\${toString i}";
+    system = "${SYSTEM}";
+    builder = "/bin/sh";
+    args = [ "-c" ${JSON.stringify(fill)} ];
+    key = builtins.substring 0 32 (builtins.hashString "sha256" (${nixString(seed)} + "-" + toString i));
+  };`;
+}
+
+/** Runs CMD ARGS somewhere (here, or inside a scratch host's mount namespace) and returns its stdout, trimmed. */
+export type Runner = (cmd: string, args: string[]) => string;
+
+export const runHere: Runner = (cmd, args) => execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
+
+/**
+ * Builds a fake toplevel in `dir` and returns its store path (not rooted: tests may delete it).
+ * `run` picks the store: by default the test process's own (the operator's).
+ */
+export function buildToplevel(dir: string, name: string, calls: string, current: string, b: Behaviour = {}, run: Runner = runHere): string {
   mkdirSync(dir, { recursive: true });
   const script = `${name}.sh`;
   writeFileSync(join(dir, script), switchScript(calls, current, b));
-  writeFileSync(join(dir, `${name}.nix`), toplevelExpr(name, b.notToplevel ? null : script));
-  return execFileSync('nix-build', [join(dir, `${name}.nix`), '--no-out-link'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
+  writeFileSync(join(dir, `${name}.nix`), toplevelExpr(name, b.notToplevel ? null : script, b.closure));
+  return run('nix-build', [join(dir, `${name}.nix`), '--no-out-link']);
 }
 
 export interface FlakeShape {
