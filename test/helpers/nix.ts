@@ -139,7 +139,7 @@ export interface FlakeShape {
 export function writeFlake(dir: string, host: string, calls: string, current: string, b: Behaviour = {}, shape: FlakeShape = {}): string {
   mkdirSync(dir, { recursive: true });
   writeFileSync(join(dir, 'switch.sh'), switchScript(calls, current, b));
-  writeFileSync(join(dir, 'toplevel.nix'), toplevelExpr(`${host}-flake`, 'switch.sh'));
+  writeFileSync(join(dir, 'toplevel.nix'), toplevelExpr(`${host}-flake`, 'switch.sh', b.closure));
   const link = `derivation {
       name = "nixos-system-${host}-link";
       system = "${SYSTEM}";

@@ -15,12 +15,16 @@ export interface RelayHooks {
   fromController?(msg: any, c: RelayConnection): any;
   /** a message from the agent, likewise */
   fromAgent?(msg: any, c: RelayConnection): any;
+  /** a binary frame from the controller (a push's NAR stream): return it, changed or not, or undefined to drop it */
+  fromControllerBinary?(data: Buffer, c: RelayConnection & { cut(): void }): Buffer | undefined;
 }
 
 export class Relay {
   port = 0;
   /** every message the controller sent, dropped or not */
   readonly seenFromController: any[] = [];
+  /** bytes of binary frames the controller sent */
+  binaryBytes = 0;
   private readonly wss: WebSocketServer;
   private readonly sockets = new Set<WebSocket>();
 
@@ -35,7 +39,15 @@ export class Relay {
         toAgent: (m) => (up.readyState === up.OPEN ? up.send(JSON.stringify(m)) : queued.push(JSON.stringify(m))),
       };
       up.on('open', () => queued.splice(0).forEach((m) => up.send(m)));
-      down.on('message', (d) => {
+      const queuedBinary: Buffer[] = [];
+      up.on('open', () => queuedBinary.splice(0).forEach((m) => up.send(m)));
+      down.on('message', (d, isBinary) => {
+        if (isBinary) {
+          this.binaryBytes += (d as Buffer).length;
+          const out = hooks.fromControllerBinary ? hooks.fromControllerBinary(d as Buffer, { ...c, cut: () => (down.terminate(), up.terminate()) }) : (d as Buffer);
+          if (out !== undefined) up.readyState === up.OPEN ? up.send(out) : queuedBinary.push(out);
+          return;
+        }
         const msg = JSON.parse(d.toString());
         this.seenFromController.push(msg);
         const out = hooks.fromController ? hooks.fromController(msg, c) : msg;
