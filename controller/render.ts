@@ -69,9 +69,10 @@ function describe(e: DeployEvent): string | undefined {
 }
 
 function describePush(e: Extract<DeployEvent, { type: 'push' }>): string {
-  if (e.done) return e.totalPaths ? `pushed ${e.paths} paths, ${mib(e.bytes)}` : 'the host has the whole closure already: nothing to push';
+  const paths = (n: number) => `${n} path${n === 1 ? '' : 's'}`;
+  if (e.done) return e.totalPaths ? `pushed ${paths(e.paths)}, ${mib(e.bytes)}` : 'the host has the whole closure already: nothing to push';
   const rate = e.bytesPerSec ? `, ${mib(e.bytesPerSec)}/s, ${duration(e.secondsLeft ?? 0)} left` : '';
-  return `pushing ${e.paths}/${e.totalPaths} paths, ${mib(e.bytes)} of ${mib(e.totalBytes)}${rate}`;
+  return `pushing ${e.paths}/${paths(e.totalPaths)}, ${mib(e.bytes)} of ${mib(e.totalBytes)}${rate}`;
 }
 
 function mib(bytes: number): string {

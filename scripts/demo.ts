@@ -24,13 +24,18 @@ if (process.getuid?.() === 0) {
   process.env.NIX_CONFIG ??= 'sandbox = false\nbuild-users-group =\nsubstituters =\nexperimental-features = nix-command flakes\n';
 }
 
-const { ScratchHost, CONTROLLER_BIN } = await import('../test/helpers/host.ts');
+const { ScratchHost, CONTROLLER_BIN, haveOwnStore } = await import('../test/helpers/host.ts');
+const { writeFlake } = await import('../test/helpers/nix.ts');
 
 const bold = (s: string) => (process.stdout.isTTY ? `\x1b[1m${s}\x1b[0m` : s);
 const dim = (s: string) => (process.stdout.isTTY ? `\x1b[2m${s}\x1b[0m` : s);
 const say = (s: string) => process.stdout.write(`\n${bold(s)}\n`);
 
-const host = new ScratchHost('demo').enableWire();
+// As root, the host gets a Nix store of its own (a mount namespace), so the push is real.
+const ownStore = haveOwnStore() === undefined;
+const host = new ScratchHost('demo');
+if (ownStore) host.ownStore();
+host.enableWire();
 const up = join(host.dir, 'service-up');
 let exitCode = 0;
 try {
@@ -45,26 +50,29 @@ try {
   const port = await host.port();
   console.log(dim(`   state directory ${host.stateDir}\n   agent on ws://127.0.0.1:${port}, host key ${host.hostPublicKey.slice(0, 40)}…`));
 
-  say('2. Two new generations, built with real Nix.');
-  const good = host.toplevel('web1-v2', { afterLink: `touch ${up}` });
-  const bad = host.toplevel('web1-v3', { afterLink: `rm -f ${up}  # a firewall change that takes the service down` });
-  console.log(dim(`   good: ${good}\n   bad:  ${bad}`));
+  say(`2. Your flake, on this machine: web1's system, built here with real Nix${ownStore ? ' (the host has its own, separate store)' : ''}.`);
+  const flake = join(host.dir, 'infra');
+  const version = (afterLink: string) => writeFlake(flake, 'web1', host.calls, host.current, { afterLink, closure: { paths: 3, sizeKiB: 512 } });
+  console.log(dim(`   ${flake}/flake.nix: nixosConfigurations.web1.config.system.build.toplevel`));
 
-  const deploy = async (target: string) => {
-    const fleet = await host.fleet({ target: { storePath: target }, confirmTimeoutSec: 20, probes: [{ http: health, timeoutSec: 4 }] });
-    console.log(dim(`   $ snapback deploy web1 --fleet ${fleet}`));
+  const deploy = async () => {
+    const fleet = await host.fleet({ confirmTimeoutSec: 20, probes: [{ http: health, timeoutSec: 4 }] });
+    console.log(dim(`   $ snapback deploy web1 --flake ${flake} --fleet ${fleet}`));
     // Not spawnSync: the demo's own event loop serves the health endpoint meanwhile.
-    const child = spawn(process.execPath, [CONTROLLER_BIN, 'deploy', 'web1', '--fleet', fleet], { stdio: 'inherit', env: { ...process.env, SSH_AUTH_SOCK: '' } });
+    const child = spawn(process.execPath, [CONTROLLER_BIN, 'deploy', 'web1', '--flake', flake, '--fleet', fleet], { stdio: 'inherit', env: { ...process.env, SSH_AUTH_SOCK: '' } });
     return new Promise<number>((resolve) => child.on('exit', (code) => resolve(code ?? 1)));
   };
 
-  say('3. Deploy the good generation: activate → fresh connection → probe → confirm.');
-  const first = await deploy(good);
-  console.log(dim(`   exit ${first}; boot default is now ${host.bootDefault() === good ? 'web1-v2' : 'unchanged'}`));
+  say('3. Deploy it: build here → push the closure → activate → fresh connection → probe → confirm.');
+  version(`touch ${up}`);
+  const first = await deploy();
+  const good = host.running();
+  console.log(dim(`   exit ${first}; boot default is now ${host.bootDefault() === good && good !== host.gen1 ? 'the new system' : 'unchanged'}`));
 
-  say('4. Deploy the bad generation: the probe fails, the controller rolls back, the host reverts.');
-  const second = await deploy(bad);
-  console.log(dim(`   exit ${second}; running ${host.running() === good ? 'web1-v2 again' : host.running()}; service ${existsSync(up) ? 'up' : 'down'}`));
+  say('4. Change the flake so the service goes down, deploy again: the probe fails, the host reverts.');
+  version(`rm -f ${up}  # a firewall change that takes the service down`);
+  const second = await deploy();
+  console.log(dim(`   exit ${second}; running ${host.running() === good ? 'the confirmed system again' : host.running()}; service ${existsSync(up) ? 'up' : 'down'}`));
 
   say('5. What the console on the host says.');
   const run = (args: string[]) => console.log(execFileSync(process.execPath, [join(import.meta.dirname, '..', 'bin', 'snapback-agent.js'), ...args, '--config', host.configPath], { encoding: 'utf8' }).trimEnd());

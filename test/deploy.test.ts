@@ -224,13 +224,25 @@ describe('snapback deploy', { skip }, () => {
     assert.equal(ok.code, 0, ok.stdout);
   });
 
-  it('--flake REF: the host builds REF#web1 itself', async () => {
+  it('--flake REF is built here by default; --build-on host lets the host build a reference it can resolve', async () => {
     const h = await wireHost();
     const ref = writeFlake(join(h.dir, 'flake'), 'web1', h.calls, h.current);
     const fleet = await h.fleet({ confirmTimeoutSec: 30 });
     const r = await h.snapback(['deploy', 'web1', '--fleet', fleet, '--flake', ref]);
     assert.equal(r.code, 0, r.stdout);
+    assert.ok(r.events.some((e) => e.event === 'building' && e.installable === `${ref}#nixosConfigurations.web1.config.system.build.toplevel`));
     assert.match(h.running(), /nixos-system-web1-flake$/);
+
+    // The host's own flake registry names the flake: a reference the host resolves, not this machine.
+    const registry = join(h.dir, 'registry.json');
+    writeFileSync(registry, JSON.stringify({ version: 2, flakes: [{ from: { type: 'indirect', id: 'snapback-infra' }, to: { type: 'path', path: join(h.dir, 'flake') } }] }));
+    await h.kill9();
+    await h.start({ env: { NIX_CONFIG: `${process.env.NIX_CONFIG ?? ''}\nflake-registry = ${registry}\n` } });
+    const hosted = await h.snapback(['deploy', 'web1', '--fleet', await h.fleet({ confirmTimeoutSec: 30 }), '--flake', 'snapback-infra', '--build-on', 'host']);
+    assert.equal(hosted.code, 0, hosted.stdout + hosted.stderr);
+    assert.ok(!hosted.events.some((e) => e.event === 'building'), 'nothing built here');
+    assert.ok(!hosted.events.some((e) => e.event === 'push'), 'nothing pushed');
+    assert.ok(h.history().some((e) => e.target === 'flake snapback-infra#web1'), 'the host was asked to build the flake');
   });
 
   it('--flake REF without a fleet file: the fleet comes from the flake\'s snapback output', async () => {

@@ -194,11 +194,11 @@ export class ScratchHost {
    * `wrap` runs it under another program (strace with fault injection), itself inside the host's
    * mount namespace with ownStore.
    */
-  async start(opts: { failpoints?: string[]; wrap?: string[] } = {}): Promise<void> {
+  async start(opts: { failpoints?: string[]; wrap?: string[]; env?: Record<string, string> } = {}): Promise<void> {
     this.lines = [];
     const argv = [process.execPath, AGENT_BIN, 'serve', '--config', this.configPath];
     const [cmd, ...args] = [...this.hostPrefix(), ...(opts.wrap ?? []), ...argv] as [string, ...string[]];
-    const env = { ...process.env, SNAPBACK_FAILPOINTS: (opts.failpoints ?? []).join(',') };
+    const env = { ...process.env, ...opts.env, SNAPBACK_FAILPOINTS: (opts.failpoints ?? []).join(',') };
     const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
     this.agent = child;
     let buf = '';
