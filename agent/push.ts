@@ -3,10 +3,11 @@
 // `nix-store --import`; what a push imported is held by GC roots until the deployment ends.
 
 import { createHash, type Hash } from 'node:crypto';
-import { closeSync, createReadStream, lstatSync, mkdirSync, openSync, readdirSync, rmSync, statfsSync, writeSync } from 'node:fs';
+import { closeSync, lstatSync, mkdirSync, openSync, readdirSync, rmSync, statfsSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { execa, type ResultPromise } from 'execa';
+import { execa } from 'execa';
 import { SnapbackError } from '../shared/errors.ts';
 import type { ManifestEntry } from '../shared/protocol.ts';
 import type { Logger } from './log.ts';
@@ -38,14 +39,31 @@ export async function invalidPaths(paths: string[]): Promise<string[]> {
 }
 
 /** Removes the roots of pushed paths: at the end of a deployment, and stale ones at start. */
-export function releasePushRoots(gcRootDir: string, olderThanMs = 0): void {
+export function releasePushRoots(gcRootDir: string, olderThanMs = 0, id?: string): void {
   const now = Date.now();
   for (const name of readdirSync(gcRootDir)) {
-    if (!name.startsWith('push-')) continue;
+    if (!name.startsWith(id ? `push-${id}-` : 'push-')) continue;
     const p = join(gcRootDir, name);
     if (olderThanMs && now - (lstatSync(p, { throwIfNoEntry: false })?.mtimeMs ?? 0) < olderThanMs) continue;
     rmSync(p, { force: true });
   }
+}
+
+/** A group file is handed to `nix-store --import` once it holds this much (or the push ends). */
+const GROUP_BYTES = 32 * 1024 * 1024;
+
+/**
+ * Verified NARs in `nix-store --export` framing, several paths to a file: Nix reads a file only once
+ * every path in it matched its signed hash, straight from the file (no copy through this process),
+ * while the next file fills.
+ */
+interface Group {
+  file: string;
+  fd: number;
+  /** bytes up to the end of the last verified path */
+  verifiedAt: number;
+  size: number;
+  paths: string[];
 }
 
 export class Push {
@@ -57,14 +75,17 @@ export class Push {
   private readonly dir: string;
   private index = 0;
   private hash: Hash | undefined;
-  private fd: number | undefined;
   private got = 0;
+  private group: Group | undefined;
+  private groups = 0;
   /** bytes received over all paths */
   received = 0;
-  /** paths verified and handed to the import */
+  /** paths verified (and so on their way into the store) */
   verified: string[] = [];
-  private importer: ResultPromise | undefined;
-  private feeding: Promise<void> = Promise.resolve();
+  /** paths `nix-store --import` has added */
+  imported: string[] = [];
+  private importing: Promise<void> = Promise.resolve();
+  private importer: ChildProcess | undefined;
   private failed: Error | undefined;
 
   private constructor(id: string, need: ManifestEntry[], places: PushPlaces) {
@@ -90,12 +111,12 @@ export class Push {
     const push = new Push(id, need, places);
     if (need.length) {
       const largest = Math.max(...need.map((e) => e.narSize));
-      const required = push.total + largest + SPACE_MARGIN;
+      const required = push.total + Math.min(push.total, largest + GROUP_BYTES) + SPACE_MARGIN;
       const free = freeBytes(STORE);
       if (free < required) {
         throw new SnapbackError(
           'no-space',
-          `the closure needs ${mib(push.total)} (${need.length} paths) and ${mib(largest + SPACE_MARGIN)} to spare, but the store's file system has ${mib(free)} free; nothing was sent`,
+          `the closure needs ${mib(push.total)} (${need.length} paths) and ${mib(required - push.total)} to spare, but the store's file system has ${mib(free)} free; nothing was sent`,
         );
       }
       mkdirSync(push.dir, { recursive: true, mode: 0o700 });
@@ -109,8 +130,8 @@ export class Push {
 
   /**
    * Takes the next bytes of the NAR stream. Each path's bytes go to disk as they come; when a path is
-   * complete its hash is compared with the manifest, and only a match is imported. Throws `bad-nar`
-   * (the push must then be aborted) on a mismatch or on bytes beyond the manifest.
+   * complete its hash is compared with the manifest, and only a match is ever read by Nix. Throws
+   * `bad-nar` (the push must then be aborted) on a mismatch or on bytes beyond the manifest.
    */
   receive(chunk: Buffer): void {
     if (this.failed) throw this.failed;
@@ -118,15 +139,16 @@ export class Push {
     while (off < chunk.length) {
       const entry = this.need[this.index];
       if (!entry) throw new SnapbackError('bad-nar', `${chunk.length - off} bytes more than the manifest announced`);
-      if (this.fd === undefined) {
-        this.fd = openSync(this.file(this.index), 'w', 0o600);
+      if (this.hash === undefined) {
+        this.group ??= this.openGroup();
+        this.append(u64(1));
         this.hash = createHash('sha256');
         this.got = 0;
       }
       const take = Math.min(chunk.length - off, entry.narSize - this.got);
       const part = chunk.subarray(off, off + take);
-      writeSync(this.fd, part);
-      this.hash!.update(part);
+      this.append(part);
+      this.hash.update(part);
       this.got += take;
       this.received += take;
       off += take;
@@ -135,46 +157,79 @@ export class Push {
   }
 
   private completePath(entry: ManifestEntry): void {
-    closeSync(this.fd!);
-    this.fd = undefined;
     const got = `sha256-${this.hash!.digest('base64')}`;
+    this.hash = undefined;
     if (got !== entry.narHash) {
       throw new SnapbackError('bad-nar', `the NAR of ${entry.path} does not match its signed hash (${got} instead of ${entry.narHash}): the transfer is refused and nothing of it is imported`);
     }
-    const file = this.file(this.index);
-    this.index++;
+    this.append(Buffer.concat([u64(0x4558494e), str(entry.path), u64(entry.references.length), ...entry.references.map(str), str(entry.deriver ?? ''), u64(0)]));
+    const group = this.group!;
+    group.verifiedAt = group.size;
+    group.paths.push(entry.path);
     this.verified.push(entry.path);
-    this.feeding = this.feeding.then(() => this.feed(entry, file)).catch((err: Error) => {
-      this.failed ??= new SnapbackError('push-failed', `importing ${entry.path} failed: ${err.message}`);
+    this.index++;
+    if (group.size >= GROUP_BYTES || this.complete) this.importGroup();
+  }
+
+  private openGroup(): Group {
+    const file = join(this.dir, `${this.groups++}.export`);
+    return { file, fd: openSync(file, 'w', 0o600), verifiedAt: 0, size: 0, paths: [] };
+  }
+
+  private append(data: Buffer): void {
+    const g = this.group!;
+    writeSync(g.fd, data, 0, data.length, g.size);
+    g.size += data.length;
+  }
+
+  /** Ends the group at its last verified path and queues it for `nix-store --import`. */
+  private importGroup(): void {
+    const g = this.group;
+    this.group = undefined;
+    if (!g) return;
+    if (!g.paths.length) {
+      closeSync(g.fd);
+      rmSync(g.file, { force: true });
+      return;
+    }
+    writeSync(g.fd, u64(0), 0, 8, g.verifiedAt);
+    closeSync(g.fd);
+    this.importing = this.importing.then(() => this.importFile(g)).catch((err: Error) => {
+      this.failed ??= err instanceof SnapbackError ? err : new SnapbackError('push-failed', err.message);
     });
   }
 
-  /** One path in `nix-store --export` framing into the importer, then its file is gone. */
-  private async feed(entry: ManifestEntry, file: string): Promise<void> {
+  private async importFile(g: Group): Promise<void> {
     if (this.failed) return;
-    const importer = (this.importer ??= this.startImporter());
-    const stdin = importer.stdin!;
-    await write(stdin, u64(1));
-    const nar = createReadStream(file);
-    for await (const chunk of nar) await write(stdin, chunk as Buffer);
-    await write(stdin, Buffer.concat([u64(0x4558494e), str(entry.path), u64(entry.references.length), ...entry.references.map(str), str(entry.deriver ?? ''), u64(0)]));
-    rmSync(file, { force: true });
+    const fd = openSync(g.file, 'r');
+    try {
+      // The file itself is the importer's stdin: the kernel hands Nix the bytes, not this process.
+      // The roots come in the same process (a spawn costs the agent's event loop tens of ms), right
+      // after the import: what lands is held from then on.
+      const roots = this.rootsOf(g.paths);
+      const script = 'nix-store --import >/dev/null && exec nix-store --realise --add-root "$0" -- "$@" >/dev/null';
+      const child = spawn('/bin/sh', ['-c', script, join(this.places.gcRootDir, `push-${this.id}-${this.imported.length}`), ...roots], { stdio: [fd, 'ignore', 'pipe'] });
+      this.importer = child;
+      let stderr = '';
+      child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-4096)));
+      const [code, signal] = (await once(child, 'close')) as [number | null, NodeJS.Signals | null];
+      this.importer = undefined;
+      if (signal) throw new SnapbackError('push-failed', `nix-store --import was stopped (${signal})`);
+      if (code !== 0) throw new SnapbackError('push-failed', `nix-store --import or its GC root failed: ${stderr.trim().split('\n').slice(-3).join(' | ')}`);
+      this.imported.push(...g.paths);
+    } finally {
+      closeSync(fd);
+      rmSync(g.file, { force: true });
+    }
   }
 
-  private startImporter(): ResultPromise {
-    const child = execa('nix-store', ['--import'], { reject: false, stdin: 'pipe', stdout: 'ignore', stderr: 'pipe' });
-    child.stdin!.on('error', () => {});
-    return child;
-  }
-
-  /** All paths received: ends the import, roots what it imported. */
+  /** All paths received: waits for the imports, which root what they add. */
   async finish(): Promise<number> {
-    await this.feeding;
+    this.importGroup();
+    await this.importing;
     if (this.failed) throw this.failed;
-    const imported = await this.closeImport();
-    await this.root(this.verified);
     this.cleanup();
-    return imported;
+    return this.imported.length;
   }
 
   /**
@@ -182,65 +237,42 @@ export class Push {
    * missing and sends only the rest); the path that was arriving is dropped.
    */
   async interrupt(): Promise<void> {
-    this.closeFile();
-    await this.feeding;
-    if (!this.failed) await this.closeImport().catch(() => 0);
-    await this.root(this.verified).catch(() => undefined);
+    this.hash = undefined;
+    this.importGroup();
+    await this.importing;
     this.cleanup();
   }
 
   /** A bad NAR: nothing of this push stays in the store. */
   async abort(): Promise<void> {
-    this.closeFile();
     this.failed ??= new SnapbackError('bad-nar', 'aborted');
+    const g = this.group;
+    this.group = undefined;
+    if (g) closeSync(g.fd);
     this.importer?.kill('SIGKILL');
-    await this.importer?.catch(() => undefined);
-    await this.feeding;
-    const imported = await invalidPaths(this.verified)
+    await this.importing;
+    const landed = await invalidPaths(this.verified)
       .then((invalid) => this.verified.filter((p) => !invalid.includes(p)))
       .catch(() => this.verified);
-    if (imported.length) {
-      const r = await execa('nix-store', ['--delete', '--', ...imported.reverse()], { reject: false, stdin: 'ignore' });
+    releasePushRoots(this.places.gcRootDir, 0, this.id);
+    if (landed.length) {
+      const r = await execa('nix-store', ['--delete', '--', ...landed.reverse()], { reject: false, stdin: 'ignore' });
       if (r.exitCode !== 0) this.places.log.warn({ err: String(r.stderr).trim() }, 'could not delete the paths of a refused push');
     }
     this.cleanup();
   }
 
-  private async closeImport(): Promise<number> {
-    const importer = this.importer;
-    if (!importer) return 0;
-    await write(importer.stdin!, u64(0));
-    importer.stdin!.end();
-    const r = await importer;
-    if (r.exitCode !== 0) throw new SnapbackError('push-failed', `nix-store --import failed: ${String(r.stderr).trim().split('\n').slice(-3).join(' | ')}`);
-    return this.verified.length;
-  }
-
-  /** The paths no other pushed path refers to: their closures hold the rest. */
-  private async root(paths: string[]): Promise<void> {
-    if (!paths.length) return;
-    const pushed = new Set(paths);
-    const referenced = new Set(this.need.filter((e) => pushed.has(e.path)).flatMap((e) => e.references.filter((r) => r !== e.path)));
-    const tops = paths.filter((p) => !referenced.has(p));
-    const valid = new Set(tops);
-    for (const p of await invalidPaths(tops)) valid.delete(p);
-    if (!valid.size) return;
-    const r = await execa('nix-store', ['--realise', '--add-root', join(this.places.gcRootDir, `push-${this.id}`), '--', ...valid], { reject: false, stdin: 'ignore' });
-    if (r.exitCode !== 0) throw new SnapbackError('push-failed', `could not hold the pushed paths with a GC root: ${String(r.stderr).trim()}`);
-  }
-
-  private closeFile(): void {
-    if (this.fd !== undefined) closeSync(this.fd);
-    this.fd = undefined;
+  /** Of `paths`, those no other of them refers to: their closures hold the rest. */
+  private rootsOf(paths: string[]): string[] {
+    const mine = new Set(paths);
+    const referenced = new Set(this.need.filter((e) => mine.has(e.path)).flatMap((e) => e.references.filter((r) => r !== e.path)));
+    return paths.filter((p) => !referenced.has(p));
   }
 
   private cleanup(): void {
-    this.closeFile();
+    if (this.group) closeSync(this.group.fd);
+    this.group = undefined;
     rmSync(this.dir, { recursive: true, force: true });
-  }
-
-  private file(i: number): string {
-    return join(this.dir, `${i}.nar`);
   }
 }
 
@@ -263,10 +295,4 @@ function u64(n: number): Buffer {
 function str(s: string): Buffer {
   const data = Buffer.from(s);
   return Buffer.concat([u64(data.length), data, Buffer.alloc((8 - (data.length % 8)) % 8)]);
-}
-
-/** Writes with back-pressure; an importer that died ends the wait instead of hanging it. */
-async function write(stream: NodeJS.WritableStream & { destroyed?: boolean }, data: Buffer): Promise<void> {
-  if (stream.destroyed) throw new Error('nix-store --import has exited');
-  if (!stream.write(data)) await Promise.race([once(stream, 'drain'), once(stream, 'close').then(() => Promise.reject(new Error('nix-store --import has exited')))]);
 }

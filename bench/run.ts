@@ -35,64 +35,67 @@ const rssOrZero = (pid: number | undefined) => {
   }
 };
 
-const h = new ScratchHost('bench').enableWire().install();
-try {
-  const targets = Array.from({ length: 12 }, (_, i) => h.toplevel(`t${i}`));
-  await h.start();
-  const pid = h.agent!.pid!;
-  const port = await h.port();
-  rows.push({ name: 'agent RSS, idle after start', value: rssMiB(pid), unit: 'MiB', goal: { max: 120 } });
+// BENCH_ONLY=push runs only the push benchmark below.
+if (process.env.BENCH_ONLY !== 'push') {
+  const h = new ScratchHost('bench').enableWire().install();
+  try {
+    const targets = Array.from({ length: 12 }, (_, i) => h.toplevel(`t${i}`));
+    await h.start();
+    const pid = h.agent!.pid!;
+    const port = await h.port();
+    rows.push({ name: 'agent RSS, idle after start', value: rssMiB(pid), unit: 'MiB', goal: { max: 120 } });
 
-  // Console: activate → trial, then confirm (commit = nix-env --set + boot), per deployment.
-  const activate: number[] = [];
-  const confirm: number[] = [];
-  for (const t of targets.slice(0, 6)) {
+    // Console: activate → trial, then confirm (commit = nix-env --set + boot), per deployment.
+    const activate: number[] = [];
+    const confirm: number[] = [];
+    for (const t of targets.slice(0, 6)) {
+      let t0 = performance.now();
+      const a = await h.cli(['activate', t, '--timeout', '60']);
+      if (a.code !== 0) throw new Error(`activate failed: ${a.stdout}${a.stderr}`);
+      activate.push(performance.now() - t0);
+      t0 = performance.now();
+      await h.cli(['confirm']);
+      confirm.push(performance.now() - t0);
+    }
+    rows.push({ name: 'console activate → trial running (median of 6)', value: median(activate), unit: 'ms', goal: { max: 2000 } });
+    rows.push({ name: 'console confirm → committed (median of 6)', value: median(confirm), unit: 'ms', goal: { max: 2000 } });
+
+    // Wire: connect + mutual authentication.
+    const signer = keyFileSigner(join(h.dir, 'op'));
+    const host = { url: `ws://127.0.0.1:${port}`, hostKey: h.hostPublicKey, tags: [], dependsOn: [] };
+    const handshakes: number[] = [];
+    for (let i = 0; i < 50; i++) {
+      const t0 = performance.now();
+      const s = await Session.open('bench', host, [signer]);
+      handshakes.push(performance.now() - t0);
+      s.close();
+    }
+    rows.push({ name: 'controller connect + authenticate (median of 50)', value: median(handshakes), unit: 'ms', goal: { max: 50 } });
+
+    // A whole `snapback deploy` (process start included), no probes.
+    const deploys: number[] = [];
+    for (const t of targets.slice(6, 10)) {
+      const fleet = await h.fleet({ target: { storePath: t }, confirmTimeoutSec: 60 });
+      const t0 = performance.now();
+      const r = await runController(['deploy', 'web1', '--fleet', fleet]);
+      if (r.code !== 0) throw new Error(`deploy failed: ${r.stdout}${r.stderr}`);
+      deploys.push(performance.now() - t0);
+    }
+    rows.push({ name: 'snapback deploy, one host, no probes (median of 4)', value: median(deploys), unit: 'ms', goal: { max: 5000 } });
+    rows.push({ name: 'agent RSS after 10 deployments and 50 sessions', value: rssMiB(pid), unit: 'MiB', goal: { max: 160 } });
+
+    // Signatures: the per-command cost on both sides.
+    const n = 2000;
     let t0 = performance.now();
-    const a = await h.cli(['activate', t, '--timeout', '60']);
-    if (a.code !== 0) throw new Error(`activate failed: ${a.stdout}${a.stderr}`);
-    activate.push(performance.now() - t0);
+    const sigs: string[] = [];
+    for (let i = 0; i < n; i++) sigs.push(await signer.sign(`message ${i}`));
+    rows.push({ name: 'SSHSIG ed25519 sign', value: n / ((performance.now() - t0) / 1000), unit: 'ops/s' });
     t0 = performance.now();
-    await h.cli(['confirm']);
-    confirm.push(performance.now() - t0);
+    for (let i = 0; i < n; i++) if (!verifySignature(signer.publicKey, `message ${i}`, sigs[i]!)) throw new Error('verify failed');
+    rows.push({ name: 'SSHSIG ed25519 verify', value: n / ((performance.now() - t0) / 1000), unit: 'ops/s' });
+  } finally {
+    await h.cleanup();
   }
-  rows.push({ name: 'console activate → trial running (median of 6)', value: median(activate), unit: 'ms', goal: { max: 2000 } });
-  rows.push({ name: 'console confirm → committed (median of 6)', value: median(confirm), unit: 'ms', goal: { max: 2000 } });
-
-  // Wire: connect + mutual authentication.
-  const signer = keyFileSigner(join(h.dir, 'op'));
-  const host = { url: `ws://127.0.0.1:${port}`, hostKey: h.hostPublicKey, tags: [], dependsOn: [] };
-  const handshakes: number[] = [];
-  for (let i = 0; i < 50; i++) {
-    const t0 = performance.now();
-    const s = await Session.open('bench', host, [signer]);
-    handshakes.push(performance.now() - t0);
-    s.close();
-  }
-  rows.push({ name: 'controller connect + authenticate (median of 50)', value: median(handshakes), unit: 'ms', goal: { max: 50 } });
-
-  // A whole `snapback deploy` (process start included), no probes.
-  const deploys: number[] = [];
-  for (const t of targets.slice(6, 10)) {
-    const fleet = await h.fleet({ target: { storePath: t }, confirmTimeoutSec: 60 });
-    const t0 = performance.now();
-    const r = await runController(['deploy', 'web1', '--fleet', fleet]);
-    if (r.code !== 0) throw new Error(`deploy failed: ${r.stdout}${r.stderr}`);
-    deploys.push(performance.now() - t0);
-  }
-  rows.push({ name: 'snapback deploy, one host, no probes (median of 4)', value: median(deploys), unit: 'ms', goal: { max: 5000 } });
-  rows.push({ name: 'agent RSS after 10 deployments and 50 sessions', value: rssMiB(pid), unit: 'MiB', goal: { max: 160 } });
-
-  // Signatures: the per-command cost on both sides.
-  const n = 2000;
-  let t0 = performance.now();
-  const sigs: string[] = [];
-  for (let i = 0; i < n; i++) sigs.push(await signer.sign(`message ${i}`));
-  rows.push({ name: 'SSHSIG ed25519 sign', value: n / ((performance.now() - t0) / 1000), unit: 'ops/s' });
-  t0 = performance.now();
-  for (let i = 0; i < n; i++) if (!verifySignature(signer.publicKey, `message ${i}`, sigs[i]!)) throw new Error('verify failed');
-  rows.push({ name: 'SSHSIG ed25519 verify', value: n / ((performance.now() - t0) / 1000), unit: 'ops/s' });
-} finally {
-  await h.cleanup();
 }
 
 // Closure push (tracker issue 10): ~300 MiB in 25 paths into an EMPTY host store (a new ScratchHost
