@@ -100,7 +100,7 @@ export class Push {
    * Checks the manifest against the store: substitutes from the host's caches first when asked,
    * then keeps what is still missing, and refuses (`no-space`) when it would not fit.
    */
-  static async prepare(id: string, manifest: ManifestEntry[], substitute: boolean, places: PushPlaces): Promise<Push> {
+  static async prepare(id: string, manifest: ManifestEntry[], substitute: boolean, remainingBytes: number, places: PushPlaces): Promise<Push> {
     let missing = new Set(await invalidPaths(manifest.map((e) => e.path)));
     if (substitute && missing.size) {
       // --keep-going: what no cache has is simply left for the push.
@@ -110,13 +110,16 @@ export class Push {
     const need = manifest.filter((e) => missing.has(e.path));
     const push = new Push(id, need, places);
     if (need.length) {
+      // What is still to come in this transfer (this batch and the later ones), the group file in
+      // flight beside it, and a margin: checked at every batch, as the free space may shrink.
+      const coming = Math.max(remainingBytes - (manifest.reduce((n, e) => n + e.narSize, 0) - push.total), push.total);
       const largest = Math.max(...need.map((e) => e.narSize));
-      const required = push.total + Math.min(push.total, largest + GROUP_BYTES) + SPACE_MARGIN;
-      const free = freeBytes(STORE);
+      const required = coming + Math.min(push.total, largest + GROUP_BYTES) + SPACE_MARGIN;
+      const free = Math.min(freeBytes(STORE), freeBytes(places.tmpDir.replace(/\/push$/, '')));
       if (free < required) {
         throw new SnapbackError(
           'no-space',
-          `the closure needs ${mib(push.total)} (${need.length} paths) and ${mib(required - push.total)} to spare, but the store's file system has ${mib(free)} free; nothing was sent`,
+          `the closure needs ${mib(coming)} and ${mib(required - coming)} to spare, but the store's file system has ${mib(free)} free; nothing more was sent`,
         );
       }
       mkdirSync(push.dir, { recursive: true, mode: 0o700 });
@@ -207,7 +210,7 @@ export class Push {
       // The roots come in the same process (a spawn costs the agent's event loop tens of ms), right
       // after the import: what lands is held from then on.
       const roots = this.rootsOf(g.paths);
-      const script = 'nix-store --import >/dev/null && exec nix-store --realise --add-root "$0" -- "$@" >/dev/null';
+      const script = roots.length ? 'nix-store --import >/dev/null && exec nix-store --realise --add-root "$0" -- "$@" >/dev/null' : 'exec nix-store --import >/dev/null';
       const child = spawn('/bin/sh', ['-c', script, join(this.places.gcRootDir, `push-${this.id}-${this.imported.length}`), ...roots], { stdio: [fd, 'ignore', 'pipe'] });
       this.importer = child;
       let stderr = '';
@@ -243,8 +246,11 @@ export class Push {
     this.cleanup();
   }
 
-  /** A bad NAR: nothing of this push stays in the store. */
-  async abort(): Promise<void> {
+  /**
+   * A bad NAR: nothing of this push stays in the store, nor of the `earlier` batches of its
+   * `transfer`, whose roots go too.
+   */
+  async abort(earlier: string[] = [], transfer?: string): Promise<void> {
     this.failed ??= new SnapbackError('bad-nar', 'aborted');
     const g = this.group;
     this.group = undefined;
@@ -254,9 +260,10 @@ export class Push {
     const landed = await invalidPaths(this.verified)
       .then((invalid) => this.verified.filter((p) => !invalid.includes(p)))
       .catch(() => this.verified);
-    releasePushRoots(this.places.gcRootDir, 0, this.id);
-    if (landed.length) {
-      const r = await execa('nix-store', ['--delete', '--', ...landed.reverse()], { reject: false, stdin: 'ignore' });
+    releasePushRoots(this.places.gcRootDir, 0, transfer ?? this.id);
+    const gone = [...earlier, ...landed];
+    if (gone.length) {
+      const r = await execa('nix-store', ['--delete', '--', ...gone.reverse()], { reject: false, stdin: 'ignore' });
       if (r.exitCode !== 0) this.places.log.warn({ err: String(r.stderr).trim() }, 'could not delete the paths of a refused push');
     }
     this.cleanup();
@@ -266,7 +273,9 @@ export class Push {
   private rootsOf(paths: string[]): string[] {
     const mine = new Set(paths);
     const referenced = new Set(this.need.filter((e) => mine.has(e.path)).flatMap((e) => e.references.filter((r) => r !== e.path)));
-    return paths.filter((p) => !referenced.has(p));
+    // `nix-store --realise --add-root` would build a .drv's outputs: a .drv top is held by what
+    // refers to it once that arrives (a derivation in a closure is referred to by something in it).
+    return paths.filter((p) => !referenced.has(p) && !p.endsWith('.drv'));
   }
 
   private cleanup(): void {

@@ -69,7 +69,11 @@ interface Session {
   refilledAt: number;
   auth?: { key: PublicKey; who: string; controllerNonce: string; lastSeq: number; macKey: Buffer; ctr: number };
   /** a push this connection is sending (agent/push.ts) */
-  push?: { seq: number; p: Push; acked: number; finishing: boolean };
+  push?: { seq: number; transfer: string; p: Push; acked: number; finishing: boolean };
+  /** a `push` is being prepared (substitution may take minutes): a second one is refused meanwhile */
+  pushStarting?: boolean;
+  /** per transfer: its batches so far and the paths they imported (a refusal undoes them all) */
+  transfers?: Map<string, { batches: number; imported: string[] }>;
 }
 
 export class WireServer {
@@ -435,19 +439,25 @@ export class WireServer {
 
   private async startPush(s: Session, msg: Extract<ClientMessage, { type: 'push' }>): Promise<void> {
     const error = (code: ErrorCode, message: string) => this.send(s, { type: 'error', code, message, retryable: retryable(code), re: msg.seq });
-    if (s.push) return error('busy', 'a push is already running on this connection');
+    if (s.push || s.pushStarting) return error('busy', 'a push is already running on this connection');
+    const transfers = (s.transfers ??= new Map());
+    const transfer = transfers.get(msg.transfer) ?? { batches: 0, imported: [] };
+    transfers.set(msg.transfer, transfer);
     let p: Push;
+    s.pushStarting = true;
     try {
-      p = await Push.prepare(randomBytes(6).toString('hex'), msg.paths, msg.substitute === true, this.agent.pushPlaces());
+      p = await Push.prepare(`${msg.transfer}-${transfer.batches++}`, msg.paths, msg.substitute === true, msg.remainingBytes, this.agent.pushPlaces());
     } catch (err) {
       return error(err instanceof SnapbackError ? (err.code as ErrorCode) : 'push-failed', (err as Error).message);
+    } finally {
+      s.pushStarting = false;
     }
     this.log.info({ peer: s.peer, who: s.auth!.who, paths: msg.paths.length, need: p.need.length, bytes: p.total }, `receiving ${p.need.length} of ${msg.paths.length} paths`);
     if (p.complete) {
       await p.finish();
       return this.send(s, { type: 'push-done', re: msg.seq, imported: 0, bytes: 0 });
     }
-    s.push = { seq: msg.seq, p, acked: 0, finishing: false };
+    s.push = { seq: msg.seq, transfer: msg.transfer, p, acked: 0, finishing: false };
     this.send(s, { type: 'push-ready', re: msg.seq, need: p.need.map((e) => e.path), window: PUSH_WINDOW });
   }
 
@@ -469,6 +479,7 @@ export class WireServer {
       (imported) => {
         if (s.push !== t) return;
         s.push = undefined;
+        s.transfers?.get(t.transfer)?.imported.push(...t.p.imported);
         this.log.info({ peer: s.peer, imported, bytes: t.p.received }, `imported ${imported} pushed paths`);
         this.send(s, { type: 'push-done', re: t.seq, imported, bytes: t.p.received });
       },
@@ -483,7 +494,10 @@ export class WireServer {
     s.push = undefined;
     const code: ErrorCode = err instanceof SnapbackError ? (err.code as ErrorCode) : 'push-failed';
     this.log.warn({ peer: s.peer, err: err.message }, 'refusing a pushed closure');
-    void t.p.abort().catch((e: Error) => this.log.error({ err: e.message }, 'cleaning up a refused push failed'));
+    // The whole transfer is undone: this batch, and the batches before it on this connection.
+    const earlier = s.transfers?.get(t.transfer)?.imported ?? [];
+    s.transfers?.delete(t.transfer);
+    void t.p.abort(earlier, t.transfer).catch((e: Error) => this.log.error({ err: e.message }, 'cleaning up a refused push failed'));
     this.send(s, { type: 'error', code, message: err.message, retryable: retryable(code), re: t.seq });
   }
 

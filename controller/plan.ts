@@ -2,7 +2,9 @@
 // built here and pushed (`buildOn: "local"`, the default) or built by the host itself; a store path
 // of this machine pushed, or realised by the host from its own caches; a generation of the host's.
 
-import { realpathSync } from 'node:fs';
+import { mkdtempSync, realpathSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { execa } from 'execa';
 import { UsageError } from '../shared/cli.ts';
 import { SnapbackError } from '../shared/errors.ts';
@@ -103,7 +105,11 @@ async function valid(path: string): Promise<boolean> {
 
 /** One `nix build` for every host (Nix builds them in parallel); the toplevels in the same order. */
 async function buildHere(installables: string[]): Promise<string[]> {
-  const r = await execa('nix', [...FLAKES, 'build', '--json', '--no-link', '--', ...installables], { reject: false, stdin: 'ignore' });
+  // Held by GC roots of this run until it ends: a garbage collection here must not take a path that
+  // is still to be pushed.
+  const roots = mkdtempSync(join(tmpdir(), 'snapback-build-'));
+  process.once('exit', () => rmSync(roots, { recursive: true, force: true }));
+  const r = await execa('nix', [...FLAKES, 'build', '--json', '--out-link', join(roots, 'result'), '--', ...installables], { reject: false, stdin: 'ignore' });
   if (r.exitCode !== 0) {
     const why = String(r.stderr).trim().split('\n').filter(Boolean).slice(-4).join(' | ');
     throw new SnapbackError('build-failed', `building here failed (nix build ${installables.join(' ')}): ${why}`);

@@ -2,6 +2,8 @@
 // the host lacks, their manifest (signed like every command), and their NARs as binary frames,
 // never more than the agent's window ahead of its acknowledgements. Nix 2.8 commands only.
 
+import { randomBytes } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
 import { SnapbackError } from '../shared/errors.ts';
 import { MAX_PUSH_PATHS, PUSH_CHUNK, manifestEntrySchema, type ManifestEntry, type ServerMessage } from '../shared/protocol.ts';
@@ -27,14 +29,30 @@ export async function closureOf(path: string): Promise<string[]> {
   return String(r.stdout).split('\n').filter(Boolean);
 }
 
-/** NAR hash, size, references and deriver of each path, as `nix path-info --json` reports them. */
+/**
+ * NAR hash, size, references and deriver of each path, from Nix's own database
+ * (`nix-store --dump-db`): unlike `nix path-info`, it takes a `.drv` as itself, not as its outputs.
+ */
 export async function manifestOf(paths: string[]): Promise<ManifestEntry[]> {
   const out: ManifestEntry[] = [];
   for (let i = 0; i < paths.length; i += 500) {
-    const r = await execa('nix', [...NIX, 'path-info', '--json', '--', ...paths.slice(i, i + 500)], { reject: false, stdin: 'ignore' });
-    if (r.exitCode !== 0) throw new SnapbackError('bad-target', `nix path-info failed: ${lastLine(r.stderr)}`);
-    for (const info of JSON.parse(String(r.stdout)) as Record<string, unknown>[]) {
-      out.push(manifestEntrySchema.parse({ path: info.path, narHash: info.narHash, narSize: info.narSize, references: info.references, ...(info.deriver ? { deriver: info.deriver } : {}) }));
+    const r = await execa('nix-store', ['--dump-db', '--', ...paths.slice(i, i + 500)], { reject: false, stdin: 'ignore' });
+    if (r.exitCode !== 0) throw new SnapbackError('bad-target', `nix-store --dump-db failed: ${lastLine(r.stderr)}`);
+    const lines = String(r.stdout).split('\n');
+    for (let at = 0; at < lines.length && lines[at]; ) {
+      const [path, hex, size, deriver, n] = lines.slice(at, at + 5);
+      const count = Number(n);
+      const references = lines.slice(at + 5, at + 5 + count);
+      at += 5 + count;
+      out.push(
+        manifestEntrySchema.parse({
+          path,
+          narHash: `sha256-${Buffer.from(hex ?? '', 'hex').toString('base64')}`,
+          narSize: Number(size),
+          references,
+          ...(deriver ? { deriver } : {}),
+        }),
+      );
     }
   }
   return topological(out);
@@ -98,13 +116,27 @@ export async function pushClosure(session: Session, toplevel: string, opts: { su
   const manifest = missing.length ? await manifestOf(missing) : [];
   const progress: PushProgress = { paths: 0, totalPaths: manifest.length, bytes: 0, totalBytes: manifest.reduce((n, e) => n + e.narSize, 0) };
   opts.onProgress?.({ ...progress });
-  for (const batch of batches(manifest)) {
-    await pushBatch(session, batch, opts.substitute === true, progress, opts.onProgress);
+  // One transfer: a refusal of any batch undoes the earlier ones too.
+  const transfer = randomBytes(9).toString('base64url');
+  const all = batches(manifest);
+  let remainingBytes = progress.totalBytes;
+  for (const batch of all) {
+    await pushBatch(session, batch, { transfer, remainingBytes, substitute: opts.substitute === true }, progress, opts.onProgress);
+    remainingBytes -= batch.reduce((n, e) => n + e.narSize, 0);
   }
   return progress;
 }
 
-async function pushBatch(session: Session, batch: ManifestEntry[], substitute: boolean, progress: PushProgress, onProgress?: (p: PushProgress) => void): Promise<void> {
+/** The agent acknowledged nothing for this long while we waited: the transfer is given up. */
+const STALL_MS = 60_000;
+
+async function pushBatch(
+  session: Session,
+  batch: ManifestEntry[],
+  how: { transfer: string; remainingBytes: number; substitute: boolean },
+  progress: PushProgress,
+  onProgress?: (p: PushProgress) => void,
+): Promise<void> {
   let acked = 0;
   let window = 0;
   let wake: (() => void) | undefined;
@@ -116,7 +148,8 @@ async function pushBatch(session: Session, batch: ManifestEntry[], substitute: b
     progress.paths = base.paths + imported;
     onProgress?.({ ...progress });
   };
-  const answer = await session.command({ type: 'push', paths: batch, ...(substitute ? { substitute: true } : {}) }, (m: ServerMessage) => {
+  let streamError: Error | undefined;
+  const answer = await session.command({ type: 'push', paths: batch, transfer: how.transfer, remainingBytes: how.remainingBytes, ...(how.substitute ? { substitute: true } : {}) }, (m: ServerMessage) => {
     if (m.type === 'push-ready' && !stream) {
       window = m.window;
       const need = new Set(m.need);
@@ -131,7 +164,13 @@ async function pushBatch(session: Session, batch: ManifestEntry[], substitute: b
         () => window,
         (w) => (wake = w),
         stopped,
-      ).catch(() => undefined);
+      ).catch((err: Error) => {
+        // A NAR this machine cannot produce (collected meanwhile), or an agent that stopped
+        // acknowledging: the agent would wait for bytes that never come. Ending the connection
+        // ends its half of the push, and the error says why.
+        streamError = err;
+        session.close();
+      });
     } else if (m.type === 'push-ack') {
       acked = m.bytes;
       report(m.bytes, m.imported);
@@ -141,6 +180,7 @@ async function pushBatch(session: Session, batch: ManifestEntry[], substitute: b
   stopped.now = true;
   wake?.();
   await stream;
+  if (streamError) throw streamError;
   if (answer.type === 'push-done') return report(answer.bytes, answer.imported);
   throw answerError(answer, 'push');
 }
@@ -163,7 +203,16 @@ async function sendNars(
       const buf = data as Buffer;
       for (let off = 0; off < buf.length; off += PUSH_CHUNK) {
         const chunk = buf.subarray(off, off + PUSH_CHUNK);
-        while (sent + chunk.length - acked() > window() && !stopped.now) await new Promise<void>((resolve) => onWait(resolve));
+        while (sent + chunk.length - acked() > Math.max(window(), PUSH_CHUNK) && !stopped.now) {
+          const before = acked();
+          const timer = new AbortController();
+          const woke = await Promise.race([
+            new Promise<boolean>((resolve) => onWait(() => resolve(true))),
+            sleep(STALL_MS, false, { signal: timer.signal, ref: false }).catch(() => true),
+          ]);
+          timer.abort();
+          if (!woke && acked() === before && !stopped.now) throw new SnapbackError('unreachable', `the host acknowledged nothing for ${STALL_MS / 1000}s during the push`);
+        }
         // The agent answered (an error) or the connection is gone: not one byte more.
         if (stopped.now || !session.open) {
           dump.kill();
@@ -174,8 +223,10 @@ async function sendNars(
         bytes += chunk.length;
       }
     }
-    await dump;
-    if (bytes !== e.narSize) throw new SnapbackError('push-failed', `nix-store --dump of ${e.path} gave ${bytes} bytes, not ${e.narSize}`);
+    const r = await dump;
+    if (r.exitCode !== 0 || bytes !== e.narSize) {
+      throw new SnapbackError('push-failed', `nix-store --dump of ${e.path} on this machine gave ${bytes} of its ${e.narSize} bytes${r.exitCode ? ` (exit ${r.exitCode}; collected meanwhile?)` : ''}`);
+    }
   }
 }
 

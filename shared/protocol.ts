@@ -81,6 +81,10 @@ export const pushSchema = z.strictObject({
   type: z.literal('push'),
   seq,
   paths: z.array(manifestEntrySchema).min(1).max(MAX_PUSH_PATHS),
+  /** one deploy's batches share it: a refusal undoes every batch of the transfer */
+  transfer: z.string().regex(/^[A-Za-z0-9_-]{8,64}$/, 'must be 8..64 letters, digits, "_" or "-"'),
+  /** NAR bytes of this batch and every later one: the free space is checked against all of it */
+  remainingBytes: z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER),
   /** fetch what the host's own caches have first; only the rest is sent */
   substitute: z.boolean().optional(),
   sig: signature,
