@@ -110,7 +110,8 @@ export async function main(argv: string[]): Promise<number> {
   try {
     config = loadAgentConfig(configPath);
   } catch (err) {
-    process.stderr.write(`snapback-agent: ${(err as Error).message}\n`);
+    const denied = /EACCES|EPERM/.test((err as Error).message) && process.getuid?.() !== 0;
+    process.stderr.write(`snapback-agent: ${(err as Error).message}${denied ? ' (snapback-agent must run as root: try sudo)' : ''}\n`);
     return EXIT.usage;
   }
   try {

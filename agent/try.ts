@@ -73,8 +73,12 @@ export async function tryOnTerminal(
       if (s.deployment?.id === id && s.phase === 'trial' && s.deployment.deadline) deadline = Date.parse(s.deployment.deadline);
       const over = s.deployment?.id !== id || s.phase !== 'trial' || Date.now() >= deadline;
       if (over) {
-        out.write(`\n${s.deployment?.id === id && s.phase === 'trial' ? 'the deadline passed: reverting' : `deployment ${id} ended elsewhere`}…\n`);
-        return { cmd: 'rollback', result: await outcome(socket, id) };
+        out.write('\n');
+        const result = await outcome(socket, id);
+        const o = result.outcome;
+        const timedOut = o?.outcome === 'reverted' && o.reason === 'timeout';
+        out.write(timedOut ? 'the deadline passed: reverted\n' : `deployment ${id} was ended elsewhere (another console or a controller)\n`);
+        return { cmd: o?.outcome === 'confirmed' ? 'confirm' : 'rollback', result };
       }
     }
   } finally {
