@@ -114,7 +114,9 @@ export function reportError(program: string, usage: string, err: unknown, json: 
     return EXIT.usage;
   }
   if (err instanceof SnapbackError) {
-    if (json) process.stdout.write(JSON.stringify({ ok: false, type: 'error', code: err.code, message: err.message }) + '\n');
+    // A summary in the message; a command's whole output (Nix's trace) only where scripts read.
+    const output = typeof err.details?.output === 'string' ? { output: err.details.output } : {};
+    if (json) process.stdout.write(JSON.stringify({ ok: false, type: 'error', code: err.code, message: err.message, ...output }) + '\n');
     else process.stderr.write(`${program}: ${err.message}\n`);
     return err.exitCode;
   }

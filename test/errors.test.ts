@@ -130,3 +130,51 @@ describe('controller errors say what to do', { skip }, () => {
     assert.equal(text.stdout, 'web1: no history yet\n');
   });
 });
+
+/** A flake whose toplevel fails to evaluate: Nix prints an `error:` line, then the trace. */
+function brokenFlake(dir: string, host: string): string {
+  execFileSync('mkdir', ['-p', dir]);
+  writeFileSync(
+    join(dir, 'flake.nix'),
+    `{
+  outputs = { self }: {
+    nixosConfigurations.${host}.config.system.build.toplevel =
+      let broken = x: x.services.missing.enable; in
+      broken { services = { }; };
+  };
+}
+`,
+  );
+  return `path:${dir}`;
+}
+
+describe('multi-line Nix errors: the error line in summaries, the whole text kept', { skip }, () => {
+  it('the agent building a flake (the console): the outcome says the error line; the history keeps the trace', async () => {
+    const h = await wireHost();
+    const ref = brokenFlake(join(h.dir, 'broken'), 'web1');
+    const a = await h.cli(['activate', '--flake', `${ref}#web1`, '--timeout', '60']);
+    assert.equal(a.code, 1, a.stdout + a.stderr);
+    assert.equal(a.out.outcome.code, 'build-failed');
+    assert.match(a.out.outcome.message, /^nix failed for the target: error: attribute 'missing' missing$/);
+    const failed = h.history().at(-1);
+    assert.equal(failed.event, 'prepare-failed');
+    assert.equal(failed.outcome.message, a.out.outcome.message);
+    assert.match(failed.detail, /error: attribute 'missing' missing/);
+    assert.ok(failed.detail.split('\n').length > 1, `the whole output is in the history: ${failed.detail}`);
+    const text = await h.cli(['activate', '--flake', `${ref}#web1`, '--timeout', '60'], { json: false });
+    assert.match(text.stdout, /^deployment \S+: failed: nix failed for the target: error: attribute 'missing' missing\n$/);
+  });
+
+  it('the controller building here: the error line in the message, the whole output in --json', async () => {
+    const h = await wireHost();
+    const ref = brokenFlake(join(h.dir, 'broken'), 'web1');
+    const fleet = await h.fleet({});
+    const r = await h.snapback(['deploy', 'web1', '--fleet', fleet, '--flake', ref]);
+    assert.equal(r.result.code, 'build-failed', r.stdout + r.stderr);
+    assert.match(r.result.message, /: error: attribute 'missing' missing$/);
+    assert.ok(r.result.output.split('\n').length > 1, r.result.output);
+    const text = await h.snapback(['deploy', 'web1', '--fleet', fleet, '--flake', ref], { json: false });
+    assert.match(text.stderr, /^snapback: building here failed \(nix build \S+\): error: attribute 'missing' missing\n$/);
+    assert.deepEqual(h.switchCalls(), []);
+  });
+});
