@@ -317,7 +317,7 @@ export class Agent {
             await this.dispatch({ type: 'prepared', id: d.id, toplevel });
           } catch (err) {
             const e = asSnapbackError(err);
-            await this.dispatch({ type: 'prepare-failed', id: d.id, code: e.code, message: e.message });
+            await this.dispatch({ type: 'prepare-failed', id: d.id, code: e.code, message: e.message, ...(typeof e.details?.output === 'string' ? { detail: e.details.output } : {}) });
           }
         });
       case 'activate':

@@ -13,6 +13,7 @@ import { Agent, statusOf, type AgentOptions, type Progress, type Result, type St
 import { readBootId } from './clock.ts';
 import { ControlServer, request, type ControlRequest } from './control.ts';
 import { createLogger, type Logger } from './log.ts';
+import { tryOnTerminal } from './try.ts';
 import { readCurrentSystem } from './nix.ts';
 import { StateDir } from './state-dir.ts';
 import { describeStatus, duration } from '../shared/text.ts';
@@ -22,9 +23,11 @@ import { createNotifier, ownUnit, unitText, type Notifier } from './systemd.ts';
 
 const USAGE = `snapback-agent ${VERSION} — commit-confirmed activation of NixOS systems
 
-usage: snapback-agent <command> [options]
+usage: snapback-agent <command> [options]      (snapback-agent help COMMAND: that command's options)
 
   serve                               run the agent (the systemd unit does this)
+  try STORE_PATH | --flake REF#HOST | --generation N  [--timeout S]
+                                      activate as a trial, then ask on this terminal: keep it? [y/N]
   activate STORE_PATH | --flake REF#HOST | --generation N  [--timeout S] [--dry-run]
                                       build or fetch, activate as a trial, print the deadline
                                       (--dry-run: only show what dry-activate would change)
@@ -39,34 +42,76 @@ usage: snapback-agent <command> [options]
 options: --config FILE (default ${DEFAULT_CONFIG_PATH}, or $SNAPBACK_CONFIG), --json, --help, --version
 exit codes: 0 ok, 1 refused/reverted/failed, 2 usage or configuration error, 3 agent unreachable, 4 outcome unknown`;
 
+const COMMON = `common options: --config FILE (default ${DEFAULT_CONFIG_PATH}, or $SNAPBACK_CONFIG), --json`;
+const TARGET = `  TARGET is one of:
+    STORE_PATH            a toplevel in /nix/store (fetched from the configured caches if missing)
+    --flake REF#HOST      the agent builds REF#nixosConfigurations.HOST.config.system.build.toplevel
+    --generation N        generation N of the system profile`;
+
+const COMMANDS: Record<string, string> = {
+  serve: `usage: snapback-agent serve [--config FILE]\n\nRun the agent: the control socket, the network port, the deadline. The systemd unit runs this.`,
+  try: `usage: snapback-agent try TARGET [--timeout S]
+
+Activate TARGET as a trial, then ask on this terminal, with a countdown, "keep this configuration? [y/N]":
+"y" confirms; "n", Enter, Ctrl-C or the deadline reverts. Needs a terminal: in scripts use
+"snapback-agent activate TARGET" and then "snapback-agent confirm".
+
+${TARGET}
+  --timeout S             the confirm window in seconds (default: confirm.defaultTimeoutSec)
+
+${COMMON}`,
+  activate: `usage: snapback-agent activate TARGET [--timeout S] [--dry-run]
+
+Build or fetch TARGET, activate it as a trial and print the deadline; it reverts at the deadline
+unless confirmed (snapback-agent confirm).
+
+${TARGET}
+  --timeout S             the confirm window in seconds (default: confirm.defaultTimeoutSec)
+  --dry-run               only show what switch-to-configuration dry-activate would change
+
+${COMMON}`,
+  status: `usage: snapback-agent status\n\nThe running trial and its countdown, or the last outcome (read from the state directory when the agent is down).\n\n${COMMON}`,
+  confirm: `usage: snapback-agent confirm [--id ID]\n\nCommit the running trial: it becomes the profile's new generation and the boot default.\n\n  --id ID                 only if ID is the running deployment\n\n${COMMON}`,
+  rollback: `usage: snapback-agent rollback [--id ID]\n\nRevert the running trial now.\n\n  --id ID                 only if ID is the running deployment\n\n${COMMON}`,
+  extend: `usage: snapback-agent extend SECONDS [--id ID]\n\nMove the deadline to SECONDS from now; the revert target never changes.\n\n  --id ID                 only if ID is the running deployment\n\n${COMMON}`,
+  history: `usage: snapback-agent history [--limit N]\n\nEvery transition: when, which deployment, from → to, who, through which channel, the outcome.\n\n  --limit N               only the last N entries\n\n${COMMON}`,
+  revert: `usage: snapback-agent revert --id ID\n\nRevert deployment ID, through the agent or, when it is down, from the state directory (the fallback timer runs this).\n\n${COMMON}`,
+  'check-config': `usage: snapback-agent check-config [--config FILE]\n\nValidate the configuration file and exit.`,
+  help: `usage: snapback-agent help [COMMAND]\n\nThe commands, or COMMAND's own usage and options.`,
+};
+
+const OPTIONS = {
+  config: { type: 'string' },
+  json: { type: 'boolean', default: false },
+  flake: { type: 'string' },
+  generation: { type: 'string' },
+  timeout: { type: 'string' },
+  id: { type: 'string' },
+  limit: { type: 'string' },
+  'dry-run': { type: 'boolean', default: false },
+  help: { type: 'boolean', short: 'h', default: false },
+  version: { type: 'boolean', default: false },
+} as const;
+
 export async function main(argv: string[]): Promise<number> {
-  const parsed = parseCommandLine('snapback-agent', USAGE, () =>
-    parseArgs({
-      args: argv,
-      allowPositionals: true,
-      options: {
-        config: { type: 'string' },
-        json: { type: 'boolean', default: false },
-        flake: { type: 'string' },
-        generation: { type: 'string' },
-        timeout: { type: 'string' },
-        id: { type: 'string' },
-        limit: { type: 'string' },
-        'dry-run': { type: 'boolean', default: false },
-        help: { type: 'boolean', short: 'h', default: false },
-        version: { type: 'boolean', default: false },
-      },
-    }),
+  const parsed = parseCommandLine('snapback-agent', { usage: USAGE, commands: COMMANDS, options: Object.keys(OPTIONS) }, () =>
+    parseArgs({ args: argv, allowPositionals: true, options: OPTIONS }),
   );
   if (typeof parsed === 'number') return parsed;
   const { values: o, positionals } = parsed;
   const [command, ...rest] = positionals as [string, ...string[]];
+  // Before the configuration: a script gets its answer even on a host without one.
+  if (command === 'try' && !process.stdin.isTTY) {
+    process.stderr.write('snapback-agent: try asks on a terminal, and standard input is not one; in a script use "snapback-agent activate TARGET [--timeout S]", then "snapback-agent confirm"\n');
+    return EXIT.usage;
+  }
   const configPath = o.config ?? process.env.SNAPBACK_CONFIG ?? DEFAULT_CONFIG_PATH;
   let config: AgentConfig;
   try {
     config = loadAgentConfig(configPath);
   } catch (err) {
-    process.stderr.write(`snapback-agent: ${(err as Error).message}\n`);
+    const denied = /EACCES|EPERM/.test((err as Error).message) && process.getuid?.() !== 0;
+    process.stderr.write(`snapback-agent: ${(err as Error).message}${denied ? ' (snapback-agent must run as root: try sudo)' : ''}\n`);
     return EXIT.usage;
   }
   try {
@@ -86,6 +131,11 @@ export async function main(argv: string[]): Promise<number> {
         const dryRun = o['dry-run'] ? { dryRun: true } : {};
         return await ask(config, { cmd: 'activate', target, ...(timeoutSec ? { timeoutSec } : {}), ...dryRun, ...user() }, o.json);
       }
+      case 'try': {
+        const target = parseTarget(rest, o.flake, o.generation);
+        const timeoutSec = o.timeout ? positiveInt(o.timeout, '--timeout', MAX_SECONDS) : undefined;
+        return await tryIt(config, { cmd: 'activate', target, ...(timeoutSec ? { timeoutSec } : {}), ...user() }, o.json);
+      }
       case 'confirm':
         return await ask(config, { cmd: 'confirm', ...(o.id ? { id: o.id } : {}), ...user() }, o.json);
       case 'rollback':
@@ -102,7 +152,7 @@ export async function main(argv: string[]): Promise<number> {
         throw new UsageError(`unknown command "${command}"`);
     }
   } catch (err) {
-    return reportError('snapback-agent', USAGE, err, o.json);
+    return reportError('snapback-agent', COMMANDS[command] ?? USAGE, err, o.json);
   }
 }
 
@@ -110,9 +160,18 @@ function print(s: string): void {
   process.stdout.write(s + '\n');
 }
 
+/** `try`: the trial, then the question on the terminal; exit 0 only when the new system was kept. */
+async function tryIt(config: AgentConfig, req: Extract<ControlRequest, { cmd: 'activate' }>, json: boolean): Promise<number> {
+  const { cmd, result } = await tryOnTerminal(config.controlSocket, req, json ? process.stderr : process.stdout, showProgress, user());
+  if (json) print(JSON.stringify(result));
+  else print(describeResult(cmd, result));
+  if (!result.ok) return exitCodeFor(result.code);
+  return result.outcome?.outcome === 'confirmed' ? EXIT.ok : EXIT.failed;
+}
+
 function parseTarget(rest: string[], flake: string | undefined, generation: string | undefined): Target {
   const given = [rest.length > 0, flake !== undefined, generation !== undefined].filter(Boolean).length;
-  if (given !== 1 || rest.length > 1) throw new UsageError('activate takes exactly one target: STORE_PATH, --flake REF#HOST or --generation N');
+  if (given !== 1 || rest.length > 1) throw new UsageError('give exactly one target: STORE_PATH, --flake REF#HOST or --generation N');
   if (flake !== undefined) return { flake };
   if (generation !== undefined) {
     if (!/^\d+$/.test(generation) || Number(generation) <= 0) throw new UsageError(`--generation must be a generation number, not "${generation}"`);
@@ -312,7 +371,9 @@ async function history(config: AgentConfig, json: boolean, limit?: number): Prom
     entries = new StateDir(config.stateDir).readHistory();
     if (limit) entries = entries.slice(-limit);
   }
-  if (json) print(JSON.stringify(entries));
+  // One JSON document even when there is nothing yet: a script reads `entries`, never an empty output.
+  if (json) print(JSON.stringify({ ok: true, entries }));
+  else if (!entries.length) print('no history yet');
   else
     for (const e of entries) {
       print(`${e.at} ${e.id} ${e.from} → ${e.to} (${e.event}) by ${e.by.who} via ${e.by.channel}${e.outcome ? `: ${describeOutcome(e.outcome)}` : ''}${e.detail ? ` — ${e.detail}` : ''}`);

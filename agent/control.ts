@@ -173,9 +173,14 @@ export function request(path: string, req: ControlRequest, onProgress?: (p: Prog
         else result = line.result as Result & Record<string, unknown>;
       }
     });
-    socket.once('error', (err: NodeJS.ErrnoException) =>
-      reject(new SnapbackError('unreachable', `cannot reach the agent at ${path}: ${err.code ?? err.message} (is snapback-agent serve running?)`)),
-    );
+    socket.once('error', (err: NodeJS.ErrnoException) => {
+      // The socket is root's (0600): a refusal means the wrong user, not an agent that is down.
+      if (err.code === 'EACCES' || err.code === 'EPERM') {
+        reject(new SnapbackError('unauthorized', `cannot talk to the agent at ${path}: the console must run as root (try sudo)`));
+      } else {
+        reject(new SnapbackError('unreachable', `cannot reach the agent at ${path}: ${err.code ?? err.message} (is snapback-agent serve running?)`));
+      }
+    });
     socket.once('close', () => {
       if (result) resolve(result);
       else reject(new SnapbackError('unreachable', `the agent at ${path} hung up without an answer (was it restarted? see: snapback-agent status)`));

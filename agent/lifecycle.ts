@@ -131,7 +131,7 @@ export type Event =
       by: Actor;
     }
   | { type: 'prepared'; id: string; toplevel: string }
-  | { type: 'prepare-failed'; id: string; code: ErrorCode; message: string }
+  | { type: 'prepare-failed'; id: string; code: ErrorCode; message: string; /** the command's whole output, for the history */ detail?: string }
   | {
       type: 'activation-finished';
       id: string;
@@ -379,7 +379,7 @@ export function step(state: State, event: Event, now: Now): Step {
 
     case 'prepare-failed': {
       if (state.phase !== 'preparing' || !d || d.id !== event.id) return { state, effects: [] };
-      return finish(state, d, { outcome: 'failed', code: event.code, message: event.message }, 'prepare-failed', AGENT, now);
+      return finish(state, d, { outcome: 'failed', code: event.code, message: event.message }, 'prepare-failed', AGENT, now, event.detail);
     }
 
     case 'activation-finished': {

@@ -93,23 +93,36 @@ export class Nix {
   private async run(cmd: string, args: string[], code: 'fetch-failed' | 'build-failed', onLine?: LineSink): Promise<string> {
     const child = execa(cmd, args, { reject: false, stdin: 'ignore', all: false, env: { NIX_PAGER: '' } });
     const tail: string[] = [];
+    // Nix's first "error:" line is the cause; what follows is trace and context. It may scroll out of
+    // the tail. A fetch fails with a bare "build of … failed": the warning before it says why.
+    let firstError: string | undefined;
+    const why: string[] = [];
     child.stderr?.setEncoding('utf8');
     let pending = '';
+    const keep = (line: string) => {
+      tail.push(line);
+      if (tail.length > 20) tail.shift();
+      const plain = line.replace(/\x1b\[[0-9;]*m/g, '').trim();
+      if (!firstError && plain.startsWith('error:')) firstError = plain;
+      if (!firstError && plain.startsWith('warning:') && /signed|signature|substitute|hash mismatch/i.test(plain)) why.push(plain);
+    };
     child.stderr?.on('data', (chunk: string) => {
       pending += chunk;
       const lines = pending.split('\n');
       pending = lines.pop() ?? '';
       for (const line of lines) {
-        tail.push(line);
-        if (tail.length > 20) tail.shift();
+        keep(line);
         onLine?.(line);
       }
     });
     const result = await child;
-    if (pending) tail.push(pending);
+    if (pending) keep(pending);
     if (result.exitCode !== 0) {
-      const why = tail.filter((l) => l.trim()).slice(-4).join(' | ') || `exit status ${result.exitCode}`;
-      throw new SnapbackError(code, `${cmd} ${args[0] === '--realise' ? 'could not realise' : 'failed for'} the target: ${why}`);
+      // The summary is the error line; the whole tail goes to the history (the prepare-failed entry's detail).
+      const said = tail.filter((l) => l.trim());
+      const summary = firstError ? [...why, firstError].join('; ') : (said.at(-1)?.trim() ?? `exit status ${result.exitCode}`);
+      const output = said.length > 1 ? { output: said.join('\n') } : undefined;
+      throw new SnapbackError(code, `${cmd} ${args[0] === '--realise' ? 'could not realise' : 'failed for'} the target: ${summary}`, output);
     }
     return String(result.stdout);
   }

@@ -20,7 +20,7 @@ import { Session } from './session.ts';
 
 const USAGE = `snapback ${VERSION} — deploy NixOS systems that revert on their own unless confirmed
 
-usage: snapback <command> [options]
+usage: snapback <command> [options]      (snapback help COMMAND: that command's options)
 
   deploy [HOST…|--all|--tag T]   activate, reconnect, probe, confirm (or roll back) each host
          [TOPLEVEL]               one host: push ./result (or a /nix/store path) and activate it
@@ -35,34 +35,61 @@ usage: snapback <command> [options]
   confirm HOST                   confirm HOST's running trial (over a fresh connection)
   rollback HOST                  revert HOST's running trial now
   history HOST [--limit N]       HOST's deployment history
+  help [COMMAND]                 this text, or COMMAND's own usage and options
 
 options: --fleet FILE (default ./snapback.json; without it, --flake REF reads the flake's 'snapback' output),
          --json, --help, --version
 exit codes: 0 all confirmed; 1 some host reverted or failed; 2 usage or config error;
             3 could not reach or authenticate a host before changing anything; 4 outcome unknown`;
 
+const FLEET = `  --fleet FILE             the fleet file (default ./snapback.json; without one, --flake REF reads REF#snapback)
+  --json                   JSON Lines: events, then one {"type":"result","exit":N,…}`;
+
+const COMMANDS: Record<string, string> = {
+  deploy: `usage: snapback deploy [HOST…|--all|--tag T] [TOPLEVEL] [options]
+
+Per host: activate the target as a trial, reconnect over a fresh connection, run the probes, then
+confirm — or roll back when a probe fails. Hosts run in parallel, respecting dependsOn.
+
+  HOST…                    the hosts to deploy (names in the fleet file)
+  --all                    every host of the fleet file
+  --tag T                  the hosts tagged T (repeatable)
+  TOPLEVEL                 one host: push ./result (or a /nix/store path) and activate it
+  --flake REF              build REF#nixosConfigurations.<host>.config.system.build.toplevel, push, activate
+  --build-on local|host    where a flake is built (default: buildOn in the fleet file, local)
+  --substitute-on-host     the host fetches what its own caches have; only the rest is pushed
+  --timeout S              confirm window in seconds (else the host's confirmTimeoutSec, defaults, or the agent's)
+  --parallel N             hosts at once (default: defaults.parallel, 10)
+  --atomic                 confirm nobody until every host passed its probes, else roll all back
+  --dry-run                build or fetch, then only show what dry-activate would change
+${FLEET}`,
+  status: `usage: snapback status [HOST…|--all|--tag T]\n\nState, countdown and last outcome of each host (default: all).\n\n${FLEET}`,
+  confirm: `usage: snapback confirm HOST\n\nConfirm HOST's running trial, over a fresh connection.\n\n${FLEET}`,
+  rollback: `usage: snapback rollback HOST\n\nRevert HOST's running trial now.\n\n${FLEET}`,
+  history: `usage: snapback history HOST [--limit N]\n\nHOST's deployment history: every transition, who did it, the outcomes.\n\n  --limit N                only the last N entries\n${FLEET}`,
+  help: `usage: snapback help [COMMAND]\n\nThe commands, or COMMAND's own usage and options.`,
+};
+
+const OPTIONS = {
+  fleet: { type: 'string' },
+  json: { type: 'boolean', default: false },
+  all: { type: 'boolean', default: false },
+  tag: { type: 'string', multiple: true },
+  flake: { type: 'string' },
+  'build-on': { type: 'string' },
+  'substitute-on-host': { type: 'boolean' },
+  timeout: { type: 'string' },
+  parallel: { type: 'string' },
+  limit: { type: 'string' },
+  'dry-run': { type: 'boolean', default: false },
+  atomic: { type: 'boolean', default: false },
+  help: { type: 'boolean', short: 'h', default: false },
+  version: { type: 'boolean', default: false },
+} as const;
+
 export async function main(argv: string[]): Promise<number> {
-  const parsed = parseCommandLine('snapback', USAGE, () =>
-    parseArgs({
-      args: argv,
-      allowPositionals: true,
-      options: {
-        fleet: { type: 'string' },
-        json: { type: 'boolean', default: false },
-        all: { type: 'boolean', default: false },
-        tag: { type: 'string', multiple: true },
-        flake: { type: 'string' },
-        'build-on': { type: 'string' },
-        'substitute-on-host': { type: 'boolean' },
-        timeout: { type: 'string' },
-        parallel: { type: 'string' },
-        limit: { type: 'string' },
-        'dry-run': { type: 'boolean', default: false },
-        atomic: { type: 'boolean', default: false },
-        help: { type: 'boolean', short: 'h', default: false },
-        version: { type: 'boolean', default: false },
-      },
-    }),
+  const parsed = parseCommandLine('snapback', { usage: USAGE, commands: COMMANDS, options: Object.keys(OPTIONS) }, () =>
+    parseArgs({ args: argv, allowPositionals: true, options: OPTIONS }),
   );
   if (typeof parsed === 'number') return parsed;
   const { values: o, positionals } = parsed;
@@ -111,7 +138,7 @@ export async function main(argv: string[]): Promise<number> {
         throw new UsageError(`unknown command "${command}"`);
     }
   } catch (err) {
-    return reportError('snapback', USAGE, err, o.json);
+    return reportError('snapback', COMMANDS[command] ?? USAGE, err, o.json);
   }
 }
 
@@ -236,7 +263,9 @@ async function history(fleet: Fleet, name: string, json: boolean, limit?: number
   return withSession(fleet, name, async (s) => {
     const r = await s.request({ type: 'history', ...(limit ? { limit } : {}) });
     if (r.type !== 'history') throw new SnapbackError('unreachable', `${name}: no history answer`);
-    if (json) process.stdout.write(JSON.stringify(r.entries) + '\n');
+    // The one result line even when the history is empty: a script reads `entries`, never nothing.
+    if (json) process.stdout.write(JSON.stringify({ type: 'result', exit: EXIT.ok, host: name, entries: r.entries }) + '\n');
+    else if (!r.entries.length) process.stdout.write(`${name}: no history yet\n`);
     else
       for (const e of r.entries) {
         process.stdout.write(`${e.at} ${e.id} ${e.from} → ${e.to} (${e.event}) by ${e.by.who} via ${e.by.channel}${e.outcome ? `: ${describeOutcome(e.outcome)}` : ''}\n`);

@@ -1,6 +1,7 @@
 // Which SSH key the controller signs with: the fleet file's `identity.sshKey` (a key file, or the
 // same key held by ssh-agent when the file is encrypted), else every ssh-ed25519 key in ssh-agent.
 
+import { existsSync, readFileSync } from 'node:fs';
 import { SnapbackError } from '../shared/errors.ts';
 import { expandHome, type Fleet } from '../shared/fleet.ts';
 import { agentIdentities, agentSigner, keyFileSigner, readKeyFile, type Signer } from '../shared/ssh.ts';
@@ -9,6 +10,7 @@ export async function resolveSigners(fleet: Fleet, env: NodeJS.ProcessEnv = proc
   const sock = env.SSH_AUTH_SOCK;
   const keyPath = fleet.identity?.sshKey ? expandHome(fleet.identity.sshKey) : undefined;
   if (keyPath) {
+    refusePublicHalf(keyPath);
     const file = readKeyFile(keyPath);
     if (file.privateKey) return [keyFileSigner(keyPath, file)];
     if (sock) {
@@ -26,4 +28,20 @@ export async function resolveSigners(fleet: Fleet, env: NodeJS.ProcessEnv = proc
   const keys = await agentIdentities(sock);
   if (!keys.length) throw new SnapbackError('config-invalid', `the ssh-agent at ${sock} holds no ssh-ed25519 key: ssh-add one`);
   return keys.map((k) => agentSigner(sock, k));
+}
+
+/** `identity.sshKey` naming `id_ed25519.pub`: the public half signs nothing; say which file to name. */
+function refusePublicHalf(path: string): void {
+  let text = '';
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch {
+    return; // readKeyFile says what is wrong with an unreadable file
+  }
+  if (!/^\s*(ssh-|ecdsa-|sk-)\S+ [A-Za-z0-9+/=]+/.test(text)) return;
+  const priv = path.endsWith('.pub') ? path.slice(0, -'.pub'.length) : undefined;
+  throw new SnapbackError(
+    'config-invalid',
+    `identity.sshKey ${path} is the public half of a key pair: point it at the private key${priv ? ` (${priv}${existsSync(priv) ? '' : ', if you have it'})` : ''}; the host lists the public key in authorizedKeys`,
+  );
 }

@@ -111,8 +111,10 @@ async function buildHere(installables: string[]): Promise<string[]> {
   process.once('exit', () => rmSync(roots, { recursive: true, force: true }));
   const r = await execa('nix', [...FLAKES, 'build', '--json', '--out-link', join(roots, 'result'), '--', ...installables], { reject: false, stdin: 'ignore' });
   if (r.exitCode !== 0) {
-    const why = String(r.stderr).trim().split('\n').filter(Boolean).slice(-4).join(' | ');
-    throw new SnapbackError('build-failed', `building here failed (nix build ${installables.join(' ')}): ${why}`);
+    // The summary is Nix's first error line (the cause); the whole output rides along for --json.
+    const said = String(r.stderr).split('\n').map((l) => l.replace(/\x1b\[[0-9;]*m/g, '')).filter((l) => l.trim());
+    const why = said.find((l) => l.trim().startsWith('error:'))?.trim() ?? said.at(-1)?.trim() ?? `exit status ${r.exitCode}`;
+    throw new SnapbackError('build-failed', `building here failed (nix build ${installables.join(' ')}): ${why}`, { output: said.join('\n') });
   }
   const built = JSON.parse(String(r.stdout)) as { outputs: { out: string } }[];
   // A toplevel that is a link (a flake whose output is a symlink) is pushed as what it points to.

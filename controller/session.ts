@@ -4,7 +4,8 @@
 
 import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import type { TLSSocket } from 'node:tls';
+import { isIP } from 'node:net';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import WebSocket from 'ws';
 import { KeyExchange, opens } from '../shared/channel.ts';
 import { SnapbackError } from '../shared/errors.ts';
@@ -113,7 +114,9 @@ export class Session {
         last = err;
       }
     }
-    throw last ?? new SnapbackError('unauthorized', 'no SSH key to authenticate with');
+    if (!last) throw new SnapbackError('unauthorized', 'no SSH key to authenticate with');
+    // The agent tells only "not authorized" (its log says why): say how to authorize the key.
+    throw /is not authorized/.test(last.message) ? new SnapbackError('unauthorized', `${last.message}. ${howToAuthorize(signers)}`) : last;
   }
 
   private static openWith(name: string, host: FleetHost, signer: Signer, expected: KnownHosts, opts: SessionOptions): Promise<Session> {
@@ -147,8 +150,14 @@ export class Session {
         const got = cert?.raw ? createHash('sha256').update(cert.raw).digest('hex') : undefined;
         if (got !== pin) fail(new SnapbackError('unauthorized', `${name}: the TLS certificate does not match tlsFingerprint (got ${got ?? 'none'})`, { hostKey: true }));
       });
-      ws.on('error', (err) => fail(new SnapbackError('unreachable', `${name}: cannot connect to ${host.url}: ${err.message}`)));
-      ws.on('close', (code, reason) => fail(new SnapbackError('unreachable', `${name}: the agent closed the connection (${code} ${reason.toString()})`)));
+      let explaining = false;
+      ws.on('error', (err) => {
+        explaining = true;
+        void explainConnectError(host.url, err).then((why) => fail(new SnapbackError('unreachable', `${name}: cannot connect to ${host.url}: ${why}`)));
+      });
+      ws.on('close', (code, reason) => {
+        if (!explaining) fail(new SnapbackError('unreachable', `${name}: the agent closed the connection (${code} ${reason.toString()})`));
+      });
       const kex = new KeyExchange();
       const key = formatPublicKey({ ...signer.publicKey, comment: '' });
       let handshake: Handshake | undefined;
@@ -265,6 +274,53 @@ export class Session {
   }
 }
 
+/** The fix for a key the agent refused: the exact line to add, and where it goes. */
+function howToAuthorize(signers: Signer[]): string {
+  const lines = signers.map((s) => formatPublicKey(s.publicKey));
+  const list = lines.map((l) => `"${l}"`).join(' ');
+  return (
+    `To let ${lines.length > 1 ? 'one of these keys' : 'this key'} in, add ${lines.length > 1 ? 'its line' : 'the line'} to the host's authorized keys — ` +
+    `on NixOS: services.snapback.authorizedKeys = [ ${list} ]; elsewhere: "authorizedKeys": [ ${lines.map((l) => JSON.stringify(l)).join(', ')} ] in /etc/snapback/agent.json, ` +
+    'then restart snapback-agent. Listed already? The agent\'s log says why it refused (journalctl -u snapback-agent)'
+  );
+}
+
+/**
+ * What a failed connection means, in the operator's terms: something that is not an agent on the
+ * port, or ws:// and wss:// mixed up between the fleet file and the agent's listen.tls.
+ */
+async function explainConnectError(url: string, err: Error & { code?: string }): Promise<string> {
+  const u = new URL(url);
+  const hostPort = u.host;
+  const http = /^Unexpected server response: (\d+)/.exec(err.message);
+  if (http) {
+    return `something that is not a Snapback agent answers there (an HTTP server: it answered the WebSocket upgrade with status ${http[1]}); check the host and port in the url (the agent's port is listen.port, 7731 unless set)`;
+  }
+  const port = Number(u.port || (u.protocol === 'wss:' ? 443 : 80));
+  const host = u.hostname.replace(/^\[|\]$/g, '');
+  const cutShort = err.code === 'EPROTO' || err.code === 'ECONNRESET' || /wrong version number|packet length too long|before secure TLS connection|socket hang up/i.test(err.message);
+  if (u.protocol === 'wss:' && cutShort && !(await speaksTls(host, port))) {
+    return `the server there does not speak TLS: if it is the agent without listen.tls, use ws://${hostPort} (or give the agent listen.tls)`;
+  }
+  if (u.protocol === 'ws:' && cutShort && (await speaksTls(host, port))) {
+    return `the server there speaks TLS (an agent with listen.tls): use wss://${hostPort}, with tlsFingerprint for a self-signed certificate`;
+  }
+  return err.message;
+}
+
+function speaksTls(host: string, port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = tlsConnect({ host, port, rejectUnauthorized: false, ...(isIP(host) ? {} : { servername: host }) });
+    const done = (v: boolean) => {
+      s.destroy();
+      resolve(v);
+    };
+    s.setTimeout(3000, () => done(false));
+    s.once('secureConnect', () => done(true));
+    s.once('error', () => done(false));
+  });
+}
+
 function parseJson(text: string): unknown {
   try {
     return JSON.parse(text);
@@ -294,7 +350,10 @@ export function expectedHostKeys(name: string, host: FleetHost, knownHostsFile =
     try {
       return { keys: [parsePublicKeyLine(host.hostKey)], revoked: known.revoked };
     } catch (err) {
-      throw new SnapbackError('config-invalid', `hosts.${name}.hostKey: ${(err as Error).message}`);
+      throw new SnapbackError(
+        'config-invalid',
+        `hosts.${name}.hostKey: ${(err as Error).message}; a host key line looks like "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA… root@${hostname}": get it with "ssh-keyscan -t ed25519 ${hostname}"`,
+      );
     }
   }
   if (!known.keys.length) {

@@ -1,5 +1,5 @@
-// What both command-line programs share: usage errors, number arguments, --help/--version, and
-// how an error becomes output and an exit status.
+// What the two command-line programs share: usage errors, number arguments, `help [COMMAND]`,
+// --help/--version, suggestions for typos, and how an error becomes output and an exit status.
 
 import { EXIT } from './errors.ts';
 import { SnapbackError } from './errors.ts';
@@ -14,26 +14,97 @@ export function positiveInt(s: string, what: string, max = Number.MAX_SAFE_INTEG
   return Number(s);
 }
 
+/** What a program says about itself: the whole usage, each command's own, every option's name. */
+export interface Help {
+  usage: string;
+  /** command → its own help: the usage line and the options that command reads */
+  commands: Record<string, string>;
+  /** option names without dashes, for "did you mean" */
+  options: readonly string[];
+}
+
 type Parsed = { values: { help?: boolean | undefined; version?: boolean | undefined }; positionals: string[] };
 
-/** Runs the parser; answers --version, --help and a missing command itself (returning the exit status). */
-export function parseCommandLine<T extends Parsed>(program: string, usage: string, parse: () => T): T | number {
+/**
+ * Runs the parser; answers --version, --help, `help [COMMAND]`, a missing or unknown command and an
+ * unknown option itself (returning the exit status) — all before any configuration file is read.
+ */
+export function parseCommandLine<T extends Parsed>(program: string, help: Help, parse: () => T): T | number {
   let parsed: T;
   try {
     parsed = parse();
   } catch (err) {
-    process.stderr.write(`${program}: ${(err as Error).message}\n\n${usage}\n`);
+    const unknown = /^Unknown option '(-{1,2})([^']*)'/.exec((err as Error).message);
+    if (unknown) {
+      const near = closest(unknown[2]!, help.options);
+      process.stderr.write(`${program}: unknown option ${unknown[1]}${unknown[2]}${near ? ` (did you mean --${near}?)` : ''}; see: ${program} help\n`);
+    } else {
+      process.stderr.write(`${program}: ${(err as Error).message}\n\n${help.usage}\n`);
+    }
     return EXIT.usage;
   }
   if (parsed.values.version) {
     process.stdout.write(`${VERSION}\n`);
     return EXIT.ok;
   }
-  if (parsed.values.help || parsed.positionals.length === 0) {
-    process[parsed.values.help ? 'stdout' : 'stderr'].write(`${usage}\n`);
+  const [command, topic] = parsed.positionals;
+  if (command === undefined) {
+    process[parsed.values.help ? 'stdout' : 'stderr'].write(`${help.usage}\n`);
     return parsed.values.help ? EXIT.ok : EXIT.usage;
   }
+  if (command === 'help' || parsed.values.help) {
+    const about = command === 'help' ? topic : command;
+    if (about === undefined) {
+      process.stdout.write(`${help.usage}\n`);
+      return EXIT.ok;
+    }
+    if (!Object.hasOwn(help.commands, about)) return unknownCommand(program, help, about);
+    process.stdout.write(`${help.commands[about]}\n`);
+    return EXIT.ok;
+  }
+  if (!Object.hasOwn(help.commands, command)) return unknownCommand(program, help, command);
   return parsed;
+}
+
+function unknownCommand(program: string, help: Help, command: string): number {
+  const near = closest(command, Object.keys(help.commands));
+  process.stderr.write(`${program}: unknown command "${command}"${near ? ` (did you mean ${near}?)` : ''}; see: ${program} help\n`);
+  return EXIT.usage;
+}
+
+/** The candidate nearest to `word` (edit distance, case ignored), if it is near enough to be a typo. */
+export function closest(word: string, candidates: Iterable<string>): string | undefined {
+  let best: string | undefined;
+  let bestDistance = Infinity;
+  const w = word.toLowerCase();
+  const all = [...candidates];
+  // A cut-short word ("hist", "--conf") means the one candidate it begins.
+  const begun = w.length >= 3 ? all.filter((c) => c.toLowerCase().startsWith(w)) : [];
+  if (begun.length === 1) return begun[0];
+  for (const c of all) {
+    const d = editDistance(w, c.toLowerCase());
+    if (d < bestDistance) {
+      best = c;
+      bestDistance = d;
+    }
+  }
+  // A third of the word may be wrong (at least 2 letters): "tiemout" → timeout, "xyz" → nothing.
+  return best !== undefined && bestDistance <= Math.max(2, Math.floor(w.length / 3)) && bestDistance < w.length ? best : undefined;
+}
+
+/** Levenshtein distance, with a swap of two neighbours counted as one edit. */
+function editDistance(a: string, b: string): number {
+  const d: number[][] = Array.from({ length: a.length + 1 }, (_, i) => [i, ...Array<number>(b.length).fill(0)]);
+  for (let j = 1; j <= b.length; j++) d[0]![j] = j;
+  for (let i = 1; i <= a.length; i++) {
+    for (let j = 1; j <= b.length; j++) {
+      const cost = a[i - 1] === b[j - 1] ? 0 : 1;
+      let v = Math.min(d[i - 1]![j]! + 1, d[i]![j - 1]! + 1, d[i - 1]![j - 1]! + cost);
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) v = Math.min(v, d[i - 2]![j - 2]! + 1);
+      d[i]![j] = v;
+    }
+  }
+  return d[a.length]![b.length]!;
 }
 
 /** Usage errors print the usage (exit 2); coded errors print their message or JSON (their exit). */
@@ -43,7 +114,9 @@ export function reportError(program: string, usage: string, err: unknown, json: 
     return EXIT.usage;
   }
   if (err instanceof SnapbackError) {
-    if (json) process.stdout.write(JSON.stringify({ ok: false, type: 'error', code: err.code, message: err.message }) + '\n');
+    // A summary in the message; a command's whole output (Nix's trace) only where scripts read.
+    const output = typeof err.details?.output === 'string' ? { output: err.details.output } : {};
+    if (json) process.stdout.write(JSON.stringify({ ok: false, type: 'error', code: err.code, message: err.message, ...output }) + '\n');
     else process.stderr.write(`${program}: ${err.message}\n`);
     return err.exitCode;
   }

@@ -2,8 +2,11 @@
 
 import { homedir } from 'node:os';
 import { z } from 'zod';
-import { parseInput, readInput } from './input.ts';
+import { closest } from './cli.ts';
+import { SnapbackError, describeIssues } from './errors.ts';
+import { readInput } from './input.ts';
 import { secondsSchema, targetSchema } from './model.ts';
+import { parsePublicKeyLine } from './ssh.ts';
 
 const timeoutSec = secondsSchema;
 
@@ -38,7 +41,16 @@ const hostNameSchema = z
 export const fleetHostSchema = z.strictObject({
   url: z.string().regex(/^wss?:\/\/[^\s/]+\/?$/, 'must be ws://HOST[:PORT] or wss://HOST[:PORT]'),
   /** the host's SSH host key line (`ssh-ed25519 AAAA…`); else ~/.ssh/known_hosts is consulted */
-  hostKey: z.string().optional(),
+  hostKey: z
+    .string()
+    .superRefine((line, ctx) => {
+      try {
+        parsePublicKeyLine(line);
+      } catch (err) {
+        ctx.addIssue({ code: 'custom', message: `${(err as Error).message}; ${HOST_KEY_HINT}` });
+      }
+    })
+    .optional(),
   /** SHA-256 of the agent's TLS certificate (hex, colons optional), for wss:// with a self-signed cert */
   tlsFingerprint: z
     .string()
@@ -56,11 +68,10 @@ export const fleetHostSchema = z.strictObject({
 });
 export type FleetHost = z.infer<typeof fleetHostSchema>;
 
-export const fleetSchema = z
-  .strictObject({
-    identity: z.strictObject({ sshKey: z.string().min(1).optional() }).optional(),
-    defaults: z
-      .strictObject({
+const HOST_KEY_HINT =
+  'a host key line looks like "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA… root@web1": get it with "ssh-keyscan -t ed25519 HOST" and leave out the host name it begins with';
+
+const defaultsSchema = z.strictObject({
         confirmTimeoutSec: timeoutSec.optional(),
         probes: z.array(probeSchema).optional(),
         probeTimeoutSec: timeoutSec.default(60),
@@ -69,8 +80,12 @@ export const fleetSchema = z
         outcomeGraceSec: timeoutSec.default(120),
         buildOn: z.enum(['local', 'host']).default('local'),
         substituteOnHost: z.boolean().default(false),
-      })
-      .prefault({}),
+      });
+
+export const fleetSchema = z
+  .strictObject({
+    identity: z.strictObject({ sshKey: z.string().min(1).optional() }).optional(),
+    defaults: defaultsSchema.prefault({}),
     // A record never sees the key `__proto__` (it would drop the host silently): refuse it here.
     hosts: z.preprocess((hosts, ctx) => {
       if (hosts && typeof hosts === 'object' && Object.hasOwn(hosts, '__proto__')) {
@@ -103,5 +118,55 @@ export function loadFleet(path: string): Fleet {
 
 /** Validates fleet JSON from a file or from `nix eval --json REF#snapback`. */
 export function parseFleet(text: string, source: string): Fleet {
-  return parseInput(fleetSchema, text, source);
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (err) {
+    throw new SnapbackError('config-invalid', `${source} is not valid JSON: ${(err as Error).message}`);
+  }
+  const result = fleetSchema.safeParse(raw);
+  if (result.success) return result.data;
+  const lines = result.error.issues.flatMap((issue) => describeFleetIssue(issue, raw));
+  throw new SnapbackError('config-invalid', `${source} is invalid:\n  ${lines.join('\n  ')}`, { problems: lines });
+}
+
+const TARGET_FORMS = '{ "storePath": "/nix/store/…" }, { "flake": "REF#HOST" } or { "generation": N }';
+const PROBE_KEYS = ['tcp', 'http', 'command', 'expectStatus', 'name', 'timeoutSec'];
+
+/** The valid keys of the object at `path` of a fleet file, for "did you mean". */
+function keysAt(path: PropertyKey[]): string[] {
+  const [a, , c, d] = path;
+  if (path.length === 0) return Object.keys(fleetSchema.shape);
+  if (a === 'defaults' && path.length === 1) return Object.keys(defaultsSchema.shape);
+  if (a === 'identity' && path.length === 1) return ['sshKey'];
+  if (a === 'hosts' && path.length === 2) return Object.keys(fleetHostSchema.shape);
+  if (a === 'hosts' && c === 'probes' && typeof d === 'number') return PROBE_KEYS;
+  if (a === 'defaults' && path[1] === 'probes' && path.length === 3) return PROBE_KEYS;
+  return [];
+}
+
+/** Like describeIssues, and a typo names the nearest valid key; a wrong target lists the forms. */
+function describeFleetIssue(issue: z.core.$ZodIssue, raw: unknown): string[] {
+  const where = issue.path.length ? issue.path.map(String).join('.') : '(top level)';
+  if (issue.code === 'unrecognized_keys') {
+    const valid = keysAt(issue.path);
+    return issue.keys.map((k) => {
+      const near = closest(k, valid);
+      return `${where}: unknown key "${k}"${near ? ` (did you mean ${near}?)` : ''}`;
+    });
+  }
+  if (issue.code === 'invalid_union' && issue.path.at(-1) === 'target') {
+    const given = at(raw, issue.path);
+    const keys = given && typeof given === 'object' ? Object.keys(given) : [];
+    const near = keys.length === 1 ? closest(keys[0]!, ['storePath', 'flake', 'generation']) : undefined;
+    const got = typeof given === 'string' ? ` (a string is not enough: for a store path write { "storePath": ${JSON.stringify(given)} })` : near ? ` (did you mean ${near}?)` : '';
+    return [`${where}: must be one of ${TARGET_FORMS}${got}`];
+  }
+  return describeIssues(new z.ZodError([issue]));
+}
+
+function at(raw: unknown, path: PropertyKey[]): unknown {
+  let v = raw;
+  for (const k of path) v = v && typeof v === 'object' ? (v as Record<PropertyKey, unknown>)[k] : undefined;
+  return v;
 }

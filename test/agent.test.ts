@@ -584,8 +584,8 @@ describe('agent on real Nix', { skip }, () => {
     const text = await h.cli(['status'], { json: false });
     assert.match(text.stdout, /trial of \/nix\/store\/\S+, reverting in (\d+m)?\d+s/);
     const hist = await h.cli(['history']);
-    assert.deepEqual(hist.out.map((e: { to: string }) => e.to), ['preparing', 'activating', 'trial']);
-    assert.ok(hist.out.every((e: { id: string }) => e.id === a.out.id));
+    assert.deepEqual(hist.out.entries.map((e: { to: string }) => e.to), ['preparing', 'activating', 'trial']);
+    assert.ok(hist.out.entries.every((e: { id: string }) => e.id === a.out.id));
   });
 });
 

@@ -292,7 +292,9 @@ describe('snapback deploy', { skip }, () => {
     assert.equal(rb.result.outcome.reason, 'requested');
 
     const hist = await h.snapback(['history', 'web1', '--fleet', fleet]);
-    const entries = JSON.parse(hist.stdout);
+    assert.equal(hist.result.type, 'result');
+    assert.equal(hist.result.exit, 0);
+    const entries = hist.result.entries;
     assert.ok(entries.some((e: any) => e.by.channel === 'console' && e.event === 'activate'));
     assert.ok(entries.some((e: any) => e.by.channel === 'controller' && e.event === 'committed'));
     assert.ok(entries.some((e: any) => e.by.channel === 'controller' && e.event === 'rollback'));
