@@ -4,6 +4,9 @@
 
 import { execFileSync, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 export function haveTmux(): string | undefined {
@@ -18,6 +21,7 @@ function quote(word: string): string {
 export class Terminal {
   readonly name: string;
   private readonly socket: string;
+  private readonly statusFile: string;
   private closed = false;
 
   /**
@@ -29,8 +33,11 @@ export class Terminal {
     // A server of our own (-L): no interference with the tester's tmux, nor with parallel tests.
     this.socket = this.name;
     const env = Object.entries(opts.env ?? {}).map(([k, v]) => `${k}=${quote(v)}`);
-    // exec: the command itself is the pane's process, so C-c reaches it alone and its status is the pane's.
-    const command = `${opts.before ? `${opts.before}; ` : ''}exec ${env.length ? `env ${env.join(' ')} ` : ''}${argv.map(quote).join(' ')}`;
+    // tmux 3.3 does not always learn a dead pane's status: the shell writes it to a file. Its trap
+    // keeps it waiting through C-c (which reaches the command too: the same process group), and a
+    // trapped signal is back to its default in the command it starts.
+    this.statusFile = join(tmpdir(), `${this.name}.status`);
+    const command = `${opts.before ? `${opts.before}; ` : ''}trap : INT; ${env.length ? `env ${env.join(' ')} ` : ''}${argv.map(quote).join(' ')}; echo $? > ${quote(this.statusFile)}`;
     this.tmux(['-f', '/dev/null', 'new-session', '-d', '-s', this.name, '-x', String(opts.columns ?? 160), '-y', String(opts.rows ?? 40), ...(opts.cwd ? ['-c', opts.cwd] : []), command]);
     this.tmux(['set-option', '-t', this.name, 'remain-on-exit', 'on']);
     if (process.env.TMUX_RAW) this.tmux(['pipe-pane', '-t', this.name, `cat >> ${process.env.TMUX_RAW}`]);
@@ -70,9 +77,12 @@ export class Terminal {
 
   /** The command's exit status once it ended, else undefined. */
   exitStatus(): number | undefined {
-    const [dead, status] = this.tmux(['display-message', '-p', '-t', this.name, '#{pane_dead} #{pane_dead_status}']).trim().split(' ');
-    // The pane may be dead a moment before its process is reaped and its status known.
-    return dead === '1' && status ? Number(status) : undefined;
+    try {
+      const text = readFileSync(this.statusFile, 'utf8');
+      return text.endsWith('\n') ? Number(text) : undefined;
+    } catch {
+      return undefined;
+    }
   }
 
   async waitExit(timeoutMs = 30_000): Promise<number> {
@@ -80,7 +90,11 @@ export class Terminal {
     for (;;) {
       const s = this.exitStatus();
       if (s !== undefined) return s;
-      if (Date.now() > until) throw new Error(`the command did not end within ${timeoutMs / 1000}s; the screen:\n${this.screen()}`);
+      if (Date.now() > until) {
+        const pid = this.format('#{pane_pid} #{pane_dead} #{pane_dead_status} #{pane_tty}');
+        const ps = spawnSync('ps', ['-o', 'pid,ppid,stat,tty,args', '-t', pid.split(' ')[3] ?? '?'], { encoding: 'utf8' }).stdout;
+        throw new Error(`the command did not end within ${timeoutMs / 1000}s (pane: ${pid}; on its tty:\n${ps}); the screen:\n${this.screen()}`);
+      }
       await sleep(100);
     }
   }
@@ -105,5 +119,6 @@ export class Terminal {
     this.closed = true;
     // Only our own session, on our own server (which then ends, having no session left).
     spawnSync('tmux', ['-L', this.socket, 'kill-session', '-t', this.name], { stdio: 'ignore' });
+    rmSync(this.statusFile, { force: true });
   }
 }
