@@ -4,7 +4,8 @@
 // If no fresh connection gets through inside the window, wait past the deadline and ask again, so
 // the report is the host's own outcome, never a guess. The flow is two halves, `trial` (up to
 // passed probes) and `finish` (confirm or roll back), so that `--atomic` can hold every host
-// between them until all have passed.
+// between them until all have passed. After an interruption (Ctrl-C) nothing is started, confirmed
+// or rolled back any more: a host in a trial is followed until its own outcome.
 
 import { setTimeout as sleep } from 'node:timers/promises';
 import { EXIT, SnapbackError, type ExitCode } from '../shared/errors.ts';
@@ -12,7 +13,7 @@ import type { FleetHost, Probe } from '../shared/fleet.ts';
 import { MAX_TIMER_MS, describeOutcome, type Outcome, type Target } from '../shared/model.ts';
 import type { ServerMessage } from '../shared/protocol.ts';
 import type { Signer } from '../shared/ssh.ts';
-import { runProbes, type ProbeResult } from './probes.ts';
+import { probeName, runProbes, type ProbeResult } from './probes.ts';
 import { pushClosure, type PushProgress } from './push.ts';
 import { Session, type SessionOptions } from './session.ts';
 
@@ -28,19 +29,96 @@ export interface HostResult {
 }
 
 export type DeployEvent =
+  /** selected, not started yet: why it waits (dependencies, --parallel), or that it is about to connect */
+  | { type: 'queued'; host: string; why: string }
+  | { type: 'connecting'; host: string }
   | { type: 'connected'; host: string; as: string }
   | { type: 'phase'; host: string; id: string; phase: string; toplevel?: string }
   | { type: 'line'; host: string; id: string; line: string }
   | { type: 'trial'; host: string; id: string; secondsLeft: number; deadline: string }
   | { type: 'reconnecting'; host: string; attempt: number; error: string }
   | { type: 'reconnected'; host: string }
+  | { type: 'probing'; host: string; id: string; names: string[] }
+  /** a failed probe attempt that will be retried */
+  | { type: 'probe-attempt'; host: string; name: string; attempt: number; error: string }
   | { type: 'probe'; host: string; name: string; ok: boolean; detail?: string }
   | { type: 'confirming'; host: string; id: string }
   | { type: 'rolling-back'; host: string; id: string; why: string }
   | { type: 'waiting'; host: string; id: string; seconds: number; why: string }
   | { type: 'building'; host: string; installable: string }
   | { type: 'push'; host: string; paths: number; totalPaths: number; bytes: number; totalBytes: number; bytesPerSec?: number; secondsLeft?: number; done?: boolean }
-  | { type: 'done'; host: string; result: HostResult };
+  | { type: 'done'; host: string; result: HostResult }
+  /**
+   * Ctrl-C (`round` 1) or a second one (`round` 2, leaving now): where this host stands, and the
+   * commands that decide its trial. `exiting`: the controller exits right after these events.
+   */
+  | {
+      type: 'interrupted';
+      host: string;
+      round: 1 | 2;
+      exiting: boolean;
+      state: 'trial' | 'activating' | 'untouched';
+      id?: string;
+      secondsLeft?: number;
+      deadline?: string;
+      confirm: string;
+      rollback: string;
+    };
+
+/**
+ * An interruption of the whole run (Ctrl-C). The flows check it at every decision; it also knows
+ * which hosts were sent `activate` and, once it runs, their trial's deadline.
+ */
+export class Interruption {
+  private readonly ac = new AbortController();
+  /** hosts sent `activate` and not ended: their trial once it runs (monotonic deadline, the host's wall-clock one) */
+  readonly live = new Map<string, { id?: string; deadline?: number; wall?: string }>();
+  /** the options that find the fleet again (`--fleet FILE`), for the commands shown */
+  private readonly fleetArgs: string[];
+
+  constructor(fleetArgs: string[] = []) {
+    this.fleetArgs = fleetArgs;
+  }
+
+  get signal(): AbortSignal {
+    return this.ac.signal;
+  }
+
+  get interrupted(): boolean {
+    return this.ac.signal.aborted;
+  }
+
+  interrupt(): void {
+    this.ac.abort();
+  }
+
+  command(verb: 'confirm' | 'rollback', host: string): string {
+    return ['snapback', verb, host, ...this.fleetArgs].map(shellWord).join(' ');
+  }
+
+  /** The event that tells where `host` stands, with its commands. */
+  event(host: string, round: 1 | 2, exiting: boolean): Extract<DeployEvent, { type: 'interrupted' }> {
+    const t = this.live.get(host);
+    const state = !t ? 'untouched' : t.deadline === undefined ? 'activating' : 'trial';
+    return {
+      type: 'interrupted',
+      host,
+      round,
+      exiting,
+      state,
+      ...(t?.id ? { id: t.id } : {}),
+      ...(t?.deadline !== undefined ? { secondsLeft: Math.max(0, Math.round((t.deadline - mono()) / 1000)) } : {}),
+      ...(t?.wall ? { deadline: t.wall } : {}),
+      confirm: this.command('confirm', host),
+      rollback: this.command('rollback', host),
+    };
+  }
+}
+
+/** `word` as one shell word: as is when it is plain, else single-quoted. */
+export function shellWord(word: string): string {
+  return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
+}
 
 /** A toplevel in the operator's store, sent to the host before it is activated. */
 export interface PushPlan {
@@ -64,6 +142,7 @@ export interface DeployHostOptions {
   /** only build or fetch and `switch-to-configuration dry-activate`: show what would change */
   dryRun?: boolean;
   push?: PushPlan;
+  interruption?: Interruption;
 }
 
 const mono = () => performance.now();
@@ -86,6 +165,7 @@ export async function deployHost(o: DeployHostOptions): Promise<HostResult> {
 }
 
 function done(o: DeployHostOptions, result: HostResult): HostResult {
+  o.interruption?.live.delete(o.name);
   o.emit({ type: 'done', host: o.name, result });
   return result;
 }
@@ -109,6 +189,9 @@ function afterActivation(host: string, err: Error): HostResult {
 
 async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
   const { name } = o;
+  const x = o.interruption;
+  if (x?.interrupted) return notStarted(name);
+  o.emit({ type: 'connecting', host: name });
   let first: Session;
   try {
     first = await Session.open(name, o.host, o.signers, o.session);
@@ -121,8 +204,14 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
     if (refused) return refused;
   }
   if (o.dryRun) return dryRun(o, first);
+  if (x?.interrupted) {
+    first.close();
+    return notStarted(name);
+  }
 
   let id: string | undefined;
+  // From here the host may change: an interruption must wait for the answer and then say so.
+  x?.live.set(name, {});
   const answer = await first.command({ type: 'activate', target: o.target, ...(o.timeoutSec ? { timeoutSec: o.timeoutSec } : {}) }, (m) => {
     if (m.type !== 'progress') return;
     id ??= m.id;
@@ -137,12 +226,18 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
   if (answer.type === 'trial') {
     id = answer.id;
     deadline = mono() + answer.secondsLeft * 1000;
+    x?.live.set(name, { id, deadline, wall: answer.deadline });
     o.emit({ type: 'trial', host: name, id, secondsLeft: answer.secondsLeft, deadline: answer.deadline });
+    if (x?.interrupted) {
+      o.emit(x.event(name, 1, false));
+      return follow(o, id, deadline);
+    }
   } else if (answer.type === 'outcome') {
     return fromOutcome(name, answer.id, answer.outcome);
   } else if (answer.type === 'error' && answer.code === 'unreachable' && id) {
     // Lost during the switch: the host holds its own deadline; find out where it stands.
     deadline = mono() + (o.timeoutSec ?? 300) * 1000;
+    x?.live.set(name, { id });
   } else if (answer.type === 'error') {
     const status: HostStatus = answer.code === 'unauthorized' ? 'unreachable' : answer.code === 'unreachable' ? 'unknown' : 'failed';
     return { host: name, status, ...(answer.id ? { id: answer.id } : {}), message: `activate refused (${answer.code}): ${answer.message}` };
@@ -154,6 +249,10 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
   const margin = Math.min(10_000, Math.max(1000, window * 0.1));
   const fresh = await freshTrialSession(o, id, deadline - margin, window);
   if (fresh.kind === 'outcome') return fromOutcome(name, id, fresh.outcome);
+  if (x?.interrupted) {
+    if (fresh.kind === 'session') fresh.session.close();
+    return follow(o, id, deadline);
+  }
   if (fresh.kind === 'none') {
     const seconds = Math.ceil((deadline - mono()) / 1000);
     o.emit({ type: 'waiting', host: name, id, seconds: Math.max(0, seconds), why: 'no fresh connection got through inside the confirm window; the host will revert on its own' });
@@ -162,11 +261,26 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
   const { session, token } = fresh;
   // The host's own countdown is the truth (our estimate is rough if the first connection was lost).
   if (fresh.secondsLeft !== undefined) deadline = mono() + fresh.secondsLeft * 1000;
+  x?.live.set(name, { ...x.live.get(name), id, deadline });
 
   const budget = deadline - margin - mono();
-  const results = await runProbes(o.probes, o.probeTimeoutSec, budget, (r) =>
-    o.emit({ type: 'probe', host: name, name: r.name, ok: r.ok, ...(r.detail ? { detail: r.detail } : {}) }),
+  o.emit({ type: 'probing', host: name, id, names: o.probes.map(probeName) });
+  const results = await runProbes(
+    o.probes,
+    o.probeTimeoutSec,
+    budget,
+    (r) => {
+      if (!x?.interrupted) o.emit({ type: 'probe', host: name, name: r.name, ok: r.ok, ...(r.detail ? { detail: r.detail } : {}) });
+    },
+    {
+      ...(x ? { signal: x.signal } : {}),
+      onAttempt: (probe, attempt, error) => o.emit({ type: 'probe-attempt', host: name, name: probe, attempt, error }),
+    },
   );
+  if (x?.interrupted) {
+    session.close();
+    return follow(o, id, deadline);
+  }
   const failed = results.filter((r) => !r.ok);
   if (failed.length) {
     const why = failed.map((r) => `probe ${r.name} failed: ${r.detail}`).join('; ');
@@ -191,6 +305,10 @@ export async function finish(o: DeployHostOptions, p: Passed, decision: { confir
 async function finishFlow(o: DeployHostOptions, p: Passed, decision: { confirm: true } | { confirm: false; why: string }): Promise<HostResult> {
   const { name } = o;
   const { session, id, deadline } = p;
+  if (o.interruption?.interrupted) {
+    session.close();
+    return done(o, await follow(o, id, deadline));
+  }
   if (!decision.confirm) {
     o.emit({ type: 'rolling-back', host: name, id, why: decision.why });
     const back = await session.command({ type: 'rollback', id });
@@ -202,6 +320,10 @@ async function finishFlow(o: DeployHostOptions, p: Passed, decision: { confirm: 
   const r = await session.command({ type: 'confirm', id, token: p.token }, (m) => {
     if (m.type === 'progress' && m.problems) o.emit({ type: 'line', host: name, id, line: `health gate: ${m.problems.join('; ')}` });
   });
+  if (r.type === 'error' && r.code === 'health-failed' && o.interruption?.interrupted) {
+    session.close();
+    return done(o, await follow(o, id, deadline));
+  }
   if (r.type === 'error' && r.code === 'health-failed') {
     o.emit({ type: 'rolling-back', host: name, id, why: r.message });
     const back = await session.command({ type: 'rollback', id });
@@ -267,12 +389,48 @@ async function settle(o: DeployHostOptions, id: string, deadline: number, m: Ser
   return { host: o.name, status: 'unknown', id, message: `unexpected answer "${m.type}"` };
 }
 
+/** A host this run will not start, after an interruption. */
+function notStarted(host: string): HostResult {
+  return { host, status: 'failed', message: 'not started: interrupted (Ctrl-C); nothing was changed' };
+}
+
+/**
+ * After an interruption: this run decides nothing, but it does not leave the operator guessing
+ * either. It asks the host every 2 s until the trial ends — confirmed or rolled back by hand
+ * (`snapback confirm HOST`), or reverted at its deadline — and reports that outcome.
+ */
+async function follow(o: DeployHostOptions, id: string, deadline: number): Promise<HostResult> {
+  let last = 'no connection';
+  let attempt = 0;
+  while (mono() < deadline + (o.graceSec ?? 120) * 1000) {
+    attempt++;
+    try {
+      const s = await Session.open(o.name, o.host, o.signers, { ...o.session, timeoutMs: 5000 });
+      const st = s.welcome.state;
+      s.close();
+      if (st.last?.id === id) return fromOutcome(o.name, id, st.last.outcome);
+      if (st.deployment?.id !== id) {
+        last = `the host does not know ${id}`;
+        break;
+      }
+      if (st.deployment.secondsLeft !== undefined) deadline = mono() + st.deployment.secondsLeft * 1000;
+      last = `still ${st.phase}`;
+    } catch (err) {
+      if (err instanceof SnapbackError && err.code === 'config-invalid') throw err;
+      last = suspicious(err);
+      o.emit({ type: 'reconnecting', host: o.name, attempt, error: last });
+    }
+    await sleep(2000);
+  }
+  return { host: o.name, status: 'unknown', id, message: `outcome unknown after the interruption: ${last}` };
+}
+
 type Fresh = { kind: 'session'; session: Session; token: string; secondsLeft?: number } | { kind: 'outcome'; outcome: Outcome } | { kind: 'none' };
 
 /** Dials new connections with backoff until one carries the confirm token for `id`, or `until`. */
 async function freshTrialSession(o: DeployHostOptions, id: string, until: number, windowMs: number): Promise<Fresh> {
   let delay = 250;
-  for (let attempt = 1; mono() < until; attempt++) {
+  for (let attempt = 1; mono() < until && !o.interruption?.interrupted; attempt++) {
     let error: string;
     try {
       const s = await Session.open(o.name, o.host, o.signers, { ...o.session, timeoutMs: Math.max(500, Math.min(5000, until - mono())) });
@@ -293,7 +451,7 @@ async function freshTrialSession(o: DeployHostOptions, id: string, until: number
       error = suspicious(err);
     }
     o.emit({ type: 'reconnecting', host: o.name, attempt, error });
-    await sleep(Math.max(0, Math.min(delay, until - mono())));
+    await sleep(Math.max(0, Math.min(delay, until - mono())), undefined, o.interruption ? { signal: o.interruption.signal } : {}).catch(() => {});
     delay = Math.min(delay * 2, 2000);
   }
   return { kind: 'none' };

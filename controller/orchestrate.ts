@@ -1,12 +1,15 @@
 // Deploying a fleet: hosts in parallel (at most `parallel` at once), each starting only after the
 // hosts it depends on; with `atomic`, nobody is confirmed until every host passed its probes, and
 // if one fails — or a passed host's window runs out while it waits — every host is rolled back.
+// Ctrl-C stops every decision (nothing is started, confirmed or rolled back by it), says which hosts
+// are in a trial, when each reverts and the commands that decide it; a second Ctrl-C exits.
 
+import { existsSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Fleet } from '../shared/fleet.ts';
 import type { Target } from '../shared/model.ts';
 import type { Signer } from '../shared/ssh.ts';
-import { deployHost, finish, trial, type DeployEvent, type DeployHostOptions, type HostResult, type Passed, type PushPlan } from './deploy.ts';
+import { Interruption, deployHost, finish, trial, type DeployEvent, type DeployHostOptions, type HostResult, type Passed, type PushPlan } from './deploy.ts';
 
 export interface FleetDeployOptions {
   targets: Map<string, Target>;
@@ -18,11 +21,68 @@ export interface FleetDeployOptions {
   timeoutSec?: number;
   signers: Signer[];
   emit: (e: DeployEvent) => void;
+  /** who handles Ctrl-C: by default deployFleet itself, for as long as it runs (see onInterrupt) */
+  interruption?: Interruption;
 }
 
 const mono = () => performance.now();
 
 export async function deployFleet(fleet: Fleet, names: string[], opts: FleetDeployOptions): Promise<HostResult[]> {
+  const ended = new Set<string>();
+  const emit = (e: DeployEvent) => {
+    if (e.type === 'done') ended.add(e.host);
+    opts.emit(e);
+  };
+  const interruption = opts.interruption ?? new Interruption(fleetArgs(process.argv));
+  const stopListening = opts.interruption ? () => {} : onInterrupt(interruption, () => names.filter((n) => !ended.has(n)), emit);
+  try {
+    return await deployAll(fleet, names, { ...opts, emit, interruption });
+  } finally {
+    stopListening();
+  }
+}
+
+/**
+ * Ctrl-C handling, from now until the returned function is called. The first: if no host was sent
+ * `activate`, nothing changed and the controller exits (130); otherwise it stops deciding and says
+ * where every host stands. The second exits at once, saying again which hosts keep their trials.
+ */
+export function onInterrupt(x: Interruption, pending: () => string[], emit: (e: DeployEvent) => void, exit: (code: number) => void = (c) => process.exit(c)): () => void {
+  let presses = 0;
+  const handler = () => {
+    presses++;
+    const live = pending().filter((n) => x.live.has(n));
+    if (presses === 1) {
+      x.interrupt();
+      const exiting = live.length === 0;
+      for (const n of exiting ? pending() : live) emit(x.event(n, 1, exiting));
+      if (exiting) exit(130);
+      return;
+    }
+    for (const n of live) emit(x.event(n, 2, true));
+    exit(130);
+  };
+  process.on('SIGINT', handler);
+  return () => void process.off('SIGINT', handler);
+}
+
+/** The options of this command line that find the same fleet again: `--fleet FILE`, or `--flake REF` when it was the fleet's source. */
+export function fleetArgs(argv: string[]): string[] {
+  const value = (name: string): string | undefined => {
+    for (let i = 0; i < argv.length; i++) {
+      if (argv[i] === name) return argv[i + 1];
+      if (argv[i]!.startsWith(`${name}=`)) return argv[i]!.slice(name.length + 1);
+    }
+    return undefined;
+  };
+  const file = value('--fleet');
+  if (file !== undefined) return ['--fleet', file];
+  const flake = value('--flake');
+  if (flake !== undefined && !existsSync('snapback.json')) return ['--flake', flake];
+  return [];
+}
+
+async function deployAll(fleet: Fleet, names: string[], opts: FleetDeployOptions & { interruption: Interruption }): Promise<HostResult[]> {
   const hostOptions = (name: string): DeployHostOptions => {
     const host = fleet.hosts[name]!;
     const timeoutSec = opts.timeoutSec ?? host.confirmTimeoutSec ?? fleet.defaults.confirmTimeoutSec;
@@ -38,6 +98,7 @@ export async function deployFleet(fleet: Fleet, names: string[], opts: FleetDepl
       dryRun: opts.dryRun,
       signers: opts.signers,
       emit: opts.emit,
+      interruption: opts.interruption,
     };
   };
   const slots = semaphore(opts.parallel);
@@ -47,6 +108,14 @@ export async function deployFleet(fleet: Fleet, names: string[], opts: FleetDepl
     return result;
   };
   const deps = (name: string) => fleet.hosts[name]!.dependsOn.filter((d) => names.includes(d));
+
+  // Every selected host has its row from the start, saying what it waits for.
+  let free = opts.parallel;
+  for (const name of names) {
+    const after = deps(name);
+    const why = after.length ? `waiting for ${after.join(', ')} (dependsOn)` : free-- > 0 ? 'connecting…' : `queued (--parallel ${opts.parallel})`;
+    opts.emit({ type: 'queued', host: name, why });
+  }
 
   if (!opts.atomic || opts.dryRun) {
     // A dependency must be confirmed first; a dry run changes nothing, so nothing waits for it.
