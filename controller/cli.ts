@@ -16,6 +16,7 @@ import { deployFleet } from './orchestrate.ts';
 import { resolveSigners } from './identity.ts';
 import { planDeploy, type PlanOptions } from './plan.ts';
 import { renderer } from './render.ts';
+import { clean, oneLine, safeJson } from '../shared/terminal.ts';
 import { Session } from './session.ts';
 
 const USAGE = `snapback ${VERSION} — deploy NixOS systems that revert on their own unless confirmed
@@ -174,7 +175,8 @@ async function deploy(
 ): Promise<number> {
   checkAcyclic(fleet, names);
   const signers = await resolveSigners(fleet);
-  const out = renderer(opts.json ? 'json' : process.stdout.isTTY ? 'live' : 'text');
+  // Every host has its row from the first frame, before a local build starts.
+  const out = renderer(opts.json ? 'json' : process.stdout.isTTY ? 'live' : 'text', process.stdout, { hosts: names });
   const { targets, pushes } = await planDeploy(fleet, names, { ...opts.plan, emit: (e) => out.event(e) });
   const results = await deployFleet(fleet, names, {
     targets,
@@ -228,8 +230,9 @@ async function status(fleet: Fleet, names: string[], json: boolean): Promise<num
       }
     }),
   );
-  if (json) process.stdout.write(JSON.stringify({ type: 'status', hosts: rows }) + '\n');
-  else for (const r of rows) process.stdout.write(`${r.host}: ${r.ok ? describeStatus(r.status).split('\n').join('\n  ') : `unreachable: ${r.error}`}\n`);
+  // What a host says is shown without terminal control characters (shared/terminal.ts).
+  if (json) process.stdout.write(safeJson({ type: 'status', hosts: rows }) + '\n');
+  else for (const r of rows) process.stdout.write(`${r.host}: ${r.ok ? clean(describeStatus(r.status)).split('\n').join('\n  ') : `unreachable: ${oneLine(r.error ?? '')}`}\n`);
   return rows.every((r) => r.ok) ? EXIT.ok : EXIT.unreachable;
 }
 
@@ -255,7 +258,7 @@ async function act(fleet: Fleet, name: string, what: 'confirm' | 'rollback', jso
 }
 
 function report(json: boolean, body: { message: string } & Record<string, unknown>, exit: number): number {
-  process.stdout.write(json ? JSON.stringify({ type: 'result', exit, ...body }) + '\n' : body.message + '\n');
+  process.stdout.write(json ? safeJson({ type: 'result', exit, ...body }) + '\n' : clean(body.message) + '\n');
   return exit;
 }
 
@@ -264,11 +267,11 @@ async function history(fleet: Fleet, name: string, json: boolean, limit?: number
     const r = await s.request({ type: 'history', ...(limit ? { limit } : {}) });
     if (r.type !== 'history') throw new SnapbackError('unreachable', `${name}: no history answer`);
     // The one result line even when the history is empty: a script reads `entries`, never nothing.
-    if (json) process.stdout.write(JSON.stringify({ type: 'result', exit: EXIT.ok, host: name, entries: r.entries }) + '\n');
+    if (json) process.stdout.write(safeJson({ type: 'result', exit: EXIT.ok, host: name, entries: r.entries }) + '\n');
     else if (!r.entries.length) process.stdout.write(`${name}: no history yet\n`);
     else
       for (const e of r.entries) {
-        process.stdout.write(`${e.at} ${e.id} ${e.from} → ${e.to} (${e.event}) by ${e.by.who} via ${e.by.channel}${e.outcome ? `: ${describeOutcome(e.outcome)}` : ''}\n`);
+        process.stdout.write(oneLine(`${e.at} ${e.id} ${e.from} → ${e.to} (${e.event}) by ${e.by.who} via ${e.by.channel}${e.outcome ? `: ${describeOutcome(e.outcome)}` : ''}`) + '\n');
       }
     return EXIT.ok;
   });
