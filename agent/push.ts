@@ -3,7 +3,7 @@
 // `nix-store --import`; what a push imported is held by GC roots until the deployment ends.
 
 import { createHash, type Hash } from 'node:crypto';
-import { closeSync, lstatSync, mkdirSync, openSync, readdirSync, rmSync, statfsSync, writeSync } from 'node:fs';
+import { closeSync, lstatSync, mkdirSync, openSync, readFileSync, readdirSync, rmSync, statfsSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
@@ -49,23 +49,15 @@ export function releasePushRoots(gcRootDir: string, olderThanMs = 0, id?: string
   }
 }
 
-/** A group file is handed to `nix-store --import` once it holds this much (or the push ends). */
+/** Verified NARs are added to the store in groups of this much (or when the push ends). */
 const GROUP_BYTES = 32 * 1024 * 1024;
 
 /**
- * Verified NARs in `nix-store --export` framing, several paths to a file: Nix reads a file only once
- * every path in it matched its signed hash, straight from the file (no copy through this process),
- * while the next file fills.
+ * The push's directory is a `file://` binary cache that only ever lists verified paths: a NAR is
+ * written under `nar/` while it is hashed, and its `.narinfo` (from the signed manifest) is written
+ * only once the hash matched. Nix then substitutes from it, streaming each NAR into the store (Nix
+ * 2.8's `nix-store --import` would hold a whole NAR in memory) and checking the hash once more.
  */
-interface Group {
-  file: string;
-  fd: number;
-  /** bytes up to the end of the last verified path */
-  verifiedAt: number;
-  size: number;
-  paths: string[];
-}
-
 export class Push {
   readonly id: string;
   /** the manifest's entries still to be received, in order */
@@ -75,14 +67,16 @@ export class Push {
   private readonly dir: string;
   private index = 0;
   private hash: Hash | undefined;
+  private fd: number | undefined;
   private got = 0;
-  private group: Group | undefined;
-  private groups = 0;
+  /** verified, not yet handed to Nix */
+  private group: ManifestEntry[] = [];
+  private groupBytes = 0;
   /** bytes received over all paths */
   received = 0;
   /** paths verified (and so on their way into the store) */
   verified: string[] = [];
-  /** paths `nix-store --import` has added */
+  /** paths Nix has added */
   imported: string[] = [];
   private importing: Promise<void> = Promise.resolve();
   private importer: ChildProcess | undefined;
@@ -110,8 +104,8 @@ export class Push {
     const need = manifest.filter((e) => missing.has(e.path));
     const push = new Push(id, need, places);
     if (need.length) {
-      // What is still to come in this transfer (this batch and the later ones), the group file in
-      // flight beside it, and a margin: checked at every batch, as the free space may shrink.
+      // What is still to come in this transfer (this batch and the later ones), the group in flight
+      // beside it, and a margin: checked at every batch, as the free space may shrink.
       const coming = Math.max(remainingBytes - (manifest.reduce((n, e) => n + e.narSize, 0) - push.total), push.total);
       const largest = Math.max(...need.map((e) => e.narSize));
       const required = coming + Math.min(push.total, largest + GROUP_BYTES) + SPACE_MARGIN;
@@ -122,7 +116,8 @@ export class Push {
           `the closure needs ${mib(coming)} and ${mib(required - coming)} to spare, but the store's file system has ${mib(free)} free; nothing more was sent`,
         );
       }
-      mkdirSync(push.dir, { recursive: true, mode: 0o700 });
+      mkdirSync(join(push.dir, 'nar'), { recursive: true, mode: 0o700 });
+      writeFileSync(join(push.dir, 'nix-cache-info'), `StoreDir: ${STORE}\nWantMassQuery: 0\nPriority: 0\n`);
     }
     return push;
   }
@@ -133,7 +128,7 @@ export class Push {
 
   /**
    * Takes the next bytes of the NAR stream. Each path's bytes go to disk as they come; when a path is
-   * complete its hash is compared with the manifest, and only a match is ever read by Nix. Throws
+   * complete its hash is compared with the manifest, and only a match is ever offered to Nix. Throws
    * `bad-nar` (the push must then be aborted) on a mismatch or on bytes beyond the manifest.
    */
   receive(chunk: Buffer): void {
@@ -142,16 +137,15 @@ export class Push {
     while (off < chunk.length) {
       const entry = this.need[this.index];
       if (!entry) throw new SnapbackError('bad-nar', `${chunk.length - off} bytes more than the manifest announced`);
-      if (this.hash === undefined) {
-        this.group ??= this.openGroup();
-        this.append(u64(1));
+      if (this.fd === undefined) {
+        this.fd = openSync(this.narFile(this.index), 'w', 0o600);
         this.hash = createHash('sha256');
         this.got = 0;
       }
       const take = Math.min(chunk.length - off, entry.narSize - this.got);
       const part = chunk.subarray(off, off + take);
-      this.append(part);
-      this.hash.update(part);
+      writeSync(this.fd, part);
+      this.hash!.update(part);
       this.got += take;
       this.received += take;
       off += take;
@@ -160,73 +154,111 @@ export class Push {
   }
 
   private completePath(entry: ManifestEntry): void {
-    const got = `sha256-${this.hash!.digest('base64')}`;
+    closeSync(this.fd!);
+    this.fd = undefined;
+    const digest = this.hash!.digest();
     this.hash = undefined;
+    const got = `sha256-${digest.toString('base64')}`;
     if (got !== entry.narHash) {
       throw new SnapbackError('bad-nar', `the NAR of ${entry.path} does not match its signed hash (${got} instead of ${entry.narHash}): the transfer is refused and nothing of it is imported`);
     }
-    this.append(Buffer.concat([u64(0x4558494e), str(entry.path), u64(entry.references.length), ...entry.references.map(str), str(entry.deriver ?? ''), u64(0)]));
-    const group = this.group!;
-    group.verifiedAt = group.size;
-    group.paths.push(entry.path);
+    const base = (p: string) => p.slice(STORE.length + 1);
+    writeFileSync(
+      join(this.dir, `${base(entry.path).slice(0, 32)}.narinfo`),
+      [
+        `StorePath: ${entry.path}`,
+        `URL: nar/${this.index}.nar`,
+        'Compression: none',
+        `NarHash: sha256:${digest.toString('hex')}`,
+        `NarSize: ${entry.narSize}`,
+        `References: ${entry.references.map(base).join(' ')}`,
+        ...(entry.deriver ? [`Deriver: ${base(entry.deriver)}`] : []),
+        '',
+      ].join('\n'),
+    );
+    this.group.push(entry);
+    this.groupBytes += entry.narSize;
     this.verified.push(entry.path);
     this.index++;
-    if (group.size >= GROUP_BYTES || this.complete) this.importGroup();
+    if (this.groupBytes >= GROUP_BYTES || this.complete) this.importGroup();
   }
 
-  private openGroup(): Group {
-    const file = join(this.dir, `${this.groups++}.export`);
-    return { file, fd: openSync(file, 'w', 0o600), verifiedAt: 0, size: 0, paths: [] };
-  }
-
-  private append(data: Buffer): void {
-    const g = this.group!;
-    writeSync(g.fd, data, 0, data.length, g.size);
-    g.size += data.length;
-  }
-
-  /** Ends the group at its last verified path and queues it for `nix-store --import`. */
+  /** Hands the verified paths so far to Nix, after the groups before them. */
   private importGroup(): void {
-    const g = this.group;
-    this.group = undefined;
-    if (!g) return;
-    if (!g.paths.length) {
-      closeSync(g.fd);
-      rmSync(g.file, { force: true });
-      return;
-    }
-    writeSync(g.fd, u64(0), 0, 8, g.verifiedAt);
-    closeSync(g.fd);
-    this.importing = this.importing.then(() => this.importFile(g)).catch((err: Error) => {
+    const group = this.group;
+    this.group = [];
+    this.groupBytes = 0;
+    if (!group.length) return;
+    this.importing = this.importing.then(() => this.importRuns(group)).catch((err: Error) => {
       this.failed ??= err instanceof SnapbackError ? err : new SnapbackError('push-failed', err.message);
     });
   }
 
-  private async importFile(g: Group): Promise<void> {
-    if (this.failed) return;
-    const fd = openSync(g.file, 'r');
-    try {
-      // The file itself is the importer's stdin: the kernel hands Nix the bytes, not this process.
-      // The roots come in the same process (a spawn costs the agent's event loop tens of ms), right
-      // after the import: what lands is held from then on.
-      const roots = this.rootsOf(g.paths);
-      const script = roots.length ? 'nix-store --import >/dev/null && exec nix-store --realise --add-root "$0" -- "$@" >/dev/null' : 'exec nix-store --import >/dev/null';
-      const child = spawn('/bin/sh', ['-c', script, join(this.places.gcRootDir, `push-${this.id}-${this.imported.length}`), ...roots], { stdio: [fd, 'ignore', 'pipe'] });
-      this.importer = child;
-      let stderr = '';
-      child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-4096)));
-      const [code, signal] = (await once(child, 'close')) as [number | null, NodeJS.Signals | null];
-      this.importer = undefined;
-      if (signal) throw new SnapbackError('push-failed', `nix-store --import was stopped (${signal})`);
-      if (code !== 0) throw new SnapbackError('push-failed', `nix-store --import or its GC root failed: ${stderr.trim().split('\n').slice(-3).join(' | ')}`);
-      this.imported.push(...g.paths);
-    } finally {
-      closeSync(fd);
-      rmSync(g.file, { force: true });
+  /**
+   * In manifest order (dependencies first): runs of ordinary paths are substituted from the push's
+   * cache and rooted in one `nix-store --realise`; a `.drv` (which `--realise` would build) is
+   * imported as it is. Both read the NAR files themselves; nothing passes through this process.
+   */
+  private async importRuns(group: ManifestEntry[]): Promise<void> {
+    for (let i = 0; i < group.length; ) {
+      const drv = group[i]!.path.endsWith('.drv');
+      let j = i;
+      while (j < group.length && group[j]!.path.endsWith('.drv') === drv) j++;
+      const run = group.slice(i, j);
+      if (this.failed) return;
+      if (drv) await this.importDrvs(run);
+      else await this.substitute(run);
+      this.imported.push(...run.map((e) => e.path));
+      for (const e of run) rmSync(this.narFile(this.need.indexOf(e)), { force: true });
+      i = j;
     }
   }
 
-  /** All paths received: waits for the imports, which root what they add. */
+  private async substitute(run: ManifestEntry[]): Promise<void> {
+    const mine = new Set(run.map((e) => e.path));
+    const referenced = new Set(run.flatMap((e) => e.references.filter((r) => r !== e.path && mine.has(r))));
+    const tops = run.map((e) => e.path).filter((p) => !referenced.has(p));
+    const args = [
+      '--realise',
+      // Only this push's cache, and no signature needed: each NAR matched the operator's signed manifest.
+      '--option', 'substituters', `file://${this.dir}`,
+      '--option', 'require-sigs', 'false',
+      '--add-root', join(this.places.gcRootDir, `push-${this.id}-${this.imported.length}`),
+      '--', ...tops,
+    ];
+    await this.run('nix-store', args, 'ignore');
+  }
+
+  private async importDrvs(run: ManifestEntry[]): Promise<void> {
+    const stream = Buffer.concat([
+      ...run.flatMap((e) => [
+        u64(1),
+        readFileSync(this.narFile(this.need.indexOf(e))),
+        u64(0x4558494e),
+        str(e.path),
+        u64(e.references.length),
+        ...e.references.map(str),
+        str(e.deriver ?? ''),
+        u64(0),
+      ]),
+      u64(0),
+    ]);
+    await this.run('nix-store', ['--import'], stream);
+  }
+
+  private async run(cmd: string, args: string[], input: 'ignore' | Buffer): Promise<void> {
+    const child = spawn(cmd, args, { stdio: [input === 'ignore' ? 'ignore' : 'pipe', 'ignore', 'pipe'] });
+    this.importer = child;
+    let stderr = '';
+    child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-4096)));
+    if (input !== 'ignore') child.stdin!.on('error', () => {}).end(input);
+    const [code, signal] = (await once(child, 'close')) as [number | null, NodeJS.Signals | null];
+    this.importer = undefined;
+    if (signal) throw new SnapbackError('push-failed', `${cmd} ${args[0]} was stopped (${signal})`);
+    if (code !== 0) throw new SnapbackError('push-failed', `${cmd} ${args[0]} failed: ${stderr.trim().split('\n').filter((l) => !l.startsWith('warning:')).slice(-3).join(' | ')}`);
+  }
+
+  /** All paths received: waits for Nix, which roots what it adds. */
   async finish(): Promise<number> {
     this.importGroup();
     await this.importing;
@@ -236,11 +268,11 @@ export class Push {
   }
 
   /**
-   * A connection lost half-way: what was verified is imported and kept (a retry asks again what is
+   * A connection lost half-way: what was verified is added and kept (a retry asks again what is
    * missing and sends only the rest); the path that was arriving is dropped.
    */
   async interrupt(): Promise<void> {
-    this.hash = undefined;
+    this.closeFile();
     this.importGroup();
     await this.importing;
     this.cleanup();
@@ -252,9 +284,7 @@ export class Push {
    */
   async abort(earlier: string[] = [], transfer?: string): Promise<void> {
     this.failed ??= new SnapbackError('bad-nar', 'aborted');
-    const g = this.group;
-    this.group = undefined;
-    if (g) closeSync(g.fd);
+    this.closeFile();
     this.importer?.kill('SIGKILL');
     await this.importing;
     const landed = await invalidPaths(this.verified)
@@ -269,19 +299,19 @@ export class Push {
     this.cleanup();
   }
 
-  /** Of `paths`, those no other of them refers to: their closures hold the rest. */
-  private rootsOf(paths: string[]): string[] {
-    const mine = new Set(paths);
-    const referenced = new Set(this.need.filter((e) => mine.has(e.path)).flatMap((e) => e.references.filter((r) => r !== e.path)));
-    // `nix-store --realise --add-root` would build a .drv's outputs: a .drv top is held by what
-    // refers to it once that arrives (a derivation in a closure is referred to by something in it).
-    return paths.filter((p) => !referenced.has(p) && !p.endsWith('.drv'));
+  private closeFile(): void {
+    if (this.fd !== undefined) closeSync(this.fd);
+    this.fd = undefined;
+    this.hash = undefined;
   }
 
   private cleanup(): void {
-    if (this.group) closeSync(this.group.fd);
-    this.group = undefined;
+    this.closeFile();
     rmSync(this.dir, { recursive: true, force: true });
+  }
+
+  private narFile(i: number): string {
+    return join(this.dir, 'nar', `${i}.nar`);
   }
 }
 
