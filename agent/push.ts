@@ -9,6 +9,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { execa } from 'execa';
 import { SnapbackError } from '../shared/errors.ts';
+import { COLLECT_EVERY, collectGarbage } from '../shared/memory.ts';
 import type { ManifestEntry } from '../shared/protocol.ts';
 import type { Logger } from './log.ts';
 
@@ -147,6 +148,7 @@ export class Push {
       writeSync(this.fd, part);
       this.hash!.update(part);
       this.got += take;
+      if (Math.floor((this.received + take) / COLLECT_EVERY) > Math.floor(this.received / COLLECT_EVERY)) collectGarbage();
       this.received += take;
       off += take;
       if (this.got === entry.narSize) this.completePath(entry);

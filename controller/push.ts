@@ -6,6 +6,7 @@ import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
 import { SnapbackError } from '../shared/errors.ts';
+import { COLLECT_EVERY, collectGarbage } from '../shared/memory.ts';
 import { MAX_PUSH_PATHS, PUSH_CHUNK, manifestEntrySchema, type ManifestEntry, type ServerMessage } from '../shared/protocol.ts';
 import type { Session } from './session.ts';
 
@@ -219,6 +220,7 @@ async function sendNars(
           return;
         }
         await session.sendBinary(chunk);
+        if (Math.floor((sent + chunk.length) / COLLECT_EVERY) > Math.floor(sent / COLLECT_EVERY)) collectGarbage();
         sent += chunk.length;
         bytes += chunk.length;
       }
