@@ -200,36 +200,49 @@ async function sendNars(
     if (stopped.now) return;
     const dump = execa('nix-store', ['--dump', '--', e.path], { stdin: 'ignore', stdout: 'pipe', stderr: 'ignore', buffer: false, reject: false });
     let bytes = 0;
-    for await (const data of dump.stdout!) {
-      const buf = data as Buffer;
-      for (let off = 0; off < buf.length; off += PUSH_CHUNK) {
-        const chunk = buf.subarray(off, off + PUSH_CHUNK);
-        while (sent + chunk.length - acked() > Math.max(window(), PUSH_CHUNK) && !stopped.now) {
-          const before = acked();
-          const timer = new AbortController();
-          const woke = await Promise.race([
-            new Promise<boolean>((resolve) => onWait(() => resolve(true))),
-            sleep(STALL_MS, false, { signal: timer.signal, ref: false }).catch(() => true),
-          ]);
-          timer.abort();
-          if (!woke && acked() === before && !stopped.now) throw new SnapbackError('unreachable', `the host acknowledged nothing for ${STALL_MS / 1000}s during the push`);
-        }
-        // The agent answered (an error) or the connection is gone: not one byte more.
-        if (stopped.now || !session.open) {
-          dump.kill();
-          return;
-        }
-        await session.sendBinary(chunk);
-        if (Math.floor((sent + chunk.length) / COLLECT_EVERY) > Math.floor(sent / COLLECT_EVERY)) collectGarbage();
-        sent += chunk.length;
-        bytes += chunk.length;
+    for await (const chunk of frames(dump.stdout!)) {
+      while (sent + chunk.length - acked() > Math.max(window(), PUSH_CHUNK) && !stopped.now) {
+        const before = acked();
+        const timer = new AbortController();
+        const woke = await Promise.race([
+          new Promise<boolean>((resolve) => onWait(() => resolve(true))),
+          sleep(STALL_MS, false, { signal: timer.signal, ref: false }).catch(() => true),
+        ]);
+        timer.abort();
+        if (!woke && acked() === before && !stopped.now) throw new SnapbackError('unreachable', `the host acknowledged nothing for ${STALL_MS / 1000}s during the push`);
       }
+      // The agent answered (an error) or the connection is gone: not one byte more.
+      if (stopped.now || !session.open) {
+        dump.kill();
+        return;
+      }
+      await session.sendBinary(chunk);
+      if (Math.floor((sent + chunk.length) / COLLECT_EVERY) > Math.floor(sent / COLLECT_EVERY)) collectGarbage();
+      sent += chunk.length;
+      bytes += chunk.length;
     }
     const r = await dump;
     if (r.exitCode !== 0 || bytes !== e.narSize) {
       throw new SnapbackError('push-failed', `nix-store --dump of ${e.path} on this machine gave ${bytes} of its ${e.narSize} bytes${r.exitCode ? ` (exit ${r.exitCode}; collected meanwhile?)` : ''}`);
     }
   }
+}
+
+/** A NAR stream cut into frames of PUSH_CHUNK (pipe reads come in 64 KiB: fewer, larger frames cost the agent less). */
+async function* frames(stream: AsyncIterable<unknown>): AsyncGenerator<Buffer> {
+  let pending: Buffer[] = [];
+  let size = 0;
+  for await (const data of stream) {
+    pending.push(data as Buffer);
+    size += (data as Buffer).length;
+    while (size >= PUSH_CHUNK) {
+      const all = Buffer.concat(pending, size);
+      yield all.subarray(0, PUSH_CHUNK);
+      pending = [all.subarray(PUSH_CHUNK)];
+      size -= PUSH_CHUNK;
+    }
+  }
+  if (size) yield Buffer.concat(pending, size);
 }
 
 function answerError(m: ServerMessage, what: string): SnapbackError {

@@ -64,7 +64,7 @@ export const extendSchema = z.strictObject({ type: z.literal('extend'), seq, id:
 /** Paths per `missing` and entries per `push`: a manifest stays far below MAX_PAYLOAD. */
 export const MAX_PUSH_PATHS = 400;
 /** Chunks of the NAR stream, far below MAX_PAYLOAD. */
-export const PUSH_CHUNK = 64 * 1024;
+export const PUSH_CHUNK = 192 * 1024;
 
 export const narHashSchema = z.string().regex(/^sha256-[A-Za-z0-9+/]{43}=$/, 'must be an SRI SHA-256 hash (sha256-…)');
 export const manifestEntrySchema = z.strictObject({
