@@ -9,7 +9,7 @@ import { UsageError, parseCommandLine, positiveInt, reportError } from '../share
 import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
 import { isHost, loadFleet, parseFleet, type Fleet, type FleetHost } from '../shared/fleet.ts';
 import { MAX_SECONDS, describeOutcome, flakeRefSchema, type Target } from '../shared/model.ts';
-import { describeStatus } from '../shared/text.ts';
+import { describeStatus, duration } from '../shared/text.ts';
 import { VERSION } from '../shared/version.ts';
 import { exitCodeOf } from './deploy.ts';
 import { deployFleet } from './orchestrate.ts';
@@ -32,9 +32,11 @@ usage: snapback <command> [options]      (snapback help COMMAND: that command's 
          [--parallel N]           hosts at once (default: defaults.parallel, 10)
          [--atomic]               confirm nobody until every host passed its probes, else roll all back
          [--dry-run]              build or fetch, then only show what dry-activate would change
+         [--hold]                 probe, then leave the trial running: print its deadline and the commands
   status [HOST…]                 state, countdown and last outcome of each host (default: all)
   confirm HOST                   confirm HOST's running trial (over a fresh connection)
   rollback HOST                  revert HOST's running trial now
+  extend HOST SECONDS            move HOST's deadline to SECONDS from now
   history HOST [--limit N]       HOST's deployment history
   help [COMMAND]                 this text, or COMMAND's own usage and options
 
@@ -63,10 +65,13 @@ confirm — or roll back when a probe fails. Hosts run in parallel, respecting d
   --parallel N             hosts at once (default: defaults.parallel, 10)
   --atomic                 confirm nobody until every host passed its probes, else roll all back
   --dry-run                build or fetch, then only show what dry-activate would change
+  --hold                   probe, then neither confirm nor roll back: leave the trial running and print its
+                           deadline and the commands that confirm, extend or roll it back (status "held", exit 0)
 ${FLEET}`,
   status: `usage: snapback status [HOST…|--all|--tag T]\n\nState, countdown and last outcome of each host (default: all).\n\n${FLEET}`,
   confirm: `usage: snapback confirm HOST\n\nConfirm HOST's running trial, over a fresh connection.\n\n${FLEET}`,
   rollback: `usage: snapback rollback HOST\n\nRevert HOST's running trial now.\n\n${FLEET}`,
+  extend: `usage: snapback extend HOST SECONDS\n\nMove the deadline of HOST's running trial to SECONDS from now (the revert target never changes).\n\n${FLEET}`,
   history: `usage: snapback history HOST [--limit N]\n\nHOST's deployment history: every transition, who did it, the outcomes.\n\n  --limit N                only the last N entries\n${FLEET}`,
   help: `usage: snapback help [COMMAND]\n\nThe commands, or COMMAND's own usage and options.`,
 };
@@ -84,6 +89,7 @@ const OPTIONS = {
   limit: { type: 'string' },
   'dry-run': { type: 'boolean', default: false },
   atomic: { type: 'boolean', default: false },
+  hold: { type: 'boolean', default: false },
   help: { type: 'boolean', short: 'h', default: false },
   version: { type: 'boolean', default: false },
 } as const;
@@ -112,11 +118,14 @@ export async function main(argv: string[]): Promise<number> {
         const parallel = o.parallel ? positiveInt(o.parallel, '--parallel') : fleet.defaults.parallel;
         const buildOn = o['build-on'];
         if (buildOn !== undefined && buildOn !== 'local' && buildOn !== 'host') throw new UsageError(`--build-on must be "local" or "host", not "${buildOn}"`);
+        if (o.hold && o.atomic) throw new UsageError('--hold leaves every trial to you; --atomic decides them all at once: one or the other');
+        if (o.hold && o['dry-run']) throw new UsageError('--dry-run starts no trial to hold: one or the other');
         return await deploy(fleet, hosts, {
           json: o.json,
           parallel,
           dryRun: o['dry-run'],
           atomic: o.atomic,
+          hold: o.hold,
           plan: {
             ...(o.flake ? { flake: o.flake } : {}),
             ...(paths[0] ? { path: paths[0] } : {}),
@@ -132,6 +141,9 @@ export async function main(argv: string[]): Promise<number> {
       case 'rollback':
         if (names.length !== 1) throw new UsageError(`${command} takes one HOST`);
         return await act(fleet, names[0]!, command, o.json);
+      case 'extend':
+        if (names.length !== 2) throw new UsageError('extend takes HOST and SECONDS');
+        return await extend(fleet, names[0]!, positiveInt(names[1]!, 'SECONDS', MAX_SECONDS), o.json);
       case 'history':
         if (names.length !== 1) throw new UsageError('history takes one HOST');
         return await history(fleet, names[0]!, o.json, o.limit ? positiveInt(o.limit, '--limit') : undefined);
@@ -171,7 +183,7 @@ async function fleetFrom(file: string | undefined, flake: string | undefined): P
 async function deploy(
   fleet: Fleet,
   names: string[],
-  opts: { json: boolean; parallel: number; dryRun: boolean; atomic: boolean; plan: Omit<PlanOptions, 'emit'>; timeoutSec?: number },
+  opts: { json: boolean; parallel: number; dryRun: boolean; atomic: boolean; hold: boolean; plan: Omit<PlanOptions, 'emit'>; timeoutSec?: number },
 ): Promise<number> {
   checkAcyclic(fleet, names);
   const signers = await resolveSigners(fleet);
@@ -184,6 +196,7 @@ async function deploy(
     parallel: opts.parallel,
     atomic: opts.atomic,
     dryRun: opts.dryRun,
+    hold: opts.hold,
     ...(opts.timeoutSec ? { timeoutSec: opts.timeoutSec } : {}),
     signers,
     emit: (e) => out.event(e),
@@ -251,6 +264,22 @@ async function act(fleet: Fleet, name: string, what: 'confirm' | 'rollback', jso
     if (r.type === 'outcome') {
       const wanted = what === 'confirm' ? 'confirmed' : 'reverted';
       return report(json, { host: name, ok: true, id, outcome: r.outcome, message: `${name}: ${describeOutcome(r.outcome)}` }, r.outcome.outcome === wanted ? EXIT.ok : EXIT.failed);
+    }
+    if (r.type === 'error') return report(json, { host: name, ok: false, code: r.code, message: `${name}: ${r.message}` }, exitCodeFor(r.code));
+    return report(json, { host: name, ok: false, message: `unexpected answer ${r.type}` }, EXIT.unknown);
+  });
+}
+
+/** `snapback extend HOST SECONDS`: a signed `extend` of the running trial; the answer is its new deadline. */
+async function extend(fleet: Fleet, name: string, seconds: number, json: boolean): Promise<number> {
+  return withSession(fleet, name, async (s) => {
+    const st = s.welcome.state;
+    const id = st.deployment?.id;
+    if (!id) return report(json, { host: name, ok: false, code: 'no-trial', message: `${name} runs no trial${st.last ? ` (last: ${st.last.id} ${describeOutcome(st.last.outcome)})` : ''}` }, EXIT.failed);
+    const r = await s.command({ type: 'extend', id, seconds });
+    if (r.type === 'trial') {
+      const message = `${name}: deployment ${r.id} now reverts on its own at ${r.deadline} (in ${duration(r.secondsLeft)}) unless confirmed`;
+      return report(json, { host: name, ok: true, id: r.id, deadline: r.deadline, secondsLeft: r.secondsLeft, message }, EXIT.ok);
     }
     if (r.type === 'error') return report(json, { host: name, ok: false, code: r.code, message: `${name}: ${r.message}` }, exitCodeFor(r.code));
     return report(json, { host: name, ok: false, message: `unexpected answer ${r.type}` }, EXIT.unknown);
