@@ -8,6 +8,8 @@ import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { haveNix, writeFlake } from './helpers/nix.ts';
 import { ScratchHost } from './helpers/host.ts';
+import { UsageError } from '../shared/cli.ts';
+import { hostOnlyFleet, parseProbe } from '../shared/fleet.ts';
 
 const skip = haveNix();
 if (skip) console.warn(`SKIPPED: ${skip}`);
@@ -133,5 +135,36 @@ describe('one host without a fleet file', { skip }, () => {
     assert.equal(beside.code, 2);
     assert.match(beside.stderr, /--url: for a host without a fleet file; snapback\.json is the fleet file here/);
     assert.equal(h.switchCalls().length, 0);
+  });
+});
+
+describe('hostOnlyFleet and parseProbe (the fleet made from the command line)', () => {
+  it('ws://HOST:7731, the agent port probed, every fleet default; REF names HOST up to its first dot, REF#NAME as given', () => {
+    const f = hostOnlyFleet(['web1.lan'], { flake: '.' });
+    assert.deepEqual(f.hosts['web1.lan'], { url: 'ws://web1.lan:7731', target: { flake: '.#web1' }, probes: [{ name: 'agent', tcp: 'web1.lan:7731' }], tags: [], dependsOn: [] });
+    assert.equal(f.defaults.probeTimeoutSec, 60);
+    assert.equal(f.identity, undefined);
+    assert.deepEqual(hostOnlyFleet(['web1.lan'], { flake: 'github:me/infra#www' }).hosts['web1.lan']!.target, { flake: 'github:me/infra#www' });
+    const wss = hostOnlyFleet(['10.0.0.5'], { url: 'wss://10.0.0.5', hostKey: 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl x' }).hosts['10.0.0.5']!;
+    assert.deepEqual(wss.probes, [{ name: 'agent', tcp: '10.0.0.5:443' }]);
+    assert.equal(wss.target, undefined);
+  });
+
+  it('refuses what names no host or no configuration, with the option named', () => {
+    assert.throws(() => hostOnlyFleet(['10.0.0.5'], { flake: '.' }), (e: Error) => e instanceof UsageError && /address, which names no configuration: give --flake \.#NAME/.test(e.message));
+    assert.throws(() => hostOnlyFleet(['a', 'b'], { url: 'ws://a:1' }), /--url and --host-key describe one host, not 2/);
+    assert.throws(() => hostOnlyFleet(['web1.lan:7732']), /is not a host name/);
+    assert.throws(() => hostOnlyFleet(['web1'], { url: 'http://web1' }), /--url must be ws:\/\/HOST/);
+    assert.throws(() => hostOnlyFleet(['web1'], { hostKey: 'web1 ssh-ed25519 AAAA' }), /--host-key: .*ssh-keyscan -t ed25519 HOST/);
+  });
+
+  it('--probe: the fleet file syntax as JSON, or tcp:, http(s)://, command:', () => {
+    assert.deepEqual(parseProbe('{"tcp":"web1.lan:22","timeoutSec":5}'), { tcp: 'web1.lan:22', timeoutSec: 5 });
+    assert.deepEqual(parseProbe('tcp:web1.lan:22'), { tcp: 'web1.lan:22' });
+    assert.deepEqual(parseProbe('https://web1.lan/health'), { http: 'https://web1.lan/health', expectStatus: 200 });
+    assert.deepEqual(parseProbe('command:ssh home true'), { command: 'ssh home true' });
+    assert.throws(() => parseProbe('{"tcp":"nope"}'), /--probe: .*must be HOST:PORT/);
+    assert.throws(() => parseProbe('{"tcp":'), /--probe: not valid JSON/);
+    assert.throws(() => parseProbe('ping web1'), /"ping web1" is not a probe/);
   });
 });
