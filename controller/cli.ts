@@ -7,17 +7,17 @@ import { parseArgs } from 'node:util';
 import { execa } from 'execa';
 import { UsageError, parseCommandLine, positiveInt, reportError } from '../shared/cli.ts';
 import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
-import { isHost, loadFleet, parseFleet, type Fleet, type FleetHost } from '../shared/fleet.ts';
+import { hostOnlyFleet, isHost, loadFleet, parseFleet, type Fleet, type FleetHost } from '../shared/fleet.ts';
 import { MAX_SECONDS, describeOutcome, flakeRefSchema, type Target } from '../shared/model.ts';
-import { describeStatus } from '../shared/text.ts';
+import { describeStatus, duration } from '../shared/text.ts';
 import { VERSION } from '../shared/version.ts';
 import { exitCodeOf } from './deploy.ts';
 import { deployFleet } from './orchestrate.ts';
-import { resolveSigners } from './identity.ts';
+import { defaultIdentity, resolveSigners } from './identity.ts';
 import { planDeploy, type PlanOptions } from './plan.ts';
 import { renderer } from './render.ts';
 import { clean, oneLine, safeJson } from '../shared/terminal.ts';
-import { Session } from './session.ts';
+import { Session, expectedHostKeys } from './session.ts';
 
 const USAGE = `snapback ${VERSION} — deploy NixOS systems that revert on their own unless confirmed
 
@@ -32,18 +32,23 @@ usage: snapback <command> [options]      (snapback help COMMAND: that command's 
          [--parallel N]           hosts at once (default: defaults.parallel, 10)
          [--atomic]               confirm nobody until every host passed its probes, else roll all back
          [--dry-run]              build or fetch, then only show what dry-activate would change
+         [--hold]                 probe, then leave the trial running: print its deadline and the commands
+         [--url U] [--host-key K] [--probe P]   one host without a fleet file (see: snapback help deploy)
   status [HOST…]                 state, countdown and last outcome of each host (default: all)
   confirm HOST                   confirm HOST's running trial (over a fresh connection)
   rollback HOST                  revert HOST's running trial now
+  extend HOST SECONDS            move HOST's deadline to SECONDS from now
   history HOST [--limit N]       HOST's deployment history
   help [COMMAND]                 this text, or COMMAND's own usage and options
 
-options: --fleet FILE (default ./snapback.json; without it, --flake REF reads the flake's 'snapback' output),
-         --json, --help, --version
+options: --fleet FILE (default ./snapback.json; without it, --flake REF reads the flake's 'snapback' output;
+         with neither, HOST is a host name: ws://HOST:7731, its key from ~/.ssh/known_hosts), --json, --help, --version
 exit codes: 0 all confirmed; 1 some host reverted or failed; 2 usage or config error;
             3 could not reach or authenticate a host before changing anything; 4 outcome unknown`;
 
 const FLEET = `  --fleet FILE             the fleet file (default ./snapback.json; without one, --flake REF reads REF#snapback)
+  --url U, --host-key K    without a fleet file: the agent's URL (default ws://HOST:7731) and the host's key
+                           line (default: ~/.ssh/known_hosts, as ssh reads it)
   --json                   JSON Lines: events, then one {"type":"result","exit":N,…}`;
 
 const COMMANDS: Record<string, string> = {
@@ -63,10 +68,21 @@ confirm — or roll back when a probe fails. Hosts run in parallel, respecting d
   --parallel N             hosts at once (default: defaults.parallel, 10)
   --atomic                 confirm nobody until every host passed its probes, else roll all back
   --dry-run                build or fetch, then only show what dry-activate would change
+  --hold                   probe, then neither confirm nor roll back: leave the trial running and print its
+                           deadline and the commands that confirm, extend or roll it back (status "held", exit 0)
+
+Without a fleet file (no ./snapback.json, no --fleet, and no 'snapback' output in the flake), HOST is a
+host name: snapback deploy web1.lan --flake .#web1 (REF#NAME names the configuration; --flake REF alone
+means REF#<HOST up to its first dot>), or snapback deploy web1.lan ./result. The agent is ws://HOST:7731,
+the host key comes from ~/.ssh/known_hosts, the identity from ssh-agent or ~/.ssh/id_ed25519, and a TCP
+connect to the agent's port over a fresh connection is the probe.
+  --probe P                another probe (repeatable): the fleet file's syntax as JSON ('{"tcp":"web1.lan:22"}'),
+                           tcp:HOST:PORT, http(s)://URL (expects 200) or command:CMD
 ${FLEET}`,
   status: `usage: snapback status [HOST…|--all|--tag T]\n\nState, countdown and last outcome of each host (default: all).\n\n${FLEET}`,
   confirm: `usage: snapback confirm HOST\n\nConfirm HOST's running trial, over a fresh connection.\n\n${FLEET}`,
   rollback: `usage: snapback rollback HOST\n\nRevert HOST's running trial now.\n\n${FLEET}`,
+  extend: `usage: snapback extend HOST SECONDS\n\nMove the deadline of HOST's running trial to SECONDS from now (the revert target never changes).\n\n${FLEET}`,
   history: `usage: snapback history HOST [--limit N]\n\nHOST's deployment history: every transition, who did it, the outcomes.\n\n  --limit N                only the last N entries\n${FLEET}`,
   help: `usage: snapback help [COMMAND]\n\nThe commands, or COMMAND's own usage and options.`,
 };
@@ -84,6 +100,10 @@ const OPTIONS = {
   limit: { type: 'string' },
   'dry-run': { type: 'boolean', default: false },
   atomic: { type: 'boolean', default: false },
+  hold: { type: 'boolean', default: false },
+  url: { type: 'string' },
+  'host-key': { type: 'string' },
+  probe: { type: 'string', multiple: true },
   help: { type: 'boolean', short: 'h', default: false },
   version: { type: 'boolean', default: false },
 } as const;
@@ -97,10 +117,12 @@ export async function main(argv: string[]): Promise<number> {
   const [command, ...names] = positionals as [string, ...string[]];
   try {
     // Checked before any use: a flake reference beginning with "-" would be an option to Nix.
-    if (o.flake !== undefined && !flakeRefSchema.safeParse(`${o.flake}#snapback`).success) {
-      throw new UsageError(`--flake must be a flake reference without spaces or "#" that does not begin with "-", not "${o.flake}"`);
+    if (o.flake !== undefined && !flakeRefSchema.safeParse(o.flake.includes('#') ? o.flake : `${o.flake}#snapback`).success) {
+      throw new UsageError(`--flake must be a flake reference without spaces that does not begin with "-" (REF, or REF#NAME without a fleet file), not "${o.flake}"`);
     }
-    const fleet = await fleetFrom(o.fleet, o.flake);
+    if (o.probe?.length && command !== 'deploy') throw new UsageError('--probe is for deploy');
+    const hostNames = command === 'extend' || command === 'history' ? names.slice(0, 1) : names.filter((n) => !n.includes('/'));
+    const { fleet, args: fleetArgs, hostOnly } = await fleetFrom(o, hostNames);
     switch (command) {
       case 'deploy': {
         // A word with a "/" (./result, /nix/store/…) is a toplevel, not a host name.
@@ -112,13 +134,18 @@ export async function main(argv: string[]): Promise<number> {
         const parallel = o.parallel ? positiveInt(o.parallel, '--parallel') : fleet.defaults.parallel;
         const buildOn = o['build-on'];
         if (buildOn !== undefined && buildOn !== 'local' && buildOn !== 'host') throw new UsageError(`--build-on must be "local" or "host", not "${buildOn}"`);
+        if (o.hold && o.atomic) throw new UsageError('--hold leaves every trial to you; --atomic decides them all at once: one or the other');
+        if (o.hold && o['dry-run']) throw new UsageError('--dry-run starts no trial to hold: one or the other');
         return await deploy(fleet, hosts, {
           json: o.json,
           parallel,
           dryRun: o['dry-run'],
           atomic: o.atomic,
+          hold: o.hold,
+          fleetArgs,
           plan: {
-            ...(o.flake ? { flake: o.flake } : {}),
+            // Without a fleet file the flake is the host's target already (REF#NAME).
+            ...(o.flake && !hostOnly ? { flake: o.flake } : {}),
             ...(paths[0] ? { path: paths[0] } : {}),
             ...(buildOn ? { buildOn } : {}),
             ...(o['substitute-on-host'] !== undefined ? { substitute: o['substitute-on-host'] } : {}),
@@ -132,6 +159,9 @@ export async function main(argv: string[]): Promise<number> {
       case 'rollback':
         if (names.length !== 1) throw new UsageError(`${command} takes one HOST`);
         return await act(fleet, names[0]!, command, o.json);
+      case 'extend':
+        if (names.length !== 2) throw new UsageError('extend takes HOST and SECONDS');
+        return await extend(fleet, names[0]!, positiveInt(names[1]!, 'SECONDS', MAX_SECONDS), o.json);
       case 'history':
         if (names.length !== 1) throw new UsageError('history takes one HOST');
         return await history(fleet, names[0]!, o.json, o.limit ? positiveInt(o.limit, '--limit') : undefined);
@@ -153,25 +183,81 @@ function select(fleet: Fleet, names: string[], all: boolean, tags: string[], req
   return chosen;
 }
 
+interface FleetOptions {
+  fleet?: string | undefined;
+  flake?: string | undefined;
+  url?: string | undefined;
+  'host-key'?: string | undefined;
+  probe?: string[] | undefined;
+}
+
 /**
  * `--fleet FILE`, else ./snapback.json, else — with `--flake REF` — the flake's `snapback` output
- * (`nix eval --json REF#snapback`), so one flake can carry both the systems and the fleet.
+ * (`nix eval --json REF#snapback`), so one flake can carry both the systems and the fleet; else the
+ * hosts named on the command line, as host names (shared/fleet.ts hostOnlyFleet). `args`: the
+ * options that find the same fleet again, for the commands a deploy prints.
  */
-async function fleetFrom(file: string | undefined, flake: string | undefined): Promise<Fleet> {
-  if (file || !flake || existsSync('snapback.json')) return loadFleet(file ?? 'snapback.json');
+async function fleetFrom(o: FleetOptions, names: string[]): Promise<{ fleet: Fleet; args: string[]; hostOnly: boolean }> {
+  const hostOnlyOptions = ['url', 'host-key', 'probe'].filter((k) => o[k as keyof FleetOptions] !== undefined).map((k) => `--${k}`);
+  const named = o.flake?.includes('#');
+  const file = o.fleet ?? (existsSync('snapback.json') ? 'snapback.json' : undefined);
+  if (file !== undefined) {
+    if (hostOnlyOptions.length) throw new UsageError(`${hostOnlyOptions.join(', ')}: for a host without a fleet file; ${file} is the fleet file here (set url, hostKey and probes there)`);
+    if (named) throw new UsageError(`--flake REF#NAME names one configuration, for a host without a fleet file; with ${file}, --flake REF builds REF#<host> for each host`);
+    return { fleet: loadFleet(file), args: o.fleet !== undefined ? ['--fleet', o.fleet] : [], hostOnly: false };
+  }
+  if (o.flake !== undefined && !named && !hostOnlyOptions.length) {
+    const fleet = await flakeFleet(o.flake);
+    if (fleet) return { fleet, args: ['--flake', o.flake], hostOnly: false };
+  }
+  if (!names.length) {
+    throw new SnapbackError('config-invalid', `no fleet file here (./snapback.json, or --fleet FILE)${o.flake !== undefined && !named ? ` and no snapback output in ${o.flake}` : ''}: name the host (snapback deploy web1.lan --flake .#web1), or write a fleet file`);
+  }
+  const fleet = hostOnlyFleet(names, {
+    ...(o.url !== undefined ? { url: o.url } : {}),
+    ...(o['host-key'] !== undefined ? { hostKey: o['host-key'] } : {}),
+    ...(o.flake !== undefined ? { flake: o.flake } : {}),
+    ...(o.probe ? { probes: o.probe } : {}),
+  });
+  for (const [name, host] of Object.entries(fleet.hosts)) knownHostKey(name, host);
+  const identity = await defaultIdentity();
+  return { fleet: identity ? { ...fleet, identity } : fleet, args: [...(o.url !== undefined ? ['--url', o.url] : []), ...(o['host-key'] !== undefined ? ['--host-key', o['host-key']] : [])], hostOnly: true };
+}
+
+/** The flake's `snapback` output, or undefined when it has none. */
+async function flakeFleet(flake: string): Promise<Fleet | undefined> {
   const installable = `${flake}#snapback`;
   const r = await execa('nix', ['--extra-experimental-features', 'nix-command flakes', 'eval', '--json', '--', installable], { reject: false, stdin: 'ignore' });
   if (r.exitCode !== 0) {
+    if (/does not provide attribute/.test(String(r.stderr))) return undefined;
     const why = String(r.stderr).trim().split('\n').filter(Boolean).slice(-2).join(' | ');
     throw new SnapbackError('config-invalid', `no snapback.json here, and nix eval ${installable} failed: ${why}`);
   }
   return parseFleet(String(r.stdout), installable);
 }
 
+/** Without a fleet file, the host's key must be in known_hosts (or --host-key): said before anything starts. */
+function knownHostKey(name: string, host: FleetHost): void {
+  if (host.hostKey) return;
+  try {
+    expectedHostKeys(name, host);
+  } catch (err) {
+    if (!(err instanceof SnapbackError) || err.code !== 'config-invalid') throw err;
+    const url = new URL(host.url);
+    const hostname = url.hostname.replace(/^\[|\]$/g, '');
+    throw new SnapbackError(
+      'config-invalid',
+      `${name}: no fleet file here, so "${name}" is a host name, and ~/.ssh/known_hosts has no ssh-ed25519 key for ${hostname}${url.port ? ` or [${hostname}]:${url.port}` : ''}. ` +
+        `Add the host's key as ssh would: ssh-keyscan -t ed25519 ${hostname} >> ~/.ssh/known_hosts (then check its fingerprint, ssh-keygen -lf ~/.ssh/known_hosts, against the host's own), ` +
+        `or pass --host-key 'ssh-ed25519 AAAA…' (ssh-keyscan's line without the host name)`,
+    );
+  }
+}
+
 async function deploy(
   fleet: Fleet,
   names: string[],
-  opts: { json: boolean; parallel: number; dryRun: boolean; atomic: boolean; plan: Omit<PlanOptions, 'emit'>; timeoutSec?: number },
+  opts: { json: boolean; parallel: number; dryRun: boolean; atomic: boolean; hold: boolean; fleetArgs: string[]; plan: Omit<PlanOptions, 'emit'>; timeoutSec?: number },
 ): Promise<number> {
   checkAcyclic(fleet, names);
   const signers = await resolveSigners(fleet);
@@ -184,6 +270,8 @@ async function deploy(
     parallel: opts.parallel,
     atomic: opts.atomic,
     dryRun: opts.dryRun,
+    hold: opts.hold,
+    fleetArgs: opts.fleetArgs,
     ...(opts.timeoutSec ? { timeoutSec: opts.timeoutSec } : {}),
     signers,
     emit: (e) => out.event(e),
@@ -251,6 +339,22 @@ async function act(fleet: Fleet, name: string, what: 'confirm' | 'rollback', jso
     if (r.type === 'outcome') {
       const wanted = what === 'confirm' ? 'confirmed' : 'reverted';
       return report(json, { host: name, ok: true, id, outcome: r.outcome, message: `${name}: ${describeOutcome(r.outcome)}` }, r.outcome.outcome === wanted ? EXIT.ok : EXIT.failed);
+    }
+    if (r.type === 'error') return report(json, { host: name, ok: false, code: r.code, message: `${name}: ${r.message}` }, exitCodeFor(r.code));
+    return report(json, { host: name, ok: false, message: `unexpected answer ${r.type}` }, EXIT.unknown);
+  });
+}
+
+/** `snapback extend HOST SECONDS`: a signed `extend` of the running trial; the answer is its new deadline. */
+async function extend(fleet: Fleet, name: string, seconds: number, json: boolean): Promise<number> {
+  return withSession(fleet, name, async (s) => {
+    const st = s.welcome.state;
+    const id = st.deployment?.id;
+    if (!id) return report(json, { host: name, ok: false, code: 'no-trial', message: `${name} runs no trial${st.last ? ` (last: ${st.last.id} ${describeOutcome(st.last.outcome)})` : ''}` }, EXIT.failed);
+    const r = await s.command({ type: 'extend', id, seconds });
+    if (r.type === 'trial') {
+      const message = `${name}: deployment ${r.id} now reverts on its own at ${r.deadline} (in ${duration(r.secondsLeft)}) unless confirmed`;
+      return report(json, { host: name, ok: true, id: r.id, deadline: r.deadline, secondsLeft: r.secondsLeft, message }, EXIT.ok);
     }
     if (r.type === 'error') return report(json, { host: name, ok: false, code: r.code, message: `${name}: ${r.message}` }, exitCodeFor(r.code));
     return report(json, { host: name, ok: false, message: `unexpected answer ${r.type}` }, EXIT.unknown);

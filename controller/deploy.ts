@@ -4,20 +4,23 @@
 // If no fresh connection gets through inside the window, wait past the deadline and ask again, so
 // the report is the host's own outcome, never a guess. The flow is two halves, `trial` (up to
 // passed probes) and `finish` (confirm or roll back), so that `--atomic` can hold every host
-// between them until all have passed. After an interruption (Ctrl-C) nothing is started, confirmed
-// or rolled back any more: a host in a trial is followed until its own outcome.
+// between them until all have passed, and `--hold` can leave the trial running for the operator to
+// decide (`held`). After an interruption (Ctrl-C) nothing is started, confirmed or rolled back any
+// more: a host in a trial is followed until its own outcome.
 
 import { setTimeout as sleep } from 'node:timers/promises';
 import { EXIT, SnapbackError, type ExitCode } from '../shared/errors.ts';
 import type { FleetHost, Probe } from '../shared/fleet.ts';
 import { MAX_TIMER_MS, describeOutcome, type Outcome, type Target } from '../shared/model.ts';
+import { duration } from '../shared/text.ts';
 import type { ServerMessage } from '../shared/protocol.ts';
 import type { Signer } from '../shared/ssh.ts';
 import { probeName, runProbes, type ProbeResult } from './probes.ts';
 import { pushClosure, type PushProgress } from './push.ts';
 import { Session, type SessionOptions } from './session.ts';
 
-export type HostStatus = 'confirmed' | 'reverted' | 'failed' | 'unreachable' | 'unknown' | 'dry-run';
+/** `held`: probes passed and the trial left running on purpose (`--hold`); the operator decides. */
+export type HostStatus = 'confirmed' | 'reverted' | 'failed' | 'unreachable' | 'unknown' | 'dry-run' | 'held';
 
 export interface HostResult {
   host: string;
@@ -26,6 +29,10 @@ export interface HostResult {
   outcome?: Outcome;
   failedProbes?: ProbeResult[];
   message: string;
+  /** a held trial: its deadline (the host's clock, ISO 8601), seconds left then, and the commands that decide it */
+  deadline?: string;
+  secondsLeft?: number;
+  commands?: { confirm: string; extend: string; rollback: string };
 }
 
 export type DeployEvent =
@@ -92,8 +99,8 @@ export class Interruption {
     this.ac.abort();
   }
 
-  command(verb: 'confirm' | 'rollback', host: string): string {
-    return ['snapback', verb, host, ...this.fleetArgs].map(shellWord).join(' ');
+  command(verb: 'confirm' | 'rollback' | 'extend', host: string, ...args: string[]): string {
+    return ['snapback', verb, host, ...args, ...this.fleetArgs].map(shellWord).join(' ');
   }
 
   /** The event that tells where `host` stands, with its commands. */
@@ -143,6 +150,8 @@ export interface DeployHostOptions {
   dryRun?: boolean;
   push?: PushPlan;
   interruption?: Interruption;
+  /** `--hold`: once the probes passed, neither confirm nor roll back; report the trial as `held` */
+  hold?: boolean;
 }
 
 const mono = () => performance.now();
@@ -157,11 +166,16 @@ export interface Passed {
   /** monotonic ms: the host's deadline, and the latest moment to send confirm or rollback */
   deadline: number;
   lastCall: number;
+  /** the host's own deadline (its clock, ISO 8601), when it said it */
+  wall?: string;
+  /** the confirm window the trial started with, in seconds */
+  windowSec: number;
 }
 
 export async function deployHost(o: DeployHostOptions): Promise<HostResult> {
   const t = await trial(o);
-  return t.kind === 'passed' ? finish(o, t, { confirm: true }) : t.result;
+  if (t.kind === 'ended') return t.result;
+  return o.hold ? hold(o, t) : finish(o, t, { confirm: true });
 }
 
 function done(o: DeployHostOptions, result: HostResult): HostResult {
@@ -223,9 +237,13 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
   first.close();
 
   let deadline: number;
+  let wall: string | undefined;
+  let windowSec = o.timeoutSec ?? 300;
   if (answer.type === 'trial') {
     id = answer.id;
     deadline = mono() + answer.secondsLeft * 1000;
+    wall = answer.deadline;
+    windowSec = o.timeoutSec ?? answer.secondsLeft;
     x?.live.set(name, { id, deadline, wall: answer.deadline });
     o.emit({ type: 'trial', host: name, id, secondsLeft: answer.secondsLeft, deadline: answer.deadline });
     if (x?.interrupted) {
@@ -261,6 +279,7 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
   const { session, token } = fresh;
   // The host's own countdown is the truth (our estimate is rough if the first connection was lost).
   if (fresh.secondsLeft !== undefined) deadline = mono() + fresh.secondsLeft * 1000;
+  wall = fresh.deadline ?? wall;
   x?.live.set(name, { ...x.live.get(name), id, deadline });
 
   const budget = deadline - margin - mono();
@@ -291,7 +310,7 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
     return { ...outcome, failedProbes: failed, message: `${outcome.message} — ${why}` };
   }
 
-  return { kind: 'passed', host: name, id, session, token, deadline, lastCall: deadline - margin };
+  return { kind: 'passed', host: name, id, session, token, deadline, lastCall: deadline - margin, windowSec, ...(wall ? { wall } : {}) };
 }
 
 /**
@@ -333,6 +352,28 @@ async function finishFlow(o: DeployHostOptions, p: Passed, decision: { confirm: 
   }
   session.close();
   return done(o, await settle(o, id, deadline, r));
+}
+
+/**
+ * `--hold`: the probes passed, and the operator asked to decide later. The fresh connection is
+ * closed without a word: the trial runs on, and a later `snapback confirm` dials its own fresh one
+ * (the agent hands the token to every connection accepted after the switch). Nothing was decided,
+ * so the host is reported `held`, with its deadline and the exact commands that decide it.
+ */
+export async function hold(o: DeployHostOptions, p: Passed): Promise<HostResult> {
+  const { name } = o;
+  const { session, id, deadline } = p;
+  session.close();
+  if (o.interruption?.interrupted) return done(o, await follow(o, id, deadline));
+  const secondsLeft = Math.max(0, Math.floor((deadline - mono()) / 1000));
+  const wall = p.wall ?? new Date(Date.now() + secondsLeft * 1000).toISOString();
+  const x = o.interruption ?? new Interruption();
+  const commands = { confirm: x.command('confirm', name), extend: x.command('extend', name, String(p.windowSec)), rollback: x.command('rollback', name) };
+  const at = new Date(wall).toLocaleTimeString('en-GB', { hour12: false });
+  const message =
+    `probes passed; held in its trial (deployment ${id}): reverts on its own at ${at}, in ${duration(secondsLeft)}, unless confirmed` +
+    ` — keep it: ${commands.confirm}   more time: ${commands.extend}   undo it now: ${commands.rollback}`;
+  return done(o, { host: name, status: 'held', id, deadline: wall, secondsLeft, commands, message });
 }
 
 /**
@@ -425,7 +466,7 @@ async function follow(o: DeployHostOptions, id: string, deadline: number): Promi
   return { host: o.name, status: 'unknown', id, message: `outcome unknown after the interruption: ${last}` };
 }
 
-type Fresh = { kind: 'session'; session: Session; token: string; secondsLeft?: number } | { kind: 'outcome'; outcome: Outcome } | { kind: 'none' };
+type Fresh = { kind: 'session'; session: Session; token: string; secondsLeft?: number; deadline?: string } | { kind: 'outcome'; outcome: Outcome } | { kind: 'none' };
 
 /** Dials new connections with backoff until one carries the confirm token for `id`, or `until`. */
 async function freshTrialSession(o: DeployHostOptions, id: string, until: number, windowMs: number): Promise<Fresh> {
@@ -438,7 +479,8 @@ async function freshTrialSession(o: DeployHostOptions, id: string, until: number
       if (w.confirm?.id === id) {
         o.emit({ type: 'reconnected', host: o.name });
         const left = w.state.deployment?.secondsLeft;
-        return { kind: 'session', session: s, token: w.confirm.token, ...(left !== undefined ? { secondsLeft: left } : {}) };
+        const wall = w.state.deployment?.deadline;
+        return { kind: 'session', session: s, token: w.confirm.token, ...(left !== undefined ? { secondsLeft: left } : {}), ...(wall ? { deadline: wall } : {}) };
       }
       s.close();
       if (w.state.last?.id === id) return { kind: 'outcome', outcome: w.state.last.outcome };

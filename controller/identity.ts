@@ -1,5 +1,6 @@
 // Which SSH key the controller signs with: the fleet file's `identity.sshKey` (a key file, or the
-// same key held by ssh-agent when the file is encrypted), else every ssh-ed25519 key in ssh-agent.
+// same key held by ssh-agent when the file is encrypted), else every ssh-ed25519 key in ssh-agent;
+// without a fleet file, ssh-agent or ~/.ssh/id_ed25519.
 
 import { existsSync, readFileSync } from 'node:fs';
 import { SnapbackError } from '../shared/errors.ts';
@@ -44,4 +45,24 @@ function refusePublicHalf(path: string): void {
     'config-invalid',
     `identity.sshKey ${path} is the public half of a key pair: point it at the private key${priv ? ` (${priv}${existsSync(priv) ? '' : ', if you have it'})` : ''}; the host lists the public key in authorizedKeys`,
   );
+}
+
+/**
+ * The identity of a fleet made without a fleet file: ssh-agent's ssh-ed25519 keys when it holds
+ * any (`undefined`: resolveSigners tries them all), else ~/.ssh/id_ed25519 — what ssh offers first.
+ */
+export async function defaultIdentity(env: NodeJS.ProcessEnv = process.env): Promise<Fleet['identity']> {
+  const sock = env.SSH_AUTH_SOCK;
+  let agent = 'no ssh-agent is running (SSH_AUTH_SOCK is unset)';
+  if (sock) {
+    try {
+      if ((await agentIdentities(sock)).length) return undefined;
+      agent = `the ssh-agent at ${sock} holds no ssh-ed25519 key`;
+    } catch (err) {
+      agent = `the ssh-agent at ${sock} did not answer (${(err as Error).message})`;
+    }
+  }
+  const key = expandHome('~/.ssh/id_ed25519');
+  if (existsSync(key)) return { sshKey: key };
+  throw new SnapbackError('config-invalid', `no identity: ${agent}, and there is no ${key}: ssh-add your key, or make one with "ssh-keygen -t ed25519"`);
 }

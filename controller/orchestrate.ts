@@ -3,6 +3,7 @@
 // if one fails — or a passed host's window runs out while it waits — every host is rolled back.
 // Ctrl-C stops every decision (nothing is started, confirmed or rolled back by it), says which hosts
 // are in a trial, when each reverts and the commands that decide it; a second Ctrl-C exits.
+// With `hold`, every host is left in its trial once its probes passed, for the operator to decide.
 
 import { existsSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -23,6 +24,10 @@ export interface FleetDeployOptions {
   emit: (e: DeployEvent) => void;
   /** who handles Ctrl-C: by default deployFleet itself, for as long as it runs (see onInterrupt) */
   interruption?: Interruption;
+  /** leave every host in its trial once its probes passed (`--hold`); not with `atomic` or `dryRun` */
+  hold?: boolean;
+  /** the options that find this fleet again, for the commands shown (default: fleetArgs(process.argv)) */
+  fleetArgs?: string[];
 }
 
 const mono = () => performance.now();
@@ -33,7 +38,8 @@ export async function deployFleet(fleet: Fleet, names: string[], opts: FleetDepl
     if (e.type === 'done') ended.add(e.host);
     opts.emit(e);
   };
-  const interruption = opts.interruption ?? new Interruption(fleetArgs(process.argv));
+  if (opts.hold && (opts.atomic || opts.dryRun)) throw new Error('hold is for a real deploy without atomic');
+  const interruption = opts.interruption ?? new Interruption(opts.fleetArgs ?? fleetArgs(process.argv));
   const stopListening = opts.interruption ? () => {} : onInterrupt(interruption, () => names.filter((n) => !ended.has(n)), emit);
   try {
     return await deployAll(fleet, names, { ...opts, emit, interruption });
@@ -96,6 +102,7 @@ async function deployAll(fleet: Fleet, names: string[], opts: FleetDeployOptions
       probeTimeoutSec: fleet.defaults.probeTimeoutSec,
       graceSec: fleet.defaults.outcomeGraceSec,
       dryRun: opts.dryRun,
+      hold: opts.hold ?? false,
       signers: opts.signers,
       emit: opts.emit,
       interruption: opts.interruption,
@@ -119,13 +126,14 @@ async function deployAll(fleet: Fleet, names: string[], opts: FleetDeployOptions
 
   if (!opts.atomic || opts.dryRun) {
     // A dependency must be confirmed first; a dry run changes nothing, so nothing waits for it.
+    // Held, a dependency has passed its probes, which is all --atomic asks of one either.
     const started = new Map<string, Promise<HostResult>>();
     const run = (name: string): Promise<HostResult> => {
       let p = started.get(name);
       if (!p) {
         p = (async () => {
           const before = await Promise.all(deps(name).map(run));
-          const blocked = opts.dryRun ? undefined : before.find((r) => r.status !== 'confirmed');
+          const blocked = opts.dryRun ? undefined : before.find((r) => r.status !== 'confirmed' && !(opts.hold && r.status === 'held'));
           if (blocked) return notStarted(name, blocked.host, blocked.status);
           return slots.with(() => deployHost(hostOptions(name)));
         })();

@@ -101,7 +101,7 @@ function describe(e: DeployEvent): string | undefined {
       return describeInterrupted(e);
     case 'done':
       if (e.result.status === 'confirmed') return 'confirmed';
-      if (e.result.status === 'dry-run') return e.result.message;
+      if (e.result.status === 'dry-run' || e.result.status === 'held') return e.result.message;
       return e.result.outcome ? e.result.message : `${e.result.status}: ${e.result.message}`;
   }
 }

@@ -1,11 +1,13 @@
-// The controller's fleet file (`snapback.json`, DESIGN §6) as one zod schema, and its loader.
+// The controller's fleet file (`snapback.json`, DESIGN §6) as one zod schema, and its loader; and
+// the fleet made in memory for hosts named on the command line when there is no fleet file.
 
 import { homedir } from 'node:os';
 import { z } from 'zod';
-import { closest } from './cli.ts';
+import { isIP } from 'node:net';
+import { UsageError, closest } from './cli.ts';
 import { SnapbackError, describeIssues } from './errors.ts';
 import { readInput } from './input.ts';
-import { secondsSchema, targetSchema } from './model.ts';
+import { secondsSchema, targetSchema, type Target } from './model.ts';
 import { parsePublicKeyLine } from './ssh.ts';
 
 const timeoutSec = secondsSchema;
@@ -169,4 +171,82 @@ function at(raw: unknown, path: PropertyKey[]): unknown {
   let v = raw;
   for (const k of path) v = v && typeof v === 'object' ? (v as Record<PropertyKey, unknown>)[k] : undefined;
   return v;
+}
+
+/** The agent's port when a host is named without a fleet file (`ws://HOST:7731`). */
+export const DEFAULT_PORT = 7731;
+
+export interface HostOnlyOptions {
+  /** `--url`: else ws://NAME:7731 */
+  url?: string;
+  /** `--host-key LINE`: else ~/.ssh/known_hosts */
+  hostKey?: string;
+  /** `--flake REF` or `REF#NAME`: without `#NAME`, the configuration is the host name up to its first dot */
+  flake?: string;
+  /** `--probe`, each in the fleet file's syntax or a short form (parseProbe): added to the default probe */
+  probes?: string[];
+}
+
+/**
+ * A fleet of the hosts named on the command line, when there is no fleet file: each at
+ * `ws://NAME:7731`, its key from known_hosts, probed by a TCP connect to the agent's port over a
+ * fresh connection; the rest is every default of a fleet file.
+ */
+export function hostOnlyFleet(names: string[], o: HostOnlyOptions = {}): Fleet {
+  if ((o.url !== undefined || o.hostKey !== undefined) && names.length !== 1) {
+    throw new UsageError(`--url and --host-key describe one host, not ${names.length}`);
+  }
+  const extra = (o.probes ?? []).map((p, i) => parseProbe(p, `--probe #${i + 1}`));
+  const hosts: Record<string, FleetHost> = {};
+  for (const name of names) {
+    if (!hostNameSchema.safeParse(name).success) {
+      throw new UsageError(`"${name}" is not a host name (letters, digits, "_", "." and "-"); without a fleet file, name the host and give --url ws://HOST:PORT for anything else`);
+    }
+    const url = o.url ?? `ws://${name}:${DEFAULT_PORT}`;
+    const checked = fleetHostSchema.shape.url.safeParse(url);
+    if (!checked.success) throw new UsageError(`--url must be ws://HOST[:PORT] or wss://HOST[:PORT], not "${url}"`);
+    if (o.hostKey !== undefined) {
+      try {
+        parsePublicKeyLine(o.hostKey);
+      } catch (err) {
+        throw new UsageError(`--host-key: ${(err as Error).message}; ${HOST_KEY_HINT}`);
+      }
+    }
+    const u = new URL(url);
+    const port = u.port || (u.protocol === 'wss:' ? '443' : '80');
+    hosts[name] = fleetHostSchema.parse({
+      url,
+      ...(o.hostKey !== undefined ? { hostKey: o.hostKey } : {}),
+      ...(o.flake !== undefined ? { target: hostOnlyTarget(name, o.flake) } : {}),
+      probes: [{ name: 'agent', tcp: `${u.hostname}:${port}` }, ...extra],
+    });
+  }
+  return fleetSchema.parse({ hosts });
+}
+
+/** `REF#NAME` names the configuration, as with nixos-rebuild; `REF` alone means REF#<host up to its first dot>. */
+function hostOnlyTarget(host: string, flake: string): Target {
+  if (flake.includes('#')) return { flake };
+  if (isIP(host)) throw new UsageError(`${host} is an address, which names no configuration: give --flake ${flake}#NAME`);
+  return { flake: `${flake}#${host.split('.')[0]}` };
+}
+
+const PROBE_FORMS = `a fleet file probe as JSON ('{"tcp":"web1.lan:22"}', '{"http":"http://web1.lan/health","expectStatus":200}'), tcp:HOST:PORT, http://URL or https://URL (expects 200), or command:CMD (run with /bin/sh -c)`;
+
+/** A `--probe` value: the fleet file's syntax as JSON, or `tcp:HOST:PORT`, `http(s)://URL`, `command:CMD`. */
+export function parseProbe(text: string, what = '--probe'): Probe {
+  let raw: unknown;
+  if (text.trimStart().startsWith('{')) {
+    try {
+      raw = JSON.parse(text);
+    } catch (err) {
+      throw new UsageError(`${what}: not valid JSON: ${(err as Error).message}`);
+    }
+  } else if (text.startsWith('tcp:')) raw = { tcp: text.slice(4) };
+  else if (/^https?:\/\//.test(text)) raw = { http: text };
+  else if (text.startsWith('command:')) raw = { command: text.slice('command:'.length) };
+  else throw new UsageError(`${what}: "${text}" is not a probe; give ${PROBE_FORMS}`);
+  const r = probeSchema.safeParse(raw);
+  if (!r.success) throw new UsageError(`${what}: ${describeIssues(r.error).join('; ')} (give ${PROBE_FORMS})`);
+  return r.data;
 }
