@@ -111,6 +111,8 @@ export const hostResultSchema = z.object({
   id: id.optional(),
   outcome: outcomeSchema.optional(),
   failedProbes: z.array(z.object({ name: z.string(), ok: z.boolean(), attempts: z.number(), detail: z.string().optional() })).optional(),
+  /** the host's refusal code, when it refused */
+  code: z.string().optional(),
   message: z.string(),
 });
 
