@@ -4,9 +4,10 @@
 import { realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { UsageError, parseCommandLine, positiveInt, reportError } from '../shared/cli.ts';
+import { UsageError, parseCommandLine, positiveInt, reportError, wantsJson } from '../shared/cli.ts';
 import { DEFAULT_CONFIG_PATH, loadAgentConfig, type AgentConfig } from '../shared/config.ts';
 import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
+import { errorResult, eventLine, resultLine } from '../shared/output.ts';
 import { MAX_SECONDS, describeOutcome, type HistoryEntry, type Outcome, type Target } from '../shared/model.ts';
 import { VERSION } from '../shared/version.ts';
 import { Agent, statusOf, type AgentOptions, type Progress, type Result, type Status } from './agent.ts';
@@ -94,7 +95,7 @@ const OPTIONS = {
 } as const;
 
 export async function main(argv: string[]): Promise<number> {
-  const parsed = parseCommandLine('snapback-agent', { usage: USAGE, commands: COMMANDS, options: Object.keys(OPTIONS) }, () =>
+  const parsed = parseCommandLine('snapback-agent', { usage: USAGE, commands: COMMANDS, options: Object.keys(OPTIONS), json: wantsJson(argv) }, () =>
     parseArgs({ args: argv, allowPositionals: true, options: OPTIONS }),
   );
   if (typeof parsed === 'number') return parsed;
@@ -102,7 +103,9 @@ export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = positionals as [string, ...string[]];
   // Before the configuration: a script gets its answer even on a host without one.
   if (command === 'try' && !process.stdin.isTTY) {
-    process.stderr.write('snapback-agent: try asks on a terminal, and standard input is not one; in a script use "snapback-agent activate TARGET [--timeout S]", then "snapback-agent confirm"\n');
+    const message = 'try asks on a terminal, and standard input is not one; in a script use "snapback-agent activate TARGET [--timeout S]", then "snapback-agent confirm"';
+    if (o.json) printResult(EXIT.usage, errorResult('bad-request', message));
+    else process.stderr.write(`snapback-agent: ${message}\n`);
     return EXIT.usage;
   }
   const configPath = o.config ?? process.env.SNAPBACK_CONFIG ?? DEFAULT_CONFIG_PATH;
@@ -111,7 +114,9 @@ export async function main(argv: string[]): Promise<number> {
     config = loadAgentConfig(configPath);
   } catch (err) {
     const denied = /EACCES|EPERM/.test((err as Error).message) && process.getuid?.() !== 0;
-    process.stderr.write(`snapback-agent: ${(err as Error).message}${denied ? ' (snapback-agent must run as root: try sudo)' : ''}\n`);
+    const message = `${(err as Error).message}${denied ? ' (snapback-agent must run as root: try sudo)' : ''}`;
+    if (o.json) printResult(EXIT.usage, errorResult('config-invalid', message));
+    else process.stderr.write(`snapback-agent: ${message}\n`);
     return EXIT.usage;
   }
   try {
@@ -119,7 +124,8 @@ export async function main(argv: string[]): Promise<number> {
       case 'serve':
         return await serve(config, configPath);
       case 'check-config':
-        print(o.json ? JSON.stringify({ ok: true, config }) : `${configPath}: ok`);
+        if (o.json) printResult(EXIT.ok, { ok: true, config });
+        else print(`${configPath}: ok`);
         return EXIT.ok;
       case 'status':
         return await status(config, o.json);
@@ -160,13 +166,24 @@ function print(s: string): void {
   process.stdout.write(s + '\n');
 }
 
+/** `--json`: the one result line, last (shared/output.ts). */
+function printResult(exit: number, body: Record<string, unknown>): void {
+  process.stdout.write(resultLine(exit, body));
+}
+
+/** `--json`: what the agent says while a request runs, one event line each; build and switch output is a `line`. */
+function printEvent(p: Progress): void {
+  const { type, ...rest } = p;
+  process.stdout.write(eventLine(type === 'output' ? 'line' : type, rest));
+}
+
 /** `try`: the trial, then the question on the terminal; exit 0 only when the new system was kept. */
 async function tryIt(config: AgentConfig, req: Extract<ControlRequest, { cmd: 'activate' }>, json: boolean): Promise<number> {
   const { cmd, result } = await tryOnTerminal(config.controlSocket, req, json ? process.stderr : process.stdout, showProgress, user());
-  if (json) print(JSON.stringify(result));
+  const exit = !result.ok ? exitCodeFor(result.code) : result.outcome?.outcome === 'confirmed' ? EXIT.ok : EXIT.failed;
+  if (json) printResult(exit, result);
   else print(describeResult(cmd, result));
-  if (!result.ok) return exitCodeFor(result.code);
-  return result.outcome?.outcome === 'confirmed' ? EXIT.ok : EXIT.failed;
+  return exit;
 }
 
 function parseTarget(rest: string[], flake: string | undefined, generation: string | undefined): Target {
@@ -310,10 +327,11 @@ async function listenWire(config: AgentConfig, agent: Agent, log: ReturnType<typ
 // ---- console commands -----------------------------------------------------------------------------
 
 async function ask(config: AgentConfig, req: ControlRequest, json: boolean): Promise<number> {
-  const result = await request(config.controlSocket, req, json ? undefined : showProgress);
-  if (json) print(JSON.stringify(result));
+  const result = await request(config.controlSocket, req, json ? printEvent : showProgress);
+  const exit = exitFor(req.cmd, result);
+  if (json) printResult(exit, result);
   else print(describeResult(req.cmd, result));
-  return exitFor(req.cmd, result);
+  return exit;
 }
 
 function showProgress(p: Progress): void {
@@ -357,7 +375,8 @@ async function status(config: AgentConfig, json: boolean): Promise<number> {
     const state = new StateDir(config.stateDir).load();
     s = { ...statusOf(state, readBootId(config.system.bootIdFile), readCurrentSystem(config.system.currentSystem)), offline: true };
   }
-  print(json ? JSON.stringify(s) : describeStatus(s));
+  if (json) printResult(EXIT.ok, { ok: true, ...s });
+  else print(describeStatus(s));
   return EXIT.ok;
 }
 
@@ -371,8 +390,8 @@ async function history(config: AgentConfig, json: boolean, limit?: number): Prom
     entries = new StateDir(config.stateDir).readHistory();
     if (limit) entries = entries.slice(-limit);
   }
-  // One JSON document even when there is nothing yet: a script reads `entries`, never an empty output.
-  if (json) print(JSON.stringify({ ok: true, entries }));
+  // The result line even when there is nothing yet: a script reads `entries`, never an empty output.
+  if (json) printResult(EXIT.ok, { ok: true, entries });
   else if (!entries.length) print('no history yet');
   else
     for (const e of entries) {
@@ -410,8 +429,10 @@ async function revert(config: AgentConfig, id: string, json: boolean): Promise<n
     const result = await agent.rollback({ id, by: { who: 'fallback-timer', channel: 'fallback-timer' }, reason: 'fallback-timer' });
     await agent.idle();
     await agent.close();
-    print(json ? JSON.stringify(result) : describeResult('revert', result));
-    return exitFor('revert', result);
+    const exit = exitFor('revert', result);
+    if (json) printResult(exit, result);
+    else print(describeResult('revert', result));
+    return exit;
   }
   throw new SnapbackError('unreachable', `the agent holding ${config.stateDir} neither answers nor lets go`);
 }

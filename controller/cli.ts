@@ -5,10 +5,11 @@
 import { existsSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { execa } from 'execa';
-import { UsageError, parseCommandLine, positiveInt, reportError } from '../shared/cli.ts';
+import { UsageError, parseCommandLine, positiveInt, reportError, wantsJson } from '../shared/cli.ts';
 import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
 import { hostOnlyFleet, isHost, loadFleet, parseFleet, type Fleet, type FleetHost } from '../shared/fleet.ts';
 import { MAX_SECONDS, describeOutcome, flakeRefSchema, type Target } from '../shared/model.ts';
+import { resultLine } from '../shared/output.ts';
 import { describeStatus, duration } from '../shared/text.ts';
 import { VERSION } from '../shared/version.ts';
 import { exitCodeOf } from './deploy.ts';
@@ -109,7 +110,7 @@ const OPTIONS = {
 } as const;
 
 export async function main(argv: string[]): Promise<number> {
-  const parsed = parseCommandLine('snapback', { usage: USAGE, commands: COMMANDS, options: Object.keys(OPTIONS) }, () =>
+  const parsed = parseCommandLine('snapback', { usage: USAGE, commands: COMMANDS, options: Object.keys(OPTIONS), json: wantsJson(argv) }, () =>
     parseArgs({ args: argv, allowPositionals: true, options: OPTIONS }),
   );
   if (typeof parsed === 'number') return parsed;
@@ -314,14 +315,15 @@ async function status(fleet: Fleet, names: string[], json: boolean): Promise<num
         return { host: name, ok: true as const, status: s.welcome.state };
       } catch (err) {
         if (err instanceof SnapbackError && err.code === 'config-invalid') throw err;
-        return { host: name, ok: false as const, error: (err as Error).message };
+        return { host: name, ok: false as const, code: err instanceof SnapbackError ? err.code : ('unreachable' as const), error: (err as Error).message };
       }
     }),
   );
+  const exit = rows.every((r) => r.ok) ? EXIT.ok : EXIT.unreachable;
   // What a host says is shown without terminal control characters (shared/terminal.ts).
-  if (json) process.stdout.write(safeJson({ type: 'status', hosts: rows }) + '\n');
+  if (json) process.stdout.write(resultLine(exit, { hosts: rows }));
   else for (const r of rows) process.stdout.write(`${r.host}: ${r.ok ? clean(describeStatus(r.status)).split('\n').join('\n  ') : `unreachable: ${oneLine(r.error ?? '')}`}\n`);
-  return rows.every((r) => r.ok) ? EXIT.ok : EXIT.unreachable;
+  return exit;
 }
 
 
@@ -341,7 +343,7 @@ async function act(fleet: Fleet, name: string, what: 'confirm' | 'rollback', jso
       return report(json, { host: name, ok: true, id, outcome: r.outcome, message: `${name}: ${describeOutcome(r.outcome)}` }, r.outcome.outcome === wanted ? EXIT.ok : EXIT.failed);
     }
     if (r.type === 'error') return report(json, { host: name, ok: false, code: r.code, message: `${name}: ${r.message}` }, exitCodeFor(r.code));
-    return report(json, { host: name, ok: false, message: `unexpected answer ${r.type}` }, EXIT.unknown);
+    return report(json, { host: name, ok: false, code: 'internal', message: `unexpected answer ${r.type}` }, EXIT.unknown);
   });
 }
 
@@ -362,7 +364,7 @@ async function extend(fleet: Fleet, name: string, seconds: number, json: boolean
 }
 
 function report(json: boolean, body: { message: string } & Record<string, unknown>, exit: number): number {
-  process.stdout.write(json ? safeJson({ type: 'result', exit, ...body }) + '\n' : clean(body.message) + '\n');
+  process.stdout.write(json ? resultLine(exit, body) : clean(body.message) + '\n');
   return exit;
 }
 
@@ -371,7 +373,7 @@ async function history(fleet: Fleet, name: string, json: boolean, limit?: number
     const r = await s.request({ type: 'history', ...(limit ? { limit } : {}) });
     if (r.type !== 'history') throw new SnapbackError('unreachable', `${name}: no history answer`);
     // The one result line even when the history is empty: a script reads `entries`, never nothing.
-    if (json) process.stdout.write(safeJson({ type: 'result', exit: EXIT.ok, host: name, entries: r.entries }) + '\n');
+    if (json) process.stdout.write(resultLine(EXIT.ok, { ok: true, host: name, entries: r.entries }));
     else if (!r.entries.length) process.stdout.write(`${name}: no history yet\n`);
     else
       for (const e of r.entries) {

@@ -9,7 +9,7 @@
 // more: a host in a trial is followed until its own outcome.
 
 import { setTimeout as sleep } from 'node:timers/promises';
-import { EXIT, SnapbackError, type ExitCode } from '../shared/errors.ts';
+import { EXIT, SnapbackError, exitCodeFor, type ExitCode } from '../shared/errors.ts';
 import type { FleetHost, Probe } from '../shared/fleet.ts';
 import { MAX_TIMER_MS, describeOutcome, type Outcome, type Target } from '../shared/model.ts';
 import { duration } from '../shared/text.ts';
@@ -28,6 +28,8 @@ export interface HostResult {
   id?: string;
   outcome?: Outcome;
   failedProbes?: ProbeResult[];
+  /** the host's refusal code, when it refused (`timeout-out-of-range`, `busy`, …) */
+  code?: string;
   message: string;
   /** a held trial: its deadline (the host's clock, ISO 8601), seconds left then, and the commands that decide it */
   deadline?: string;
@@ -258,7 +260,7 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
     x?.live.set(name, { id });
   } else if (answer.type === 'error') {
     const status: HostStatus = answer.code === 'unauthorized' ? 'unreachable' : answer.code === 'unreachable' ? 'unknown' : 'failed';
-    return { host: name, status, ...(answer.id ? { id: answer.id } : {}), message: `activate refused (${answer.code}): ${answer.message}` };
+    return { host: name, status, code: answer.code, ...(answer.id ? { id: answer.id } : {}), message: `activate refused (${answer.code}): ${answer.message}` };
   } else {
     return { host: name, status: 'unknown', message: `unexpected answer "${answer.type}" to activate` };
   }
@@ -548,6 +550,9 @@ function unreachable(host: string, err: unknown): HostResult {
 export function exitCodeOf(results: HostResult[]): ExitCode {
   const has = (s: HostStatus) => results.some((r) => r.status === s);
   if (has('unknown')) return EXIT.unknown;
+  // Refused as the operator's error (timeout-out-of-range): exit 2, as the console says it.
+  const usage = (r: HostResult) => r.code !== undefined && exitCodeFor(r.code) === EXIT.usage;
+  if (results.some(usage) && !results.some((r) => (r.status === 'reverted' || r.status === 'failed') && !usage(r))) return EXIT.usage;
   if (has('reverted') || has('failed')) return EXIT.failed;
   if (has('unreachable')) return EXIT.unreachable;
   return EXIT.ok;

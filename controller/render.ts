@@ -3,7 +3,8 @@
 // event and a final `result` object. Whatever a host said reaches the terminal cleaned of control
 // characters (shared/terminal.ts), in every mode.
 
-import { clean, oneLine, safeJson } from '../shared/terminal.ts';
+import { eventLine, resultLine } from '../shared/output.ts';
+import { clean, oneLine } from '../shared/terminal.ts';
 import { duration } from '../shared/text.ts';
 import type { DeployEvent, HostResult } from './deploy.ts';
 
@@ -23,8 +24,8 @@ export function renderer(mode: Mode, out: NodeJS.WritableStream = process.stdout
   if (mode === 'live') return new LiveLines(out, opts.hosts ?? []);
   if (mode === 'json') {
     return {
-      event: ({ type, ...rest }) => out.write(safeJson({ type: 'event', event: type, ...rest }) + '\n'),
-      result: (hosts, exit) => out.write(safeJson({ type: 'result', exit, hosts }) + '\n'),
+      event: ({ type, ...rest }) => out.write(eventLine(type, rest)),
+      result: (hosts, exit) => out.write(resultLine(exit, { hosts })),
     };
   }
   return new PlainLines(out);

@@ -3,6 +3,7 @@
 
 import { EXIT } from './errors.ts';
 import { SnapbackError } from './errors.ts';
+import { errorResult, resultLine } from './output.ts';
 import { VERSION } from './version.ts';
 
 export class UsageError extends Error {}
@@ -21,9 +22,30 @@ export interface Help {
   commands: Record<string, string>;
   /** option names without dashes, for "did you mean" */
   options: readonly string[];
+  /** `--json` is among the arguments: seen before parsing, as an argument the parser refuses still gets a JSON answer */
+  json?: boolean;
 }
 
-type Parsed = { values: { help?: boolean | undefined; version?: boolean | undefined }; positionals: string[] };
+type Parsed = { values: { help?: boolean | undefined; version?: boolean | undefined; json?: boolean | undefined }; positionals: string[] };
+
+/** Whether `--json` is among the arguments (before `--`). */
+export function wantsJson(argv: readonly string[]): boolean {
+  const end = argv.indexOf('--');
+  return (end < 0 ? argv : argv.slice(0, end)).includes('--json');
+}
+
+/** A usage error: with `--json` the result line (`bad-request`, exit 2), else `text` on stderr. */
+function usageError(json: boolean, message: string, text: string): number {
+  if (json) process.stdout.write(resultLine(EXIT.usage, errorResult('bad-request', message)));
+  else process.stderr.write(text);
+  return EXIT.usage;
+}
+
+/** What a person reads on stdout (help, the version): with `--json`, inside the result line. */
+function answer(json: boolean, key: 'help' | 'version', text: string): number {
+  process.stdout.write(json ? resultLine(EXIT.ok, { ok: true, [key]: text }) : `${text}\n`);
+  return EXIT.ok;
+}
 
 /**
  * Runs the parser; answers --version, --help, `help [COMMAND]`, a missing or unknown command and an
@@ -34,42 +56,36 @@ export function parseCommandLine<T extends Parsed>(program: string, help: Help, 
   try {
     parsed = parse();
   } catch (err) {
+    const json = help.json ?? false;
     const unknown = /^Unknown option '(-{1,2})([^']*)'/.exec((err as Error).message);
     if (unknown) {
       const near = closest(unknown[2]!, help.options);
-      process.stderr.write(`${program}: unknown option ${unknown[1]}${unknown[2]}${near ? ` (did you mean --${near}?)` : ''}; see: ${program} help\n`);
-    } else {
-      process.stderr.write(`${program}: ${(err as Error).message}\n\n${help.usage}\n`);
+      const message = `unknown option ${unknown[1]}${unknown[2]}${near ? ` (did you mean --${near}?)` : ''}`;
+      return usageError(json, message, `${program}: ${message}; see: ${program} help\n`);
     }
-    return EXIT.usage;
+    return usageError(json, (err as Error).message, `${program}: ${(err as Error).message}\n\n${help.usage}\n`);
   }
-  if (parsed.values.version) {
-    process.stdout.write(`${VERSION}\n`);
-    return EXIT.ok;
-  }
+  const json = parsed.values.json ?? help.json ?? false;
+  if (parsed.values.version) return answer(json, 'version', VERSION);
   const [command, topic] = parsed.positionals;
   if (command === undefined) {
-    process[parsed.values.help ? 'stdout' : 'stderr'].write(`${help.usage}\n`);
-    return parsed.values.help ? EXIT.ok : EXIT.usage;
+    if (parsed.values.help) return answer(json, 'help', help.usage);
+    return usageError(json, `no command given; see: ${program} help`, `${help.usage}\n`);
   }
   if (command === 'help' || parsed.values.help) {
     const about = command === 'help' ? topic : command;
-    if (about === undefined) {
-      process.stdout.write(`${help.usage}\n`);
-      return EXIT.ok;
-    }
-    if (!Object.hasOwn(help.commands, about)) return unknownCommand(program, help, about);
-    process.stdout.write(`${help.commands[about]}\n`);
-    return EXIT.ok;
+    if (about === undefined) return answer(json, 'help', help.usage);
+    if (!Object.hasOwn(help.commands, about)) return unknownCommand(program, help, about, json);
+    return answer(json, 'help', help.commands[about]!);
   }
-  if (!Object.hasOwn(help.commands, command)) return unknownCommand(program, help, command);
+  if (!Object.hasOwn(help.commands, command)) return unknownCommand(program, help, command, json);
   return parsed;
 }
 
-function unknownCommand(program: string, help: Help, command: string): number {
+function unknownCommand(program: string, help: Help, command: string, json: boolean): number {
   const near = closest(command, Object.keys(help.commands));
-  process.stderr.write(`${program}: unknown command "${command}"${near ? ` (did you mean ${near}?)` : ''}; see: ${program} help\n`);
-  return EXIT.usage;
+  const message = `unknown command "${command}"${near ? ` (did you mean ${near}?)` : ''}`;
+  return usageError(json, message, `${program}: ${message}; see: ${program} help\n`);
 }
 
 /** The candidate nearest to `word` (edit distance, case ignored), if it is near enough to be a typo. */
@@ -107,18 +123,22 @@ function editDistance(a: string, b: string): number {
   return d[a.length]![b.length]!;
 }
 
-/** Usage errors print the usage (exit 2); coded errors print their message or JSON (their exit). */
+/**
+ * Usage errors print the usage (exit 2); coded errors print their message (their exit). With
+ * `--json` both are the result line, and so is an error nobody expected (`internal`, exit 4), its
+ * stack on stderr.
+ */
 export function reportError(program: string, usage: string, err: unknown, json: boolean): number {
-  if (err instanceof UsageError) {
-    process.stderr.write(`${program}: ${err.message}\n\n${usage}\n`);
-    return EXIT.usage;
-  }
+  if (err instanceof UsageError) return usageError(json, err.message, `${program}: ${err.message}\n\n${usage}\n`);
   if (err instanceof SnapbackError) {
     // A summary in the message; a command's whole output (Nix's trace) only where scripts read.
     const output = typeof err.details?.output === 'string' ? { output: err.details.output } : {};
-    if (json) process.stdout.write(JSON.stringify({ ok: false, type: 'error', code: err.code, message: err.message, ...output }) + '\n');
+    if (json) process.stdout.write(resultLine(err.exitCode, errorResult(err.code, err.message, output)));
     else process.stderr.write(`${program}: ${err.message}\n`);
     return err.exitCode;
   }
-  throw err;
+  if (!json) throw err;
+  process.stderr.write(`${program}: ${(err as Error)?.stack ?? String(err)}\n`);
+  process.stdout.write(resultLine(EXIT.unknown, errorResult('internal', (err as Error)?.message ?? String(err))));
+  return EXIT.unknown;
 }

@@ -151,7 +151,8 @@ describe('console refusals that say what to do', { skip }, () => {
     const h = await host();
     const r = await h.cli(['history']);
     assert.equal(r.code, 0, r.stderr);
-    assert.deepEqual(r.out, { ok: true, entries: [] });
+    assert.deepEqual(r.out, { type: 'result', exit: 0, ok: true, entries: [] });
+    assert.deepEqual(r.events, []);
     const text = await h.cli(['history'], { json: false });
     assert.equal(text.stdout, 'no history yet\n');
   });

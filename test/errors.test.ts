@@ -125,7 +125,7 @@ describe('controller errors say what to do', { skip }, () => {
     const fleet = await h.fleet({});
     const r = await h.snapback(['history', 'web1', '--fleet', fleet]);
     assert.equal(r.code, 0, r.stderr);
-    assert.deepEqual(r.result, { type: 'result', exit: 0, host: 'web1', entries: [] });
+    assert.deepEqual(r.result, { type: 'result', exit: 0, ok: true, host: 'web1', entries: [] });
     const text = await h.snapback(['history', 'web1', '--fleet', fleet], { json: false });
     assert.equal(text.stdout, 'web1: no history yet\n');
   });

@@ -348,8 +348,11 @@ export class ScratchHost {
 
   // ---- the console ------------------------------------------------------------------------------
 
-  /** Runs `snapback-agent ARGS --config … --json` and parses its JSON output. */
-  cli(args: string[], opts: { json?: boolean } = {}): Promise<{ code: number; out: any; stdout: string; stderr: string }> {
+  /**
+   * Runs `snapback-agent ARGS --config … --json` and parses its JSON Lines: `out` is the result line
+   * (the last), `events` the lines before it.
+   */
+  cli(args: string[], opts: { json?: boolean } = {}): Promise<{ code: number; out: any; events: any[]; stdout: string; stderr: string }> {
     const json = opts.json ?? true;
     return new Promise((resolve) => {
       const [cmd, ...argv] = [...this.hostPrefix(), process.execPath, AGENT_BIN, ...args, '--config', this.configPath, ...(json ? ['--json'] : [])] as [string, ...string[]];
@@ -359,11 +362,8 @@ export class ScratchHost {
       child.stdout.on('data', (c) => (stdout += c));
       child.stderr.on('data', (c) => (stderr += c));
       child.on('exit', (code) => {
-        let out: unknown;
-        try {
-          out = json ? JSON.parse(stdout) : undefined;
-        } catch {}
-        resolve({ code: code ?? -1, out, stdout, stderr });
+        const lines = json ? jsonLines(stdout) : [];
+        resolve({ code: code ?? -1, out: lines.find((l) => l.type === 'result'), events: lines.filter((l) => l.type === 'event'), stdout, stderr });
       });
     });
   }
@@ -504,19 +504,22 @@ export function runController(args: string[], opts: ControllerOptions = {}): Pro
     child.stdout.on('data', (c) => (stdout += c));
     child.stderr.on('data', (c) => (stderr += c));
     child.on('exit', (code, signal) => {
-      const lines = json
-        ? stdout
-            .split('\n')
-            .filter(Boolean)
-            .map((l) => {
-              try {
-                return JSON.parse(l);
-              } catch {
-                return { unparsed: l };
-              }
-            })
-        : [];
-      resolve({ code: code ?? (signal ? 128 : -1), events: lines.filter((l) => l.type === 'event'), result: lines.find((l) => l.type !== 'event'), stdout, stderr });
+      const lines = json ? jsonLines(stdout) : [];
+      resolve({ code: code ?? (signal ? 128 : -1), events: lines.filter((l) => l.type === 'event'), result: lines.find((l) => l.type === 'result'), stdout, stderr });
     });
   });
+}
+
+/** `--json` output, one parsed object per line (a line that is no JSON: `{ unparsed: LINE }`). */
+export function jsonLines(stdout: string): any[] {
+  return stdout
+    .split('\n')
+    .filter(Boolean)
+    .map((l) => {
+      try {
+        return JSON.parse(l);
+      } catch {
+        return { unparsed: l };
+      }
+    });
 }
