@@ -91,6 +91,8 @@ describe('the agent never wedges and never lies', { skip }, () => {
     const activation = h.cli(['activate', x, '--timeout', '60']);
     await h.exited();
     await activation;
+    // The switch was spawned just before the agent died; it starts on its own time.
+    await waitFor(() => h.switchCalls().length > 0, 10_000);
     assert.deepEqual(h.switchCalls(), [[x, 'test']], 'the switch runs on without the agent');
     await h.start();
     writeFileSync(release, '');

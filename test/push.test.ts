@@ -189,7 +189,7 @@ describe('where the system is built', () => {
   it('--build-on host with a path only this machine has is refused before anything happens (exit 2)', async () => {
     const r = await runController(['deploy', 'web1', '--flake', '.', '--build-on', 'host', '--fleet', writeMinimalFleet()]);
     assert.equal(r.code, 2, r.stdout + r.stderr);
-    assert.match(r.stdout + r.stderr, /the flake "\." is a relative path on this machine, which the host cannot resolve; build it here and push it \(--build-on local/);
+    assert.match(r.result?.message ?? r.stdout + r.stderr, /the flake "\." is a relative path on this machine, which the host cannot resolve; build it here and push it \(--build-on local/);
   });
 });
 
