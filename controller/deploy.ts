@@ -253,14 +253,15 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
       return follow(o, id, deadline);
     }
   } else if (answer.type === 'outcome') {
-    return fromOutcome(name, answer.id, answer.outcome);
+    const r = fromOutcome(name, answer.id, answer.outcome);
+    return answer.outcome.outcome === 'failed' ? { ...r, message: r.message + hintFor(o, answer.outcome.code) } : r;
   } else if (answer.type === 'error' && answer.code === 'unreachable' && id) {
     // Lost during the switch: the host holds its own deadline; find out where it stands.
     deadline = mono() + (o.timeoutSec ?? 300) * 1000;
     x?.live.set(name, { id });
   } else if (answer.type === 'error') {
     const status: HostStatus = answer.code === 'unauthorized' ? 'unreachable' : answer.code === 'unreachable' ? 'unknown' : 'failed';
-    return { host: name, status, code: answer.code, ...(answer.id ? { id: answer.id } : {}), message: `activate refused (${answer.code}): ${answer.message}` };
+    return { host: name, status, code: answer.code, ...(answer.id ? { id: answer.id } : {}), message: `activate refused (${answer.code}): ${answer.message}${hintFor(o, answer.code)}` };
   } else {
     return { host: name, status: 'unknown', message: `unexpected answer "${answer.type}" to activate` };
   }
@@ -534,6 +535,14 @@ async function learnOutcome(o: DeployHostOptions, id: string, deadline: number):
 function suspicious(err: unknown): string {
   const message = (err as Error).message;
   return err instanceof SnapbackError && err.details?.hostKey ? `${message} — the host was reached with the right key before; someone in the middle?` : message;
+}
+
+/** What to do about a refusal the operator can fix from here. */
+function hintFor(o: DeployHostOptions, code: string): string {
+  if (code === 'fetch-failed' && 'storePath' in o.target && !o.push) {
+    return ' — this machine does not have that path either, so it was not pushed: build it here (nix build, or nix-store --realise) and deploy again to push it, or give the host a cache that has it (nix.substituters in its agent.json)';
+  }
+  return '';
 }
 
 function fromOutcome(host: string, id: string, outcome: Outcome): HostResult {

@@ -185,6 +185,19 @@ describe('closure push into the host\'s own store', { skip }, () => {
   });
 });
 
+describe('a store path nobody has', { skip }, () => {
+  it('neither here nor on the host: the refusal says to build it here or give the host a cache', async () => {
+    const h = await ownHost('push-nowhere');
+    const x = h.toplevel('gone', { closure: { paths: 1, sizeKiB: 16, seed: `gone-${process.pid}` } });
+    nixStore(['--delete', x]);
+    const r = await h.snapback(['deploy', 'web1', '--fleet', await h.fleet({ target: { storePath: x }, confirmTimeoutSec: 30 })]);
+    assert.equal(r.code, 1, r.stdout + r.stderr);
+    assert.ok(!r.events.some((e) => e.event === 'push'), 'nothing to push from here');
+    assert.match(r.result.hosts[0].message, /could not realise.*build it here .* and deploy again to push it, or give the host a cache that has it \(nix\.substituters/);
+    assert.deepEqual(h.switchCalls(), []);
+  });
+});
+
 describe('where the system is built', () => {
   it('--build-on host with a path only this machine has is refused before anything happens (exit 2)', async () => {
     const r = await runController(['deploy', 'web1', '--flake', '.', '--build-on', 'host', '--fleet', writeMinimalFleet()]);
