@@ -8,17 +8,20 @@ import { runInNewContext } from 'node:vm';
 /** Bytes between two collections during a push. */
 export const COLLECT_EVERY = 8 * 1024 * 1024;
 
-let collect: (() => void) | null | undefined;
+let collect: ((options?: { type: 'minor' | 'major' }) => void) | null | undefined;
 
-/** A full garbage collection now, when this Node lets us have one; else nothing. */
+/**
+ * A young-generation collection now (the frames are young: a scavenge frees them, and costs far
+ * less than a full collection), when this Node lets us have one; else nothing.
+ */
 export function collectGarbage(): void {
   if (collect === undefined) {
     try {
       setFlagsFromString('--expose-gc');
-      collect = runInNewContext('gc') as () => void;
+      collect = runInNewContext('gc') as typeof collect;
     } catch {
       collect = null;
     }
   }
-  collect?.();
+  collect?.({ type: 'minor' });
 }
