@@ -444,10 +444,21 @@ function notStarted(host: string): HostResult {
  * (`snapback confirm HOST`), or reverted at its deadline — and reports that outcome.
  */
 async function follow(o: DeployHostOptions, id: string, deadline: number): Promise<HostResult> {
+  let until = deadline + (o.graceSec ?? 120) * 1000;
+  // The host's own count: an extend moves the end of the wait with it. Quiet while the trial runs.
+  return askOutcome(o, id, () => until, 'outcome unknown after the interruption', (secondsLeft) => {
+    if (secondsLeft !== undefined) until = mono() + secondsLeft * 1000 + (o.graceSec ?? 120) * 1000;
+  });
+}
+
+/**
+ * Asks the host every 2 s, over a new connection each time, for the outcome of `id` until `until()`:
+ * that outcome, or `unknown` with the last thing learnt. `onRunning` (if given) hears each answer of
+ * a deployment still running instead of it being reported as a reconnect.
+ */
+async function askOutcome(o: DeployHostOptions, id: string, until: () => number, unknown: string, onRunning?: (secondsLeft?: number) => void): Promise<HostResult> {
   let last = 'no connection';
-  let attempt = 0;
-  while (mono() < deadline + (o.graceSec ?? 120) * 1000) {
-    attempt++;
+  for (let attempt = 1; mono() < until(); attempt++) {
     try {
       const s = await Session.open(o.name, o.host, o.signers, { ...o.session, timeoutMs: 5000 });
       const st = s.welcome.state;
@@ -457,16 +468,17 @@ async function follow(o: DeployHostOptions, id: string, deadline: number): Promi
         last = `the host does not know ${id}`;
         break;
       }
-      if (st.deployment.secondsLeft !== undefined) deadline = mono() + st.deployment.secondsLeft * 1000;
       last = `still ${st.phase}`;
+      if (onRunning) onRunning(st.deployment.secondsLeft);
+      else o.emit({ type: 'reconnecting', host: o.name, attempt, error: last });
     } catch (err) {
       if (err instanceof SnapbackError && err.code === 'config-invalid') throw err;
       last = suspicious(err);
       o.emit({ type: 'reconnecting', host: o.name, attempt, error: last });
     }
-    await sleep(2000);
+    await sleep(Math.min(2000, Math.max(0, until() - mono())));
   }
-  return { host: o.name, status: 'unknown', id, message: `outcome unknown after the interruption: ${last}` };
+  return { host: o.name, status: 'unknown', id, message: `${unknown}: ${last}` };
 }
 
 type Fresh = { kind: 'session'; session: Session; token: string; secondsLeft?: number; deadline?: string } | { kind: 'outcome'; outcome: Outcome } | { kind: 'none' };
@@ -507,25 +519,7 @@ async function learnOutcome(o: DeployHostOptions, id: string, deadline: number):
   // In steps: Node fires a timer longer than MAX_TIMER_MS at once, and the host tells the deadline.
   while (deadline + 1000 - mono() > 0) await sleep(Math.min(MAX_TIMER_MS, deadline + 1000 - mono()));
   const until = mono() + (o.graceSec ?? 120) * 1000;
-  let last = 'no connection';
-  let attempt = 0;
-  while (mono() < until) {
-    attempt++;
-    try {
-      const s = await Session.open(o.name, o.host, o.signers, { ...o.session, timeoutMs: 5000 });
-      const st = s.welcome.state;
-      s.close();
-      if (st.last?.id === id) return fromOutcome(o.name, id, st.last.outcome);
-      last = st.deployment?.id === id ? `still ${st.phase}` : `the host does not know ${id}`;
-      if (st.deployment?.id !== id) break;
-    } catch (err) {
-      if (err instanceof SnapbackError && err.code === 'config-invalid') throw err;
-      last = suspicious(err);
-    }
-    o.emit({ type: 'reconnecting', host: o.name, attempt, error: last });
-    await sleep(Math.min(2000, Math.max(0, until - mono())));
-  }
-  return { host: o.name, status: 'unknown', id, message: `outcome unknown: ${last}` };
+  return askOutcome(o, id, () => until, 'outcome unknown');
 }
 
 /**
