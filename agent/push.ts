@@ -64,6 +64,8 @@ export class Push {
   /** the manifest's entries still to be received, in order */
   readonly need: ManifestEntry[];
   readonly total: number;
+  /** each path's place in `need`, which names its NAR file */
+  private readonly at: Map<string, number>;
   private readonly places: PushPlaces;
   private readonly dir: string;
   private index = 0;
@@ -87,6 +89,7 @@ export class Push {
     this.id = id;
     this.need = need;
     this.total = need.reduce((n, e) => n + e.narSize, 0);
+    this.at = new Map(need.map((e, i) => [e.path, i]));
     this.places = places;
     this.dir = join(places.tmpDir, id);
   }
@@ -211,7 +214,7 @@ export class Push {
       if (drv) await this.importDrvs(run);
       else await this.substitute(run);
       this.imported.push(...run.map((e) => e.path));
-      for (const e of run) rmSync(this.narFile(this.need.indexOf(e)), { force: true });
+      for (const e of run) rmSync(this.narFile(this.at.get(e.path)!), { force: true });
       i = j;
     }
   }
@@ -235,7 +238,7 @@ export class Push {
     const stream = Buffer.concat([
       ...run.flatMap((e) => [
         u64(1),
-        readFileSync(this.narFile(this.need.indexOf(e))),
+        readFileSync(this.narFile(this.at.get(e.path)!)),
         u64(0x4558494e),
         str(e.path),
         u64(e.references.length),

@@ -3,16 +3,13 @@
 // tries again, and reports what the host itself says.
 
 import assert from 'node:assert/strict';
-import { after, describe, it } from 'node:test';
-import { ScratchHost } from './helpers/host.ts';
+import { describe, it } from 'node:test';
+import { ScratchHost, cleanupsAfterAll } from './helpers/host.ts';
 import { haveNix } from './helpers/nix.ts';
 import { Relay } from './helpers/relay.ts';
 
 const skip = haveNix();
-const cleanups: (() => unknown)[] = [];
-after(async () => {
-  for (const c of cleanups.reverse()) await c();
-});
+const cleanups = cleanupsAfterAll();
 
 describe('a host key swapped on the reconnect', { skip }, () => {
   it('a forged challenge on the reconnect never turns a running trial into exit 3 "before any change"', async () => {

@@ -9,16 +9,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { haveNix, writeFlake } from './helpers/nix.ts';
-import { ScratchHost } from './helpers/host.ts';
+import { ScratchHost, cleanupsAfterAll } from './helpers/host.ts';
 import { Proxy } from './helpers/proxy.ts';
 
 const skip = haveNix();
 if (skip) console.warn(`SKIPPED: ${skip}`);
 
-const cleanups: (() => unknown)[] = [];
-after(async () => {
-  for (const c of cleanups.reverse()) await c();
-});
+const cleanups = cleanupsAfterAll();
 
 async function wireHost(extra: Record<string, unknown> = {}): Promise<ScratchHost> {
   const h = new ScratchHost('deploy').enableWire(extra).install();

@@ -6,17 +6,14 @@ import { execFileSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { join } from 'node:path';
-import { after, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { haveNix } from './helpers/nix.ts';
-import { ScratchHost } from './helpers/host.ts';
+import { ScratchHost, cleanupsAfterAll } from './helpers/host.ts';
 
 const skip = haveNix();
 if (skip) console.warn(`SKIPPED: ${skip}`);
 
-const cleanups: (() => unknown)[] = [];
-after(async () => {
-  for (const c of cleanups.reverse()) await c();
-});
+const cleanups = cleanupsAfterAll();
 
 async function wireHost(extra: Record<string, unknown> = {}): Promise<ScratchHost> {
   const h = new ScratchHost('errors').enableWire(extra).install();

@@ -4,17 +4,14 @@
 import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { haveNix } from './helpers/nix.ts';
-import { ScratchHost } from './helpers/host.ts';
+import { ScratchHost, cleanupsAfterAll } from './helpers/host.ts';
 
 const skip = haveNix();
 if (skip) console.warn(`SKIPPED: ${skip}`);
 
-const cleanups: (() => unknown)[] = [];
-after(async () => {
-  for (const c of cleanups.reverse()) await c();
-});
+const cleanups = cleanupsAfterAll();
 
 async function wireHost(name = 'hold'): Promise<ScratchHost> {
   const h = new ScratchHost(name).enableWire().install();

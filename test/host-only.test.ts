@@ -5,19 +5,16 @@
 import assert from 'node:assert/strict';
 import { copyFileSync, mkdirSync, mkdtempSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { haveNix, writeFlake } from './helpers/nix.ts';
-import { ScratchHost } from './helpers/host.ts';
+import { ScratchHost, cleanupsAfterAll } from './helpers/host.ts';
 import { UsageError } from '../shared/cli.ts';
 import { hostOnlyFleet, parseProbe } from '../shared/fleet.ts';
 
 const skip = haveNix();
 if (skip) console.warn(`SKIPPED: ${skip}`);
 
-const cleanups: (() => unknown)[] = [];
-after(async () => {
-  for (const c of cleanups.reverse()) await c();
-});
+const cleanups = cleanupsAfterAll();
 
 /**
  * A scratch host, a HOME whose ~/.ssh has the operator's key as id_ed25519 and (unless `knownHosts`

@@ -6,18 +6,15 @@ import assert from 'node:assert/strict';
 import { existsSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { join } from 'node:path';
-import { after, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { haveNix } from './helpers/nix.ts';
-import { CONTROLLER_BIN, ScratchHost } from './helpers/host.ts';
+import { CONTROLLER_BIN, ScratchHost, cleanupsAfterAll } from './helpers/host.ts';
 import { Terminal, haveTmux } from './helpers/tmux.ts';
 
 const skip = haveNix() ?? haveTmux();
 if (skip) console.warn(`SKIPPED: ${skip}`);
 
-const cleanups: (() => unknown)[] = [];
-after(async () => {
-  for (const c of cleanups.reverse()) await c();
-});
+const cleanups = cleanupsAfterAll();
 
 async function wireHost(): Promise<ScratchHost> {
   const h = new ScratchHost('live').enableWire().install();

@@ -7,7 +7,7 @@ import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { after, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { z } from 'zod';
 import type { DeployEvent } from '../controller/deploy.ts';
 import {
@@ -22,7 +22,7 @@ import {
   versionResultSchema,
 } from '../shared/output.ts';
 import { haveNix } from './helpers/nix.ts';
-import { AGENT_BIN, CONTROLLER_BIN, ScratchHost, jsonLines } from './helpers/host.ts';
+import { AGENT_BIN, CONTROLLER_BIN, ScratchHost, jsonLines, cleanupsAfterAll } from './helpers/host.ts';
 
 // The schema mirrors DeployEvent both ways: every event the controller can emit is a valid line,
 // and the schema names no event the controller does not have.
@@ -36,10 +36,7 @@ void noEventInvented;
 const skip = haveNix();
 if (skip) console.warn(`SKIPPED: ${skip}`);
 
-const cleanups: (() => unknown)[] = [];
-after(async () => {
-  for (const c of cleanups.reverse()) await c();
-});
+const cleanups = cleanupsAfterAll();
 
 // No snapback.json here.
 const empty = mkdtempSync(join(tmpdir(), 'snapback-output-'));

@@ -4,17 +4,14 @@
 import assert from 'node:assert/strict';
 import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, describe, it } from 'node:test';
-import { ScratchHost, haveOwnStore } from './helpers/host.ts';
+import { describe, it } from 'node:test';
+import { ScratchHost, haveOwnStore, cleanupsAfterAll } from './helpers/host.ts';
 import { haveNix } from './helpers/nix.ts';
 import { Relay } from './helpers/relay.ts';
 import { manyPathsToplevel } from './helpers/closures.ts';
 
 const skip = haveNix() ?? haveOwnStore();
-const cleanups: (() => unknown)[] = [];
-after(async () => {
-  for (const c of cleanups.reverse()) await c();
-});
+const cleanups = cleanupsAfterAll();
 
 describe('a push of several batches', { skip }, () => {
   it('a byte flipped in the second batch leaves nothing of the push in the host store', async () => {

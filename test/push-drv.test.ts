@@ -5,15 +5,12 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { existsSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, describe, it } from 'node:test';
-import { ScratchHost, haveOwnStore } from './helpers/host.ts';
+import { describe, it } from 'node:test';
+import { ScratchHost, haveOwnStore, cleanupsAfterAll } from './helpers/host.ts';
 import { SYSTEM, haveNix, nixStore, switchScript } from './helpers/nix.ts';
 
 const skip = haveNix() ?? haveOwnStore();
-const cleanups: (() => unknown)[] = [];
-after(async () => {
-  for (const c of cleanups.reverse()) await c();
-});
+const cleanups = cleanupsAfterAll();
 
 describe('a closure with a .drv in it', { skip }, () => {
   it('is pushed as it is: the .drv travels, nothing is built on either side', async () => {

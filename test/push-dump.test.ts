@@ -6,15 +6,12 @@ import assert from 'node:assert/strict';
 import { chmodSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
-import { after, describe, it } from 'node:test';
-import { ScratchHost, haveOwnStore } from './helpers/host.ts';
+import { describe, it } from 'node:test';
+import { ScratchHost, haveOwnStore, cleanupsAfterAll } from './helpers/host.ts';
 import { haveNix } from './helpers/nix.ts';
 
 const skip = haveNix() ?? haveOwnStore();
-const cleanups: (() => unknown)[] = [];
-after(async () => {
-  for (const c of cleanups.reverse()) await c();
-});
+const cleanups = cleanupsAfterAll();
 
 describe('nix-store --dump failing on the operator side', { skip }, () => {
   it('the deploy ends with a clear error instead of hanging', async () => {

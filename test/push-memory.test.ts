@@ -6,15 +6,12 @@
 import assert from 'node:assert/strict';
 import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, describe, it } from 'node:test';
-import { ScratchHost, haveOwnStore } from './helpers/host.ts';
+import { describe, it } from 'node:test';
+import { ScratchHost, haveOwnStore, cleanupsAfterAll } from './helpers/host.ts';
 import { haveNix } from './helpers/nix.ts';
 
 const skip = haveNix() ?? haveOwnStore() ?? (existsSync('/usr/bin/time') ? undefined : 'no /usr/bin/time');
-const cleanups: (() => unknown)[] = [];
-after(async () => {
-  for (const c of cleanups.reverse()) await c();
-});
+const cleanups = cleanupsAfterAll();
 
 describe('memory of the import on the host', { skip }, () => {
   it('importing a 96 MiB path does not take ~96 MiB of the host\'s memory', async () => {

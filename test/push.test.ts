@@ -6,18 +6,15 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { readFileSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, describe, it } from 'node:test';
-import { ScratchHost, haveOwnStore, runController } from './helpers/host.ts';
+import { describe, it } from 'node:test';
+import { ScratchHost, haveOwnStore, runController, cleanupsAfterAll } from './helpers/host.ts';
 import { haveNix, nix, nixStore, writeFlake } from './helpers/nix.ts';
 import { Relay } from './helpers/relay.ts';
 
 const skip = haveNix() ?? haveOwnStore();
 if (skip) console.warn(`SKIPPED: ${skip}`);
 
-const cleanups: (() => unknown)[] = [];
-after(async () => {
-  for (const c of cleanups.reverse()) await c();
-});
+const cleanups = cleanupsAfterAll();
 
 async function ownHost(name: string, opts: { sizeMiB?: number; config?: Record<string, unknown> } = {}): Promise<ScratchHost> {
   const h = new ScratchHost(name).ownStore(opts.sizeMiB ? { sizeMiB: opts.sizeMiB } : {}).enableWire(opts.config ?? {}).install();

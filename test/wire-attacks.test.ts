@@ -9,10 +9,10 @@ import { once } from 'node:events';
 import { readdirSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
-import { after, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import WebSocket from 'ws';
 import { SUBPROTOCOL } from '../shared/protocol.ts';
-import { ScratchHost, waitFor } from './helpers/host.ts';
+import { ScratchHost, waitFor, cleanupsAfterAll } from './helpers/host.ts';
 import { haveNix } from './helpers/nix.ts';
 import { RawClient } from './helpers/raw.ts';
 import { Relay } from './helpers/relay.ts';
@@ -20,10 +20,7 @@ import { Relay } from './helpers/relay.ts';
 const skip = haveNix();
 if (skip) console.warn(`SKIPPED: ${skip}`);
 
-const cleanups: (() => unknown)[] = [];
-after(async () => {
-  for (const c of cleanups.reverse()) await c();
-});
+const cleanups = cleanupsAfterAll();
 
 async function wireHost(name: string, extra: Record<string, unknown> = {}): Promise<{ h: ScratchHost; port: number }> {
   const h = new ScratchHost(name).enableWire(extra).install();

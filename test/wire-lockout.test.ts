@@ -3,16 +3,13 @@
 // newcomer holding fewer, so an operator still deploys.
 
 import assert from 'node:assert/strict';
-import { after, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { connect } from 'node:net';
-import { ScratchHost, waitFor } from './helpers/host.ts';
+import { ScratchHost, waitFor, cleanupsAfterAll } from './helpers/host.ts';
 import { haveNix } from './helpers/nix.ts';
 
 const skip = haveNix();
-const cleanups: (() => unknown)[] = [];
-after(async () => {
-  for (const c of cleanups.reverse()) await c();
-});
+const cleanups = cleanupsAfterAll();
 
 describe('one local user against maxPending', { skip }, () => {
   it('idle sockets from 127.0.0.10..17 do not keep a controller on 127.0.0.1 from deploying', async () => {

@@ -8,21 +8,18 @@ import { execFileSync } from 'node:child_process';
 import { once } from 'node:events';
 import { connect as tcpConnect } from 'node:net';
 import { join } from 'node:path';
-import { after, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { connect as tlsConnect } from 'node:tls';
 import WebSocket from 'ws';
 import { KeyExchange } from '../shared/channel.ts';
 import { SUBPROTOCOL, transcript } from '../shared/protocol.ts';
 import { formatPublicKey, keyFileSigner } from '../shared/ssh.ts';
-import { ScratchHost } from './helpers/host.ts';
+import { ScratchHost, cleanupsAfterAll } from './helpers/host.ts';
 import { haveNix } from './helpers/nix.ts';
 import { randomBytes } from 'node:crypto';
 
 const skip = haveNix();
-const cleanups: (() => unknown)[] = [];
-after(async () => {
-  for (const c of cleanups.reverse()) await c();
-});
+const cleanups = cleanupsAfterAll();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 function wss(port: number): WebSocket {

@@ -7,6 +7,7 @@ import { randomUUID } from 'node:crypto';
 import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readdirSync, realpathSync, rmSync, symlinkSync, writeFileSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { after } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { NIX_CONFIG, buildToplevel, haveNix, runHere, type Behaviour, type Runner } from './nix.ts';
 
@@ -522,4 +523,13 @@ export function jsonLines(stdout: string): any[] {
         return { unparsed: l };
       }
     });
+}
+
+/** Cleanups of one test file (hosts, proxies, sockets), run after all its tests, newest first. */
+export function cleanupsAfterAll(): (() => unknown)[] {
+  const cleanups: (() => unknown)[] = [];
+  after(async () => {
+    for (const c of cleanups.reverse()) await c();
+  });
+  return cleanups;
 }
