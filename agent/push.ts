@@ -1,12 +1,13 @@
 // A closure pushed by a controller into this host's store. Every NAR is written to a temporary file
 // while its SHA-256 is taken, checked against the operator-signed manifest, and only then given to
-// `nix-store --import`; what a push imported is held by GC roots until the deployment ends.
+// Nix; what a push added is held by GC roots until the deployment ends.
 
 import { createHash, type Hash } from 'node:crypto';
-import { closeSync, lstatSync, mkdirSync, openSync, readFileSync, readdirSync, rmSync, statfsSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, lstatSync, mkdirSync, openSync, readdirSync, rmSync, statfsSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import { open } from 'node:fs/promises';
 import { execa } from 'execa';
 import { SnapbackError } from '../shared/errors.ts';
 import { COLLECT_EVERY, collectGarbage } from '../shared/memory.ts';
@@ -50,31 +51,153 @@ export function releasePushRoots(gcRootDir: string, olderThanMs = 0, id?: string
   }
 }
 
-/** Verified NARs are added to the store in groups of this much (or when the push ends). */
-const GROUP_BYTES = 32 * 1024 * 1024;
+/**
+ * The NARs of a push go into the store through one `nix-store --serve --write` (Nix's own protocol
+ * for `nix copy --to ssh://`, here on a local pipe): each verified NAR is streamed into it with its
+ * signed hash, size and references; Nix restores it into the store path, checks the hash once more,
+ * registers it and answers. One process for the whole push (no start-up per path), no NAR in memory
+ * (Nix 2.8's `nix-store --import` would hold a whole one), and its temporary roots hold every path
+ * it added until the push's permanent roots are made.
+ */
+class StoreWriter {
+  private readonly child: ChildProcess;
+  private out: Buffer[] = [];
+  private outBytes = 0;
+  private wanted: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
+  private stderr = '';
+  private gone: Error | undefined;
+  private readonly buffers = [Buffer.allocUnsafe(READ_CHUNK), Buffer.allocUnsafe(READ_CHUNK)];
+
+  constructor() {
+    this.child = spawn('nix-store', ['--serve', '--write'], { stdio: ['pipe', 'pipe', 'pipe'] });
+    this.child.stdin!.on('error', () => {});
+    this.child.stdout!.on('data', (d: Buffer) => {
+      this.out.push(d);
+      this.outBytes += d.length;
+      this.deliver();
+    });
+    this.child.stderr!.setEncoding('utf8').on('data', (d: string) => (this.stderr = (this.stderr + d).slice(-4096)));
+    this.child.on('error', (err) => this.end(new SnapbackError('push-failed', `cannot run nix-store --serve: ${err.message}`)));
+    this.child.on('close', (code, signal) => {
+      const why = this.stderr.trim().split('\n').filter((l) => l && !l.startsWith('warning:')).slice(-3).join(' | ');
+      this.end(new SnapbackError('push-failed', `nix-store --serve ${signal ? `was stopped (${signal})` : `exited ${code}`}${why ? `: ${why}` : ''}`));
+    });
+    // The greeting; the version only tells Nix which optional fields we understand (none needed).
+    this.child.stdin!.write(Buffer.concat([u64(SERVE_MAGIC_1), u64(0x205)]));
+  }
+
+  /** Waits for Nix's greeting. */
+  async open(): Promise<void> {
+    const hello = await this.read(16);
+    if (hello.readBigUInt64LE(0) !== BigInt(SERVE_MAGIC_2)) throw new SnapbackError('push-failed', 'nix-store --serve does not speak its protocol');
+  }
+
+  /** Streams the NAR of `entry` from `file` into the store; resolves once Nix registered it. */
+  async add(entry: ManifestEntry, hexHash: string, file: string): Promise<void> {
+    const header = Buffer.concat([
+      u64(CMD_ADD_TO_STORE_NAR),
+      str(entry.path),
+      str(entry.deriver ?? ''),
+      str(`sha256:${hexHash}`),
+      u64(entry.references.length),
+      ...entry.references.map(str),
+      u64(0), // registration time: now
+      u64(entry.narSize),
+      u64(0), // not built here
+      u64(0), // no signatures: the operator's signature covered the manifest
+      str(''), // not content-addressed
+    ]);
+    await this.write(header);
+    // Two buffers, each refilled once the pipe took it: no new memory per chunk for V8 to collect.
+    const fh = await open(file, 'r');
+    try {
+      const writing: Promise<void>[] = [Promise.resolve(), Promise.resolve()];
+      for (let i = 0; ; i ^= 1) {
+        await writing[i];
+        const { bytesRead } = await fh.read(this.buffers[i]!, 0, READ_CHUNK, null);
+        if (bytesRead === 0) break;
+        const w = this.write(this.buffers[i]!.subarray(0, bytesRead), true);
+        w.catch(() => {}); // awaited in turn; a failure meanwhile must not count as unhandled
+        writing[i] = w;
+      }
+      await Promise.all(writing);
+    } finally {
+      await fh.close();
+    }
+    const ok = await this.read(8);
+    if (ok.readBigUInt64LE(0) !== 1n) throw new SnapbackError('push-failed', `nix-store --serve did not add ${entry.path}`);
+  }
+
+  /** Ends the protocol and waits for Nix to exit (its temporary roots go with it). */
+  async close(): Promise<void> {
+    if (this.gone) return;
+    const closed = once(this.child, 'close');
+    this.child.stdin!.end();
+    await closed;
+  }
+
+  kill(): void {
+    this.child.kill('SIGKILL');
+  }
+
+  /** Resolves when Nix may be sent more; `flushed`: only once `b` itself was handed to the pipe. */
+  private write(b: Buffer, flushed = false): Promise<void> {
+    if (this.gone) return Promise.reject(this.gone);
+    return new Promise((resolve, reject) => {
+      const stdin = this.child.stdin!;
+      const more = stdin.write(b, flushed ? (err) => (err ? reject(this.gone ?? err) : resolve()) : undefined);
+      if (flushed) return;
+      if (more) resolve();
+      else stdin.once('drain', resolve);
+    });
+  }
+
+  private read(n: number): Promise<Buffer> {
+    if (this.gone) return Promise.reject(this.gone);
+    return new Promise((resolve, reject) => {
+      this.wanted = { n, resolve, reject };
+      this.deliver();
+    });
+  }
+
+  private deliver(): void {
+    const w = this.wanted;
+    if (!w || this.outBytes < w.n) return;
+    const all = Buffer.concat(this.out, this.outBytes);
+    this.out = [all.subarray(w.n)];
+    this.outBytes -= w.n;
+    this.wanted = undefined;
+    w.resolve(all.subarray(0, w.n));
+  }
+
+  private end(err: Error): void {
+    this.gone ??= err;
+    this.wanted?.reject(this.gone);
+    this.wanted = undefined;
+  }
+}
+
+const READ_CHUNK = 512 * 1024;
+const SERVE_MAGIC_1 = 0x390c9deb;
+const SERVE_MAGIC_2 = 0x5452eecb;
+const CMD_ADD_TO_STORE_NAR = 9;
 
 /**
- * The push's directory is a `file://` binary cache that only ever lists verified paths: a NAR is
- * written under `nar/` while it is hashed, and its `.narinfo` (from the signed manifest) is written
- * only once the hash matched. Nix then substitutes from it, streaming each NAR into the store (Nix
- * 2.8's `nix-store --import` would hold a whole NAR in memory) and checking the hash once more.
+ * A push: NARs arrive in manifest order (dependencies first); each is written to a temporary file
+ * while it is hashed, and only one that matches its signed hash is handed to Nix, while the next
+ * one arrives.
  */
 export class Push {
   readonly id: string;
   /** the manifest's entries still to be received, in order */
   readonly need: ManifestEntry[];
   readonly total: number;
-  /** each path's place in `need`, which names its NAR file */
-  private readonly at: Map<string, number>;
   private readonly places: PushPlaces;
   private readonly dir: string;
   private index = 0;
   private hash: Hash | undefined;
   private fd: number | undefined;
   private got = 0;
-  /** verified, not yet handed to Nix */
-  private group: ManifestEntry[] = [];
-  private groupBytes = 0;
   /** bytes received over all paths */
   received = 0;
   /** paths verified (and so on their way into the store) */
@@ -82,14 +205,14 @@ export class Push {
   /** paths Nix has added */
   imported: string[] = [];
   private importing: Promise<void> = Promise.resolve();
-  private importer: ChildProcess | undefined;
+  private writer: StoreWriter | undefined;
   private failed: Error | undefined;
+  private rooted = 0;
 
   private constructor(id: string, need: ManifestEntry[], places: PushPlaces) {
     this.id = id;
     this.need = need;
     this.total = need.reduce((n, e) => n + e.narSize, 0);
-    this.at = new Map(need.map((e, i) => [e.path, i]));
     this.places = places;
     this.dir = join(places.tmpDir, id);
   }
@@ -99,20 +222,26 @@ export class Push {
    * then keeps what is still missing, and refuses (`no-space`) when it would not fit.
    */
   static async prepare(id: string, manifest: ManifestEntry[], substitute: boolean, remainingBytes: number, places: PushPlaces): Promise<Push> {
-    let missing = new Set(await invalidPaths(manifest.map((e) => e.path)));
-    if (substitute && missing.size) {
-      // --keep-going: what no cache has is simply left for the push.
-      await execa('nix-store', ['--realise', '--keep-going', ...places.trustOptions, '--', ...missing], { reject: false, stdin: 'ignore' });
-      missing = new Set(await invalidPaths([...missing]));
-    }
-    const need = manifest.filter((e) => missing.has(e.path));
-    const push = new Push(id, need, places);
-    if (need.length) {
-      // What is still to come in this transfer (this batch and the later ones), the group in flight
-      // beside it, and a margin: checked at every batch, as the free space may shrink.
+    // Nix starts while the store is asked what it lacks.
+    const writer = new StoreWriter();
+    try {
+      let missing = new Set(await invalidPaths(manifest.map((e) => e.path)));
+      if (substitute && missing.size) {
+        // --keep-going: what no cache has is simply left for the push.
+        await execa('nix-store', ['--realise', '--keep-going', ...places.trustOptions, '--', ...missing], { reject: false, stdin: 'ignore' });
+        missing = new Set(await invalidPaths([...missing]));
+      }
+      const need = manifest.filter((e) => missing.has(e.path));
+      const push = new Push(id, need, places);
+      if (!need.length) {
+        await writer.close();
+        return push;
+      }
+      // What is still to come in this transfer (this batch and the later ones), the NARs waiting
+      // for Nix beside it, and a margin: checked at every batch, as the free space may shrink.
       const coming = Math.max(remainingBytes - (manifest.reduce((n, e) => n + e.narSize, 0) - push.total), push.total);
       const largest = Math.max(...need.map((e) => e.narSize));
-      const required = coming + Math.min(push.total, largest + GROUP_BYTES) + SPACE_MARGIN;
+      const required = coming + Math.min(push.total, largest + PUSH_WINDOW) + SPACE_MARGIN;
       const free = Math.min(freeBytes(STORE), freeBytes(places.tmpDir.replace(/\/push$/, '')));
       if (free < required) {
         throw new SnapbackError(
@@ -120,10 +249,15 @@ export class Push {
           `the closure needs ${mib(coming)} and ${mib(required - coming)} to spare, but the store's file system has ${mib(free)} free; nothing more was sent`,
         );
       }
-      mkdirSync(join(push.dir, 'nar'), { recursive: true, mode: 0o700 });
-      writeFileSync(join(push.dir, 'nix-cache-info'), `StoreDir: ${STORE}\nWantMassQuery: 0\nPriority: 0\n`);
+      mkdirSync(push.dir, { recursive: true, mode: 0o700 });
+      await writer.open();
+      push.writer = writer;
+      return push;
+    } catch (err) {
+      writer.kill();
+      await writer.close();
+      throw err;
     }
-    return push;
   }
 
   get complete(): boolean {
@@ -167,107 +301,46 @@ export class Push {
     if (got !== entry.narHash) {
       throw new SnapbackError('bad-nar', `the NAR of ${entry.path} does not match its signed hash (${got} instead of ${entry.narHash}): the transfer is refused and nothing of it is imported`);
     }
-    const base = (p: string) => p.slice(STORE.length + 1);
-    writeFileSync(
-      join(this.dir, `${base(entry.path).slice(0, 32)}.narinfo`),
-      [
-        `StorePath: ${entry.path}`,
-        `URL: nar/${this.index}.nar`,
-        'Compression: none',
-        `NarHash: sha256:${digest.toString('hex')}`,
-        `NarSize: ${entry.narSize}`,
-        `References: ${entry.references.map(base).join(' ')}`,
-        ...(entry.deriver ? [`Deriver: ${base(entry.deriver)}`] : []),
-        '',
-      ].join('\n'),
-    );
-    this.group.push(entry);
-    this.groupBytes += entry.narSize;
+    const file = this.narFile(this.index);
     this.verified.push(entry.path);
     this.index++;
-    if (this.groupBytes >= GROUP_BYTES || this.complete) this.importGroup();
-  }
-
-  /** Hands the verified paths so far to Nix, after the groups before them. */
-  private importGroup(): void {
-    const group = this.group;
-    this.group = [];
-    this.groupBytes = 0;
-    if (!group.length) return;
-    this.importing = this.importing.then(() => this.importRuns(group)).catch((err: Error) => {
-      this.failed ??= err instanceof SnapbackError ? err : new SnapbackError('push-failed', err.message);
+    this.importing = this.importing.then(async () => {
+      if (this.failed) return;
+      try {
+        await this.writer!.add(entry, digest.toString('hex'), file);
+        this.imported.push(entry.path);
+      } catch (err) {
+        this.failed ??= err instanceof SnapbackError ? err : new SnapbackError('push-failed', (err as Error).message);
+      } finally {
+        rmSync(file, { force: true });
+      }
     });
   }
 
   /**
-   * In manifest order (dependencies first): runs of ordinary paths are substituted from the push's
-   * cache and rooted in one `nix-store --realise`; a `.drv` (which `--realise` would build) is
-   * imported as it is. Both read the NAR files themselves; nothing passes through this process.
+   * Roots what Nix added, in one `nix-store --realise --add-root` of the paths nothing else in it
+   * refers to (valid already, so nothing is fetched or built; a `.drv` would be built, so it is held
+   * through the paths that refer to it), before the writer's temporary roots go.
    */
-  private async importRuns(group: ManifestEntry[]): Promise<void> {
-    for (let i = 0; i < group.length; ) {
-      const drv = group[i]!.path.endsWith('.drv');
-      let j = i;
-      while (j < group.length && group[j]!.path.endsWith('.drv') === drv) j++;
-      const run = group.slice(i, j);
-      if (this.failed) return;
-      if (drv) await this.importDrvs(run);
-      else await this.substitute(run);
-      this.imported.push(...run.map((e) => e.path));
-      for (const e of run) rmSync(this.narFile(this.at.get(e.path)!), { force: true });
-      i = j;
-    }
+  private async root(): Promise<void> {
+    const added = new Set(this.imported.slice(this.rooted));
+    this.rooted = this.imported.length;
+    const entries = this.need.filter((e) => added.has(e.path));
+    const referenced = new Set(entries.flatMap((e) => e.references.filter((r) => r !== e.path)));
+    const tops = entries.map((e) => e.path).filter((p) => !referenced.has(p) && !p.endsWith('.drv'));
+    if (!tops.length) return;
+    const r = await execa('nix-store', ['--realise', '--add-root', join(this.places.gcRootDir, `push-${this.id}-${this.rooted}`), '--', ...tops], { reject: false, stdin: 'ignore' });
+    if (r.exitCode !== 0) throw new SnapbackError('push-failed', `nix-store --add-root failed: ${String(r.stderr).trim().split('\n').pop()}`);
   }
 
-  private async substitute(run: ManifestEntry[]): Promise<void> {
-    const mine = new Set(run.map((e) => e.path));
-    const referenced = new Set(run.flatMap((e) => e.references.filter((r) => r !== e.path && mine.has(r))));
-    const tops = run.map((e) => e.path).filter((p) => !referenced.has(p));
-    const args = [
-      '--realise',
-      // Only this push's cache, and no signature needed: each NAR matched the operator's signed manifest.
-      '--option', 'substituters', `file://${this.dir}`,
-      '--option', 'require-sigs', 'false',
-      '--add-root', join(this.places.gcRootDir, `push-${this.id}-${this.imported.length}`),
-      '--', ...tops,
-    ];
-    await this.run('nix-store', args, 'ignore');
-  }
-
-  private async importDrvs(run: ManifestEntry[]): Promise<void> {
-    const stream = Buffer.concat([
-      ...run.flatMap((e) => [
-        u64(1),
-        readFileSync(this.narFile(this.at.get(e.path)!)),
-        u64(0x4558494e),
-        str(e.path),
-        u64(e.references.length),
-        ...e.references.map(str),
-        str(e.deriver ?? ''),
-        u64(0),
-      ]),
-      u64(0),
-    ]);
-    await this.run('nix-store', ['--import'], stream);
-  }
-
-  private async run(cmd: string, args: string[], input: 'ignore' | Buffer): Promise<void> {
-    const child = spawn(cmd, args, { stdio: [input === 'ignore' ? 'ignore' : 'pipe', 'ignore', 'pipe'] });
-    this.importer = child;
-    let stderr = '';
-    child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-4096)));
-    if (input !== 'ignore') child.stdin!.on('error', () => {}).end(input);
-    const [code, signal] = (await once(child, 'close')) as [number | null, NodeJS.Signals | null];
-    this.importer = undefined;
-    if (signal) throw new SnapbackError('push-failed', `${cmd} ${args[0]} was stopped (${signal})`);
-    if (code !== 0) throw new SnapbackError('push-failed', `${cmd} ${args[0]} failed: ${stderr.trim().split('\n').filter((l) => !l.startsWith('warning:')).slice(-3).join(' | ')}`);
-  }
-
-  /** All paths received: waits for Nix, which roots what it adds. */
+  /** All paths received: waits for Nix, then roots what it added. */
   async finish(): Promise<number> {
-    this.importGroup();
     await this.importing;
     if (this.failed) throw this.failed;
+    if (this.writer) {
+      await this.root();
+      await this.writer.close();
+    }
     this.cleanup();
     return this.imported.length;
   }
@@ -278,8 +351,11 @@ export class Push {
    */
   async interrupt(): Promise<void> {
     this.closeFile();
-    this.importGroup();
     await this.importing;
+    if (this.writer) {
+      await this.root().catch((err: Error) => this.places.log.warn({ err: err.message }, 'could not root the paths of an interrupted push'));
+      await this.writer.close();
+    }
     this.cleanup();
   }
 
@@ -290,8 +366,9 @@ export class Push {
   async abort(earlier: string[] = [], transfer?: string): Promise<void> {
     this.failed ??= new SnapbackError('bad-nar', 'aborted');
     this.closeFile();
-    this.importer?.kill('SIGKILL');
+    this.writer?.kill();
     await this.importing;
+    await this.writer?.close();
     const landed = await invalidPaths(this.verified)
       .then((invalid) => this.verified.filter((p) => !invalid.includes(p)))
       .catch(() => this.verified);
@@ -316,7 +393,7 @@ export class Push {
   }
 
   private narFile(i: number): string {
-    return join(this.dir, 'nar', `${i}.nar`);
+    return join(this.dir, `${i}.nar`);
   }
 }
 

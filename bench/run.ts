@@ -2,6 +2,7 @@
 // loopback with real Nix (toplevels built beforehand, so Nix's build time is not measured).
 // Prints a table and, last, one JSON line. Goals are checked here, never in a timed test.
 
+import './compiled.ts';
 import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';

@@ -16,7 +16,7 @@ import { duration } from '../shared/text.ts';
 import type { ServerMessage } from '../shared/protocol.ts';
 import type { Signer } from '../shared/ssh.ts';
 import { probeName, runProbes, type ProbeResult } from './probes.ts';
-import { pushClosure, type PushProgress } from './push.ts';
+import { localClosure, pushClosure, type PushProgress } from './push.ts';
 import { Session, type SessionOptions } from './session.ts';
 
 /** `held`: probes passed and the trial left running on purpose (`--hold`); the operator decides. */
@@ -208,6 +208,8 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
   const x = o.interruption;
   if (x?.interrupted) return notStarted(name);
   o.emit({ type: 'connecting', host: name });
+  // What to push is read from this machine's store while the host is dialled.
+  if (o.push) void localClosure(o.push.toplevel);
   let first: Session;
   try {
     first = await Session.open(name, o.host, o.signers, o.session);
@@ -385,7 +387,7 @@ export async function hold(o: DeployHostOptions, p: Passed): Promise<HostResult>
  */
 async function push(o: DeployHostOptions, session: Session, plan: PushPlan): Promise<HostResult | undefined> {
   const started = mono();
-  let last = 0;
+  let last = -Infinity;
   const emit = (p: PushProgress, done = false) => {
     const t = mono();
     if (!done && t - last < 500) return;

@@ -96,6 +96,22 @@ function batches(entries: ManifestEntry[]): ManifestEntry[][] {
   return out;
 }
 
+const closures = new Map<string, Promise<{ closure: string[]; manifest: ManifestEntry[] }>>();
+
+/**
+ * The closure of `toplevel` and its manifest (dependencies first), read from this machine's store
+ * once per run: started while the host is dialled, and shared by every host deployed the same system.
+ */
+export function localClosure(toplevel: string): Promise<{ closure: string[]; manifest: ManifestEntry[] }> {
+  let c = closures.get(toplevel);
+  if (!c) {
+    c = closureOf(toplevel).then(async (closure) => ({ closure, manifest: await manifestOf(closure) }));
+    c.catch(() => {}); // awaited by the push; an error is reported there, not as unhandled
+    closures.set(toplevel, c);
+  }
+  return c;
+}
+
 /** The paths of `closure` the host lacks. */
 export async function missingOn(session: Session, closure: string[]): Promise<string[]> {
   const missing: string[] = [];
@@ -113,8 +129,9 @@ export async function missingOn(session: Session, closure: string[]): Promise<st
  * (`bad-nar`, `no-space`, `push-failed`, or `unreachable` when the connection is lost).
  */
 export async function pushClosure(session: Session, toplevel: string, opts: { substitute?: boolean; onProgress?: (p: PushProgress) => void } = {}): Promise<PushProgress> {
-  const missing = await missingOn(session, await closureOf(toplevel));
-  const manifest = missing.length ? await manifestOf(missing) : [];
+  const local = localClosure(toplevel);
+  const missing = new Set(await missingOn(session, (await local).closure));
+  const manifest = (await local).manifest.filter((e) => missing.has(e.path));
   const progress: PushProgress = { paths: 0, totalPaths: manifest.length, bytes: 0, totalBytes: manifest.reduce((n, e) => n + e.narSize, 0) };
   opts.onProgress?.({ ...progress });
   // One transfer: a refusal of any batch undoes the earlier ones too.
@@ -186,7 +203,11 @@ async function pushBatch(
   throw answerError(answer, 'push');
 }
 
-/** The NARs of `entries`, in order, as binary frames; waits whenever a window's worth is unacknowledged. */
+/**
+ * The NARs of `entries`, in order, as binary frames; waits whenever a window's worth is
+ * unacknowledged. One `nix-store --export` reads them all (each NAR framed by a few fields, which
+ * are checked and dropped here): one process, not one per path.
+ */
 async function sendNars(
   session: Session,
   entries: ManifestEntry[],
@@ -195,54 +216,116 @@ async function sendNars(
   onWait: (wake: () => void) => void,
   stopped: { now: boolean },
 ): Promise<void> {
+  if (!entries.length) return;
+  const exporter = execa('nix-store', ['--export', '--', ...entries.map((e) => e.path)], { stdin: 'ignore', stdout: 'pipe', stderr: 'pipe', buffer: { stdout: false, stderr: true }, reject: false });
+  const input = new ExportReader(exporter.stdout!);
   let sent = 0;
-  for (const e of entries) {
-    if (stopped.now) return;
-    const dump = execa('nix-store', ['--dump', '--', e.path], { stdin: 'ignore', stdout: 'pipe', stderr: 'ignore', buffer: false, reject: false });
-    let bytes = 0;
-    for await (const chunk of frames(dump.stdout!)) {
-      while (sent + chunk.length - acked() > Math.max(window(), PUSH_CHUNK) && !stopped.now) {
-        const before = acked();
-        const timer = new AbortController();
-        const woke = await Promise.race([
-          new Promise<boolean>((resolve) => onWait(() => resolve(true))),
-          sleep(STALL_MS, false, { signal: timer.signal, ref: false }).catch(() => true),
-        ]);
-        timer.abort();
-        if (!woke && acked() === before && !stopped.now) throw new SnapbackError('unreachable', `the host acknowledged nothing for ${STALL_MS / 1000}s during the push`);
+  try {
+    for (const e of entries) {
+      if ((await input.u64()) !== 1n) throw input.malformed(`before ${e.path}`);
+      for await (const chunk of input.frames(e.narSize)) {
+        while (sent + chunk.length - acked() > Math.max(window(), PUSH_CHUNK) && !stopped.now) {
+          const before = acked();
+          const timer = new AbortController();
+          const woke = await Promise.race([
+            new Promise<boolean>((resolve) => onWait(() => resolve(true))),
+            sleep(STALL_MS, false, { signal: timer.signal, ref: false }).catch(() => true),
+          ]);
+          timer.abort();
+          if (!woke && acked() === before && !stopped.now) throw new SnapbackError('unreachable', `the host acknowledged nothing for ${STALL_MS / 1000}s during the push`);
+        }
+        // The agent answered (an error) or the connection is gone: not one byte more.
+        if (stopped.now || !session.open) return;
+        await session.sendBinary(chunk);
+        if (Math.floor((sent + chunk.length) / COLLECT_EVERY) > Math.floor(sent / COLLECT_EVERY)) collectGarbage();
+        sent += chunk.length;
       }
-      // The agent answered (an error) or the connection is gone: not one byte more.
-      if (stopped.now || !session.open) {
-        dump.kill();
-        return;
-      }
-      await session.sendBinary(chunk);
-      if (Math.floor((sent + chunk.length) / COLLECT_EVERY) > Math.floor(sent / COLLECT_EVERY)) collectGarbage();
-      sent += chunk.length;
-      bytes += chunk.length;
+      // What follows each NAR: a marker, the path, its references, its deriver, no signature.
+      if ((await input.u64()) !== EXPORT_MAGIC) throw input.malformed(`after the NAR of ${e.path}`);
+      if ((await input.string()) !== e.path) throw input.malformed(`after the NAR of ${e.path}: another path`);
+      for (let n = Number(await input.u64()); n > 0; n--) await input.string();
+      await input.string();
+      await input.u64();
     }
-    const r = await dump;
-    if (r.exitCode !== 0 || bytes !== e.narSize) {
-      throw new SnapbackError('push-failed', `nix-store --dump of ${e.path} on this machine gave ${bytes} of its ${e.narSize} bytes${r.exitCode ? ` (exit ${r.exitCode}; collected meanwhile?)` : ''}`);
-    }
+  } catch (err) {
+    // A stream cut short: nix-store is ending, and says why; anything else: it is stopped.
+    if (!input.ended) exporter.kill();
+    const r = await exporter;
+    if (input.ended && r.exitCode) throw new SnapbackError('push-failed', `nix-store --export on this machine failed (exit ${r.exitCode}; collected meanwhile?): ${lastLine(r.stderr)}`);
+    throw err;
+  } finally {
+    if (stopped.now || !session.open) exporter.kill();
   }
+  const r = await exporter;
+  if (r.exitCode !== 0) throw new SnapbackError('push-failed', `nix-store --export on this machine failed (exit ${r.exitCode}): ${lastLine(r.stderr)}`);
 }
 
-/** A NAR stream cut into frames of PUSH_CHUNK (pipe reads come in 64 KiB: fewer, larger frames cost the agent less). */
-async function* frames(stream: AsyncIterable<unknown>): AsyncGenerator<Buffer> {
-  let pending: Buffer[] = [];
-  let size = 0;
-  for await (const data of stream) {
-    pending.push(data as Buffer);
-    size += (data as Buffer).length;
-    while (size >= PUSH_CHUNK) {
-      const all = Buffer.concat(pending, size);
-      yield all.subarray(0, PUSH_CHUNK);
-      pending = [all.subarray(PUSH_CHUNK)];
-      size -= PUSH_CHUNK;
+/** After each NAR in `nix-store --export`'s stream. */
+const EXPORT_MAGIC = 0x4558494en;
+
+/**
+ * Reads `nix-store --export`'s stream: its small fields, and each NAR as frames of PUSH_CHUNK
+ * (pipe reads come in 64 KiB: fewer, larger frames cost the agent less).
+ */
+class ExportReader {
+  private readonly it: AsyncIterator<Buffer>;
+  private pending: Buffer[] = [];
+  private size = 0;
+  /** the stream has ended */
+  ended = false;
+
+  constructor(stream: AsyncIterable<unknown>) {
+    this.it = (stream as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
+  }
+
+  malformed(where: string): SnapbackError {
+    return new SnapbackError('push-failed', `nix-store --export on this machine gave a stream this controller cannot read (${where})`);
+  }
+
+  /** At least `n` bytes buffered (false at the end of the stream). */
+  private async fill(n: number): Promise<boolean> {
+    while (this.size < n) {
+      const r = await this.it.next();
+      if (r.done) {
+        this.ended = true;
+        return false;
+      }
+      this.pending.push(r.value);
+      this.size += r.value.length;
+    }
+    return true;
+  }
+
+  /** Exactly `n` bytes. */
+  private async take(n: number): Promise<Buffer> {
+    if (!(await this.fill(n))) throw this.malformed('cut short');
+    const all = this.pending.length === 1 ? this.pending[0]! : Buffer.concat(this.pending, this.size);
+    this.pending = all.length > n ? [all.subarray(n)] : [];
+    this.size -= n;
+    return all.subarray(0, n);
+  }
+
+  async u64(): Promise<bigint> {
+    return (await this.take(8)).readBigUInt64LE(0);
+  }
+
+  async string(): Promise<string> {
+    const n = Number(await this.u64());
+    if (n > 64 * 1024) throw this.malformed('a field too long');
+    return (await this.take(n + ((8 - (n % 8)) % 8))).subarray(0, n).toString();
+  }
+
+  async *frames(n: number): AsyncGenerator<Buffer> {
+    while (n > 0) {
+      const want = Math.min(n, PUSH_CHUNK);
+      // Whatever is buffered, up to a frame, once the pipe has no more at hand than that.
+      await this.fill(want);
+      const take = Math.min(want, this.size);
+      if (take === 0) throw this.malformed('cut short in a NAR');
+      yield await this.take(take);
+      n -= take;
     }
   }
-  if (size) yield Buffer.concat(pending, size);
 }
 
 function answerError(m: ServerMessage, what: string): SnapbackError {

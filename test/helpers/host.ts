@@ -12,8 +12,10 @@ import { fileURLToPath } from 'node:url';
 import { NIX_CONFIG, buildToplevel, haveNix, runHere, type Behaviour, type Runner } from './nix.ts';
 
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
-export const AGENT_BIN = join(ROOT, 'bin', 'snapback-agent.js');
-export const CONTROLLER_BIN = join(ROOT, 'bin', 'snapback.js');
+/** Where the commands are: the checkout's, or a compiled copy's (the bench's, bench/compiled.ts). */
+const BIN_DIR = process.env.SNAPBACK_BIN_DIR ?? join(ROOT, 'bin');
+export const AGENT_BIN = join(BIN_DIR, 'snapback-agent.js');
+export const CONTROLLER_BIN = join(BIN_DIR, 'snapback.js');
 
 export type LogLine = { level: number; msg: string; [k: string]: unknown };
 
