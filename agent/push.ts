@@ -5,14 +5,12 @@
 import { createHash, type Hash } from 'node:crypto';
 import { closeSync, lstatSync, mkdirSync, openSync, readdirSync, rmSync, statfsSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { once } from 'node:events';
-import { open } from 'node:fs/promises';
 import { execa } from 'execa';
 import { SnapbackError } from '../shared/errors.ts';
 import { COLLECT_EVERY, collectGarbage } from '../shared/memory.ts';
 import type { ManifestEntry } from '../shared/protocol.ts';
 import type { Logger } from './log.ts';
+import { StoreWriterThread } from './store-writer.ts';
 
 /** Bytes a controller may send ahead of an acknowledgement: what either side holds in memory. */
 export const PUSH_WINDOW = 4 * 1024 * 1024;
@@ -32,12 +30,17 @@ export interface PushPlaces {
   log: Logger;
 }
 
-/** Which of `paths` the store lacks. */
+/**
+ * Which of `paths` the store lacks: a path with nothing on disk certainly; one on disk only if Nix's
+ * database says so (it may be the remains of an interrupted write). Nix is asked only about those.
+ */
 export async function invalidPaths(paths: string[]): Promise<string[]> {
-  if (paths.length === 0) return [];
-  const r = await execa('nix-store', ['--check-validity', '--print-invalid', '--', ...paths], { reject: false, stdin: 'ignore' });
+  const present = paths.filter((p) => lstatSync(p, { throwIfNoEntry: false }) !== undefined);
+  if (present.length === 0) return paths;
+  const r = await execa('nix-store', ['--check-validity', '--print-invalid', '--', ...present], { reject: false, stdin: 'ignore' });
   if (r.exitCode !== 0) throw new SnapbackError('push-failed', `nix-store --check-validity failed: ${String(r.stderr).trim().split('\n').pop()}`);
-  return String(r.stdout).split('\n').filter(Boolean);
+  const invalid = new Set(String(r.stdout).split('\n').filter(Boolean));
+  return paths.filter((p) => invalid.has(p) || !present.includes(p));
 }
 
 /** Removes the roots of pushed paths: at the end of a deployment, and stale ones at start. */
@@ -50,137 +53,6 @@ export function releasePushRoots(gcRootDir: string, olderThanMs = 0, id?: string
     rmSync(p, { force: true });
   }
 }
-
-/**
- * The NARs of a push go into the store through one `nix-store --serve --write` (Nix's own protocol
- * for `nix copy --to ssh://`, here on a local pipe): each verified NAR is streamed into it with its
- * signed hash, size and references; Nix restores it into the store path, checks the hash once more,
- * registers it and answers. One process for the whole push (no start-up per path), no NAR in memory
- * (Nix 2.8's `nix-store --import` would hold a whole one), and its temporary roots hold every path
- * it added until the push's permanent roots are made.
- */
-class StoreWriter {
-  private readonly child: ChildProcess;
-  private out: Buffer[] = [];
-  private outBytes = 0;
-  private wanted: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
-  private stderr = '';
-  private gone: Error | undefined;
-  private readonly buffers = [Buffer.allocUnsafe(READ_CHUNK), Buffer.allocUnsafe(READ_CHUNK)];
-
-  constructor() {
-    this.child = spawn('nix-store', ['--serve', '--write'], { stdio: ['pipe', 'pipe', 'pipe'] });
-    this.child.stdin!.on('error', () => {});
-    this.child.stdout!.on('data', (d: Buffer) => {
-      this.out.push(d);
-      this.outBytes += d.length;
-      this.deliver();
-    });
-    this.child.stderr!.setEncoding('utf8').on('data', (d: string) => (this.stderr = (this.stderr + d).slice(-4096)));
-    this.child.on('error', (err) => this.end(new SnapbackError('push-failed', `cannot run nix-store --serve: ${err.message}`)));
-    this.child.on('close', (code, signal) => {
-      const why = this.stderr.trim().split('\n').filter((l) => l && !l.startsWith('warning:')).slice(-3).join(' | ');
-      this.end(new SnapbackError('push-failed', `nix-store --serve ${signal ? `was stopped (${signal})` : `exited ${code}`}${why ? `: ${why}` : ''}`));
-    });
-    // The greeting; the version only tells Nix which optional fields we understand (none needed).
-    this.child.stdin!.write(Buffer.concat([u64(SERVE_MAGIC_1), u64(0x205)]));
-  }
-
-  /** Waits for Nix's greeting. */
-  async open(): Promise<void> {
-    const hello = await this.read(16);
-    if (hello.readBigUInt64LE(0) !== BigInt(SERVE_MAGIC_2)) throw new SnapbackError('push-failed', 'nix-store --serve does not speak its protocol');
-  }
-
-  /** Streams the NAR of `entry` from `file` into the store; resolves once Nix registered it. */
-  async add(entry: ManifestEntry, hexHash: string, file: string): Promise<void> {
-    const header = Buffer.concat([
-      u64(CMD_ADD_TO_STORE_NAR),
-      str(entry.path),
-      str(entry.deriver ?? ''),
-      str(`sha256:${hexHash}`),
-      u64(entry.references.length),
-      ...entry.references.map(str),
-      u64(0), // registration time: now
-      u64(entry.narSize),
-      u64(0), // not built here
-      u64(0), // no signatures: the operator's signature covered the manifest
-      str(''), // not content-addressed
-    ]);
-    await this.write(header);
-    // Two buffers, each refilled once the pipe took it: no new memory per chunk for V8 to collect.
-    const fh = await open(file, 'r');
-    try {
-      const writing: Promise<void>[] = [Promise.resolve(), Promise.resolve()];
-      for (let i = 0; ; i ^= 1) {
-        await writing[i];
-        const { bytesRead } = await fh.read(this.buffers[i]!, 0, READ_CHUNK, null);
-        if (bytesRead === 0) break;
-        const w = this.write(this.buffers[i]!.subarray(0, bytesRead), true);
-        w.catch(() => {}); // awaited in turn; a failure meanwhile must not count as unhandled
-        writing[i] = w;
-      }
-      await Promise.all(writing);
-    } finally {
-      await fh.close();
-    }
-    const ok = await this.read(8);
-    if (ok.readBigUInt64LE(0) !== 1n) throw new SnapbackError('push-failed', `nix-store --serve did not add ${entry.path}`);
-  }
-
-  /** Ends the protocol and waits for Nix to exit (its temporary roots go with it). */
-  async close(): Promise<void> {
-    if (this.gone) return;
-    const closed = once(this.child, 'close');
-    this.child.stdin!.end();
-    await closed;
-  }
-
-  kill(): void {
-    this.child.kill('SIGKILL');
-  }
-
-  /** Resolves when Nix may be sent more; `flushed`: only once `b` itself was handed to the pipe. */
-  private write(b: Buffer, flushed = false): Promise<void> {
-    if (this.gone) return Promise.reject(this.gone);
-    return new Promise((resolve, reject) => {
-      const stdin = this.child.stdin!;
-      const more = stdin.write(b, flushed ? (err) => (err ? reject(this.gone ?? err) : resolve()) : undefined);
-      if (flushed) return;
-      if (more) resolve();
-      else stdin.once('drain', resolve);
-    });
-  }
-
-  private read(n: number): Promise<Buffer> {
-    if (this.gone) return Promise.reject(this.gone);
-    return new Promise((resolve, reject) => {
-      this.wanted = { n, resolve, reject };
-      this.deliver();
-    });
-  }
-
-  private deliver(): void {
-    const w = this.wanted;
-    if (!w || this.outBytes < w.n) return;
-    const all = Buffer.concat(this.out, this.outBytes);
-    this.out = [all.subarray(w.n)];
-    this.outBytes -= w.n;
-    this.wanted = undefined;
-    w.resolve(all.subarray(0, w.n));
-  }
-
-  private end(err: Error): void {
-    this.gone ??= err;
-    this.wanted?.reject(this.gone);
-    this.wanted = undefined;
-  }
-}
-
-const READ_CHUNK = 512 * 1024;
-const SERVE_MAGIC_1 = 0x390c9deb;
-const SERVE_MAGIC_2 = 0x5452eecb;
-const CMD_ADD_TO_STORE_NAR = 9;
 
 /**
  * A push: NARs arrive in manifest order (dependencies first); each is written to a temporary file
@@ -205,7 +77,7 @@ export class Push {
   /** paths Nix has added */
   imported: string[] = [];
   private importing: Promise<void> = Promise.resolve();
-  private writer: StoreWriter | undefined;
+  private writer: StoreWriterThread | undefined;
   private failed: Error | undefined;
   private rooted = 0;
 
@@ -223,7 +95,7 @@ export class Push {
    */
   static async prepare(id: string, manifest: ManifestEntry[], substitute: boolean, remainingBytes: number, places: PushPlaces): Promise<Push> {
     // Nix starts while the store is asked what it lacks.
-    const writer = new StoreWriter();
+    const writer = new StoreWriterThread();
     try {
       let missing = new Set(await invalidPaths(manifest.map((e) => e.path)));
       if (substitute && missing.size) {
@@ -250,8 +122,11 @@ export class Push {
         );
       }
       mkdirSync(push.dir, { recursive: true, mode: 0o700 });
-      await writer.open();
+      // The NARs start arriving meanwhile: Nix's greeting is awaited before the first is added.
       push.writer = writer;
+      push.importing = writer.open().catch((err: Error) => {
+        push.failed ??= err;
+      });
       return push;
     } catch (err) {
       writer.kill();
@@ -333,16 +208,35 @@ export class Push {
     if (r.exitCode !== 0) throw new SnapbackError('push-failed', `nix-store --add-root failed: ${String(r.stderr).trim().split('\n').pop()}`);
   }
 
-  /** All paths received: waits for Nix, then roots what it added. */
+  /**
+   * All paths received: waits for Nix to add them. Their permanent roots are made after the answer,
+   * while Nix's temporary roots still hold them (the writer ends only then); a refusal of a later
+   * batch of the transfer waits for them (`abort`).
+   */
   async finish(): Promise<number> {
     await this.importing;
     if (this.failed) throw this.failed;
-    if (this.writer) {
-      await this.root();
-      await this.writer.close();
+    const writer = this.writer;
+    if (writer) {
+      const transfer = this.transfer;
+      const rooting = this.root()
+        .catch((err: Error) => this.places.log.warn({ err: err.message }, 'could not root the paths of a push; the deployment will'))
+        .finally(() => writer.close())
+        .finally(() => {
+          if (Push.rooting.get(transfer) === rooting) Push.rooting.delete(transfer);
+        });
+      Push.rooting.set(transfer, Promise.all([Push.rooting.get(transfer), rooting]).then(() => {}));
     }
     this.cleanup();
     return this.imported.length;
+  }
+
+  /** Permanent roots still being made, by transfer. */
+  private static readonly rooting = new Map<string, Promise<void>>();
+
+  /** The transfer this batch belongs to (its id is `TRANSFER-N`). */
+  private get transfer(): string {
+    return this.id.slice(0, this.id.lastIndexOf('-'));
   }
 
   /**
@@ -369,6 +263,8 @@ export class Push {
     this.writer?.kill();
     await this.importing;
     await this.writer?.close();
+    // Earlier batches' roots are made before they are released, or one would be left behind.
+    await Push.rooting.get(transfer ?? this.transfer);
     const landed = await invalidPaths(this.verified)
       .then((invalid) => this.verified.filter((p) => !invalid.includes(p)))
       .catch(() => this.verified);
@@ -404,16 +300,4 @@ function freeBytes(path: string): number {
 
 function mib(n: number): string {
   return `${(n / 1024 / 1024).toFixed(1)} MiB`;
-}
-
-function u64(n: number): Buffer {
-  const b = Buffer.alloc(8);
-  b.writeBigUInt64LE(BigInt(n));
-  return b;
-}
-
-/** A string in Nix's serialisation: length, bytes, zero padding to 8. */
-function str(s: string): Buffer {
-  const data = Buffer.from(s);
-  return Buffer.concat([u64(data.length), data, Buffer.alloc((8 - (data.length % 8)) % 8)]);
 }

@@ -290,7 +290,12 @@ export class WireServer {
       // A push cut off half-way keeps what was verified and imported; a retry sends the rest.
       const t = s.push;
       s.push = undefined;
-      if (t) void t.p.interrupt().catch((err: Error) => this.log.error({ err: err.message }, 'ending an interrupted push failed'));
+      if (t) {
+        void t.p.interrupt().then(
+          () => this.log.info({ peer: s.peer, kept: t.p.imported.length }, `kept ${t.p.imported.length} paths of an interrupted push`),
+          (err: Error) => this.log.error({ err: err.message }, 'ending an interrupted push failed'),
+        );
+      }
     });
     ws.on('message', (data, isBinary) => {
       // The NAR stream of a push the operator signed: flow-controlled by its window, so it is

@@ -4,7 +4,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { execa } from 'execa';
+import { execa, type ResultPromise } from 'execa';
 import { SnapbackError } from '../shared/errors.ts';
 import { COLLECT_EVERY, collectGarbage } from '../shared/memory.ts';
 import { MAX_PUSH_PATHS, PUSH_CHUNK, manifestEntrySchema, type ManifestEntry, type ServerMessage } from '../shared/protocol.ts';
@@ -167,63 +167,83 @@ async function pushBatch(
     onProgress?.({ ...progress });
   };
   let streamError: Error | undefined;
-  const answer = await session.command({ type: 'push', paths: batch, transfer: how.transfer, remainingBytes: how.remainingBytes, ...(how.substitute ? { substitute: true } : {}) }, (m: ServerMessage) => {
-    if (m.type === 'push-ready' && !stream) {
-      window = m.window;
-      const need = new Set(m.need);
-      // What the host fetched from its own caches counts as done.
-      const skipped = batch.filter((e) => !need.has(e.path));
-      base.paths += skipped.length;
-      progress.totalBytes -= skipped.reduce((n, e) => n + e.narSize, 0);
-      stream = sendNars(
-        session,
-        batch.filter((e) => need.has(e.path)),
-        () => acked,
-        () => window,
-        (w) => (wake = w),
-        stopped,
-      ).catch((err: Error) => {
-        // A NAR this machine cannot produce (collected meanwhile), or an agent that stopped
-        // acknowledging: the agent would wait for bytes that never come. Ending the connection
-        // ends its half of the push, and the error says why.
-        streamError = err;
-        session.close();
-      });
-    } else if (m.type === 'push-ack') {
-      acked = m.bytes;
-      report(m.bytes, m.imported);
-      wake?.();
-    }
-  });
-  stopped.now = true;
-  wake?.();
-  await stream;
+  // Without substitution the host will want the whole batch (bar what it gained meanwhile): Nix
+  // starts reading it while the agent gets ready.
+  let exported = how.substitute ? undefined : startExport(batch);
+  let answer: ServerMessage;
+  try {
+    answer = await session.command({ type: 'push', paths: batch, transfer: how.transfer, remainingBytes: how.remainingBytes, ...(how.substitute ? { substitute: true } : {}) }, (m: ServerMessage) => {
+      if (m.type === 'push-ready' && !stream) {
+        window = m.window;
+        const need = new Set(m.need);
+        // What the host fetched from its own caches counts as done.
+        const skipped = batch.filter((e) => !need.has(e.path));
+        base.paths += skipped.length;
+        progress.totalBytes -= skipped.reduce((n, e) => n + e.narSize, 0);
+        exported ??= startExport(batch.filter((e) => need.has(e.path)));
+        stream = sendNars(session, exported, need, () => acked, () => window, (w) => (wake = w), stopped).catch((err: Error) => {
+          // A NAR this machine cannot produce (collected meanwhile), or an agent that stopped
+          // acknowledging: the agent would wait for bytes that never come. Ending the connection
+          // ends its half of the push, and the error says why.
+          streamError = err;
+          session.close();
+        });
+      } else if (m.type === 'push-ack') {
+        acked = m.bytes;
+        report(m.bytes, m.imported);
+        wake?.();
+      }
+    });
+  } finally {
+    stopped.now = true;
+    wake?.();
+    await stream;
+    if (exported) stopExport(exported);
+  }
   if (streamError) throw streamError;
   if (answer.type === 'push-done') return report(answer.bytes, answer.imported);
   throw answerError(answer, 'push');
 }
 
+interface Export {
+  entries: ManifestEntry[];
+  process: ResultPromise<{ stdin: 'ignore'; stdout: 'pipe'; stderr: 'pipe'; buffer: { stdout: false; stderr: true }; reject: false }>;
+  input: ExportReader;
+}
+
+/** Ends an export early: the process, and its stream (unread, it would keep the process's end from being seen). */
+function stopExport(e: Export): void {
+  e.process.kill();
+  e.input.close();
+}
+
+/** One `nix-store --export` of `entries`: one process, not one per path. */
+function startExport(entries: ManifestEntry[]): Export {
+  const process = execa('nix-store', ['--export', '--', ...entries.map((e) => e.path)], { stdin: 'ignore', stdout: 'pipe', stderr: 'pipe', buffer: { stdout: false, stderr: true }, reject: false });
+  return { entries, process, input: new ExportReader(process.stdout!) };
+}
+
 /**
- * The NARs of `entries`, in order, as binary frames; waits whenever a window's worth is
- * unacknowledged. One `nix-store --export` reads them all (each NAR framed by a few fields, which
- * are checked and dropped here): one process, not one per path.
+ * The NARs of the exported entries the host needs, in order, as binary frames (the others are read
+ * past); waits whenever a window's worth is unacknowledged. Each NAR's framing in the export stream
+ * is checked and dropped here.
  */
 async function sendNars(
   session: Session,
-  entries: ManifestEntry[],
+  exported: Export,
+  need: Set<string>,
   acked: () => number,
   window: () => number,
   onWait: (wake: () => void) => void,
   stopped: { now: boolean },
 ): Promise<void> {
-  if (!entries.length) return;
-  const exporter = execa('nix-store', ['--export', '--', ...entries.map((e) => e.path)], { stdin: 'ignore', stdout: 'pipe', stderr: 'pipe', buffer: { stdout: false, stderr: true }, reject: false });
-  const input = new ExportReader(exporter.stdout!);
+  const { process: exporter, input } = exported;
   let sent = 0;
   try {
-    for (const e of entries) {
+    for (const e of exported.entries) {
       if ((await input.u64()) !== 1n) throw input.malformed(`before ${e.path}`);
       for await (const chunk of input.frames(e.narSize)) {
+        if (!need.has(e.path)) continue;
         while (sent + chunk.length - acked() > Math.max(window(), PUSH_CHUNK) && !stopped.now) {
           const before = acked();
           const timer = new AbortController();
@@ -247,14 +267,16 @@ async function sendNars(
       await input.string();
       await input.u64();
     }
+    // The end of the stream: a zero, then nothing (read to its end, or Nix's exit is never seen).
+    if ((await input.u64()) !== 0n || !(await input.atEnd())) throw input.malformed('at its end');
   } catch (err) {
     // A stream cut short: nix-store is ending, and says why; anything else: it is stopped.
-    if (!input.ended) exporter.kill();
+    if (!input.ended) stopExport(exported);
     const r = await exporter;
     if (input.ended && r.exitCode) throw new SnapbackError('push-failed', `nix-store --export on this machine failed (exit ${r.exitCode}; collected meanwhile?): ${lastLine(r.stderr)}`);
     throw err;
   } finally {
-    if (stopped.now || !session.open) exporter.kill();
+    if (stopped.now || !session.open) stopExport(exported);
   }
   const r = await exporter;
   if (r.exitCode !== 0) throw new SnapbackError('push-failed', `nix-store --export on this machine failed (exit ${r.exitCode}): ${lastLine(r.stderr)}`);
@@ -303,6 +325,16 @@ class ExportReader {
     this.pending = all.length > n ? [all.subarray(n)] : [];
     this.size -= n;
     return all.subarray(0, n);
+  }
+
+  /** Whether the stream ends here. */
+  async atEnd(): Promise<boolean> {
+    return !(await this.fill(1));
+  }
+
+  /** Stops reading: the stream is destroyed. */
+  close(): void {
+    void this.it.return?.();
   }
 
   async u64(): Promise<bigint> {
