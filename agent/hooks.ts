@@ -29,6 +29,14 @@ export function hookEnvironment(entry: HistoryEntry): Record<string, string> {
   };
 }
 
+/**
+ * The agent's environment without what is not the hook's: variables of its own (SNAPBACK_*) and
+ * systemd's notification socket and watchdog (NotifyAccess=all would let a hook speak for the agent).
+ */
+function inherited(): NodeJS.ProcessEnv {
+  return Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('SNAPBACK_') && k !== 'NOTIFY_SOCKET' && !k.startsWith('WATCHDOG_')));
+}
+
 export class OutcomeHooks {
   private readonly hooks: Hook[];
   private readonly log: Logger;
@@ -71,7 +79,7 @@ export class OutcomeHooks {
       let timedOut = false;
       const started = Date.now();
       // Its own process group: at the timeout the whole group goes, a `sh -c` and what it started.
-      const child = spawn(file, args, { cwd: '/', detached: true, stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, ...hookEnvironment(entry) } });
+      const child = spawn(file, args, { cwd: '/', detached: true, stdio: ['pipe', 'pipe', 'pipe'], env: { ...inherited(), ...hookEnvironment(entry) } });
       const keep = (chunk: Buffer) => {
         output = (output + chunk.toString('utf8')).slice(-KEEP_OUTPUT);
       };
