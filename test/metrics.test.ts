@@ -309,3 +309,40 @@ describe('metrics of a real agent', { skip }, () => {
     assert.deepEqual(readdirSync(join(h.dir, 'textfile')), ['snapback.prom']);
   });
 });
+
+/** The filters the README gives for the journal's JSON lines (`journalctl -u snapback-agent -o cat | jq …`). */
+const BY_DEPLOYMENT = 'select(.deployment == $id)';
+const REVERTS = 'select(.outcome == "reverted")';
+
+describe('the journal: log lines carry the deployment, its phase and its outcome', { skip }, () => {
+  const jq = spawnSync('jq', ['--version']).status === 0;
+  if (!jq) console.warn('SKIPPED: jq is not installed (apt-get install jq): the README\'s journal filters are not checked');
+
+  it("the README's jq filters pick a deployment's lines, and its outcome", { skip: !jq }, async () => {
+    const h = new ScratchHost('journal').install();
+    cleanups.push(() => h.cleanup());
+    await h.start();
+    const a = await h.cli(['activate', h.toplevel('x'), '--timeout', '1']);
+    assert.equal(a.code, 0, a.stderr);
+    await h.waitOutcome(a.out.id);
+    // What journald keeps of the agent's stdout, line by line (`-o cat` prints just that).
+    const journal = join(h.dir, 'journal.jsonl');
+    writeFileSync(journal, h.logs().map((l) => JSON.stringify(l)).join('\n') + '\n');
+    const run = (args: string[]) => {
+      const r = spawnSync('jq', ['-c', ...args, journal], { encoding: 'utf8' });
+      assert.equal(r.status, 0, r.stderr);
+      return r.stdout.split('\n').filter(Boolean).map((l) => JSON.parse(l));
+    };
+    const lines = run(['--arg', 'id', a.out.id, BY_DEPLOYMENT]);
+    assert.ok(lines.every((l) => l.deployment === a.out.id));
+    const phases = lines.map((l) => l.phase);
+    for (const p of ['preparing', 'trial', 'reverting', 'idle']) assert.ok(phases.includes(p), `a ${p} line: ${phases.join(' ')}`);
+    const end = lines.at(-1);
+    assert.deepEqual([end.outcome, end.reason, end.level], ['reverted', 'timeout', 40]);
+    assert.deepEqual(run([REVERTS]).map((l) => l.deployment), [a.out.id]);
+
+    const readme = readFileSync(join(ROOT, 'README.md'), 'utf8');
+    assert.ok(readme.includes(`jq -c --arg id 20260101-120000-ab12 '${BY_DEPLOYMENT}'`), 'the README shows the deployment filter');
+    assert.ok(readme.includes(`jq -c '${REVERTS}'`), 'the README shows the outcome filter');
+  });
+});
