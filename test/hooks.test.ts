@@ -141,5 +141,22 @@ describe('outcome hooks', { skip }, () => {
 
     // Every hanging hook ends at its timeout; none outlives it.
     for (const id of [b.out.id, c.out.id]) await h.waitLog((l) => hookLog('hang', id)(l) && /was killed/.test(l.msg), 20_000);
+
+    // D: the agent is dead; the fallback timer's `revert --id` reverts from the state directory and
+    // runs the hooks itself, waiting for them (each up to its timeout) before it exits.
+    rmSync(h.current);
+    symlinkSync(h.gen1, h.current);
+    const d = await h.cli(['activate', h.toplevel('w'), '--timeout', '60']);
+    assert.equal(d.code, 0, d.stderr);
+    await h.kill9();
+    const r = await h.cli(['revert', '--id', d.out.id]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.deepEqual(r.out.outcome, { outcome: 'reverted', reason: 'fallback-timer' });
+    const envD = env(join(out, `env-${d.out.id}`));
+    assert.deepEqual([envD.SNAPBACK_OUTCOME, envD.SNAPBACK_REASON, envD.SNAPBACK_BY, envD.SNAPBACK_CHANNEL], ['reverted', 'fallback-timer', 'fallback-timer', 'fallback-timer']);
+    const said = r.stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as LogLine);
+    assert.ok(said.some((l) => l.hook === 'hang' && /did not finish within 6s and was killed/.test(l.msg)), 'it waited for its hooks');
+    const pgidD = Number(readFileSync(join(out, `hang-${d.out.id}.pgid`), 'utf8'));
+    await waitFor(() => !alive(pgidD), 5000);
   });
 });

@@ -279,6 +279,9 @@ describe('metrics of a real agent', { skip }, () => {
     assert.deepEqual(countsFromMetrics(m), countsFromHistory(h.history()));
     assert.equal(histogramOf(m, 'snapback_revert_lateness_seconds').count, 1, 'a requested rollback is not late');
     assert.equal(histogramOf(m, 'snapback_activation_duration_seconds').count, 3);
+    // A confirm with nothing to confirm: refused, and counted by its code.
+    assert.equal((await h.cli(['confirm'])).code, 1);
+    assert.equal(valueOf(await scrape(port2), 'snapback_confirm_refusals_total', { code: 'no-trial' }), 1);
 
     // The console's status --json and the controller's carry the same facts.
     const s = await h.cli(['status']);
