@@ -264,7 +264,8 @@ export class Metrics {
     this.tally = new Tally(history);
     agent.observe((o) => {
       this.tally.observe(o);
-      if (this.config.textfile) this.writeTextfileSoon();
+      // After a transition at once; refusals (a flood of them, maybe) wait for the next periodic write.
+      if (this.config.textfile && o.type === 'recorded') this.writeTextfileSoon();
     });
     agent.facts = () => this.tally.facts(this.connections?.());
   }
