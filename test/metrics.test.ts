@@ -273,6 +273,12 @@ describe('metrics of a real agent', { skip }, () => {
     }
     assert.deepEqual(countsFromMetrics(m), countsFromHistory(h.history()));
 
+    // An extend moves the deadline the metrics show, and the history entry carries it.
+    const ext = await h.cli(['extend', '100']);
+    assert.equal(ext.code, 0, ext.stderr);
+    assert.equal(h.history().at(-1).deadline, ext.out.deadline);
+    assert.equal(valueOf(await scrape(port2), 'snapback_trial_deadline_timestamp_seconds'), seconds(ext.out.deadline));
+
     assert.equal((await h.cli(['rollback'])).code, 0);
     m = await scrape(port2);
     assert.equal(valueOf(m, 'snapback_deployments_total', { outcome: 'reverted', reason: 'requested' }), 1);
@@ -310,6 +316,22 @@ describe('metrics of a real agent', { skip }, () => {
     assert.deepEqual(countsFromMetrics(t), countsFromHistory(h.history()));
     assert.equal(statSync(textfile).mode & 0o777, 0o644);
     assert.deepEqual(readdirSync(join(h.dir, 'textfile')), ['snapback.prom']);
+  });
+});
+
+describe('a metrics port that cannot be bound', { skip }, () => {
+  it('is logged, and the agent serves on without it', async () => {
+    const busy = await listenMetrics('127.0.0.1', 0, () => '', createLogger('error', 2));
+    cleanups.push(() => new Promise<void>((r) => busy.close(() => r())));
+    const h = new ScratchHost('metrics-busy').install();
+    cleanups.push(() => h.cleanup());
+    h.writeConfig({ metrics: { listen: { host: '127.0.0.1', port: (busy.address() as AddressInfo).port } } });
+    await h.start();
+    const refused = await h.waitLog((l) => l.msg === 'cannot listen for metrics scrapes; the agent goes on without them');
+    assert.equal(refused.level, 50);
+    const a = await h.cli(['activate', h.toplevel('x'), '--timeout', '30']);
+    assert.equal(a.code, 0, a.stderr);
+    assert.equal((await h.cli(['confirm'])).code, 0);
   });
 });
 
