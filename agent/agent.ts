@@ -34,6 +34,15 @@ export type Result =
 /** What `status` answers, on the console and in `welcome` (the schema lives in shared/protocol.ts). */
 export type Status = HostStatus;
 
+/**
+ * What observers (metrics, outcome hooks) are told: a history entry once it is on disk, in order,
+ * and refusals that leave no entry. Observers run after the fact and cannot change it.
+ */
+export type Observation =
+  | { type: 'recorded'; entry: HistoryEntry }
+  | { type: 'confirm-refused'; code: ErrorCode }
+  | { type: 'auth-failed'; reason: string };
+
 /** How often a state that could not be saved is tried again. */
 const RETRY_MS = 1000;
 /** Waits between attempts of an effect that threw (a commit, a revert); then it ends the deployment. */
@@ -58,6 +67,9 @@ export class Agent {
   private state: State;
   private queue: Promise<unknown> = Promise.resolve();
   private readonly listeners = new Set<(p: Progress) => void>();
+  private readonly observers = new Set<(o: Observation) => void>();
+  /** more facts for `status` (agent/metrics.ts adds the counts the metrics expose) */
+  facts: (() => Status['metrics']) | undefined;
   private readonly stopped = new Set<string>();
   private readonly background = new Set<Promise<unknown>>();
   private timer: NodeJS.Timeout | undefined;
@@ -172,6 +184,22 @@ export class Agent {
     return () => this.listeners.delete(listener);
   }
 
+  observe(observer: (o: Observation) => void): () => void {
+    this.observers.add(observer);
+    return () => this.observers.delete(observer);
+  }
+
+  /** Tells the observers; one that throws is logged and never disturbs the agent. */
+  tell(o: Observation): void {
+    for (const observer of this.observers) {
+      try {
+        observer(o);
+      } catch (err) {
+        this.log.error({ err: (err as Error).stack }, 'an observer failed');
+      }
+    }
+  }
+
   /** Read once: a process lives in one boot, and a read must not fail later (EMFILE) where a status is asked. */
   private bootId(): string {
     return (this.bootIdCache ??= readBootId(this.config.system.bootIdFile));
@@ -257,7 +285,7 @@ export class Agent {
         this.retryLater();
         return;
       }
-      this.unrecorded.shift();
+      this.tell({ type: 'recorded', entry: this.unrecorded.shift()! });
     }
   }
 
@@ -267,7 +295,7 @@ export class Agent {
         this.unrecorded.push({ at, ...effect.entry } as HistoryEntry);
         return this.flushHistory();
       case 'log':
-        this.log[effect.level]({ deployment: this.state.deployment?.id ?? this.state.last?.id }, effect.msg);
+        this.log[effect.level](this.logFields(), effect.msg);
         return;
       case 'announce':
         this.emit(effect.announcement);
@@ -381,6 +409,19 @@ export class Agent {
         await sleep(wait);
       }
     }
+  }
+
+  /**
+   * The fields of a lifecycle log line, for filtering the journal's JSON lines: the deployment, the
+   * phase it is in now, and once it ended (back to idle) its outcome and reason.
+   */
+  private logFields(): Record<string, string> {
+    const { phase, deployment, last } = this.state;
+    if (deployment) return { deployment: deployment.id, phase };
+    if (!last) return { phase };
+    const o = last.outcome;
+    const reason = o.outcome === 'reverted' ? o.reason : o.outcome === 'failed' ? o.code : o.outcome === 'stuck' ? o.reason : undefined;
+    return { deployment: last.id, phase, outcome: o.outcome, ...(reason ? { reason } : {}) };
   }
 
   private spawn(task: () => Promise<unknown>): void {
@@ -594,14 +635,16 @@ export class Agent {
   }
 
   /** Confirms the trial; resolves with the outcome (confirmed, or reverted: commit-failed) or a refusal. */
-  confirm(req: { id?: string; token?: string; requireToken: boolean; by: Actor }, onProgress?: (p: Progress) => void): Promise<Result> {
+  async confirm(req: { id?: string; token?: string; requireToken: boolean; by: Actor }, onProgress?: (p: Progress) => void): Promise<Result> {
     const id = req.id ?? this.state.deployment?.id;
-    return this.await(
+    const result = await this.await(
       id,
       () => this.dispatch({ type: 'confirm', ...req }),
       (p) => (p.type === 'confirm-refused' ? { ok: false, code: p.code ?? 'health-failed', message: `confirm refused: ${p.problems.join('; ')}`, id: p.id } : undefined),
       onProgress,
     );
+    if (!result.ok) this.tell({ type: 'confirm-refused', code: result.code });
+    return result;
   }
 
   rollback(req: { id?: string; by: Actor; reason?: 'requested' | 'fallback-timer' }, onProgress?: (p: Progress) => void): Promise<Result> {
@@ -647,7 +690,8 @@ export class Agent {
   }
 
   status(): Status {
-    return statusOf(this.state, this.bootId(), readCurrentSystem(this.config.system.currentSystem));
+    const facts = this.facts?.();
+    return { ...statusOf(this.state, this.bootId(), readCurrentSystem(this.config.system.currentSystem)), ...(facts ? { metrics: facts } : {}) };
   }
 
   history(limit?: number): HistoryEntry[] {

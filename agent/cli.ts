@@ -21,6 +21,8 @@ import { describeStatus, duration } from '../shared/text.ts';
 import { WireServer } from './server.ts';
 import { keyFileSigner } from '../shared/ssh.ts';
 import { createNotifier, ownUnit, unitText, type Notifier } from './systemd.ts';
+import { Metrics } from './metrics.ts';
+import { OutcomeHooks } from './hooks.ts';
 
 const USAGE = `snapback-agent ${VERSION} — commit-confirmed activation of NixOS systems
 
@@ -220,9 +222,14 @@ async function serve(config: AgentConfig, configPath: string): Promise<number> {
     notifier.status(`not started: ${(err as Error).message}`);
     return err instanceof SnapbackError ? err.exitCode : EXIT.usage;
   }
+  // Both watch the history from before the start: an outcome recorded while starting counts too.
+  const metrics = new Metrics(agent, config.metrics, log);
+  const hooks = OutcomeHooks.attach(agent, config.hooks.onOutcome, log);
   const control = await ControlServer.listen(config.controlSocket, agent, log);
   await agent.start();
   const wire = await listenWire(config, agent, log);
+  if (wire) metrics.connections = () => wire.connections();
+  await metrics.start();
   log.info({ version: VERSION, stateDir: config.stateDir, controlSocket: config.controlSocket, phase: agent.phase, runner: agent.runnerName, notify: notifier.via }, 'snapback-agent serving');
   notifier.ready();
   const showStatus = () => {
@@ -256,8 +263,10 @@ async function serve(config: AgentConfig, configPath: string): Promise<number> {
       log.info({ why }, 'stopping; a running trial keeps its deadline and resumes on the next start');
       notifier.stopping();
       clearInterval(statusTimer);
-      void Promise.all([control.close(), wire?.close()])
+      void Promise.all([control.close(), wire?.close(), metrics.close()])
         .then(() => agent.close())
+        // A hook of the last outcome (the confirm that restarts this agent) still gets to finish.
+        .then(() => hooks.settled())
         .then(() => {
           notifier.close();
           resolve(EXIT.ok);
@@ -425,10 +434,14 @@ async function revert(config: AgentConfig, id: string, json: boolean): Promise<n
       }
       throw err;
     }
+    const metrics = new Metrics(agent, config.metrics, log);
+    const hooks = OutcomeHooks.attach(agent, config.hooks.onOutcome, log);
     await agent.start();
     const result = await agent.rollback({ id, by: { who: 'fallback-timer', channel: 'fallback-timer' }, reason: 'fallback-timer' });
     await agent.idle();
+    metrics.writeTextfile();
     await agent.close();
+    await hooks.settled();
     const exit = exitFor('revert', result);
     if (json) printResult(exit, result);
     else print(describeResult('revert', result));

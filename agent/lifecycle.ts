@@ -231,6 +231,7 @@ function move(
     ...(d.toplevel ? { toplevel: d.toplevel } : {}),
     previous: d.previous,
     ...(extra.detail ? { detail: extra.detail } : {}),
+    ...(extra.announce?.deadline ? { deadline: extra.announce.deadline } : {}),
   };
   return {
     state: next,
@@ -561,7 +562,7 @@ export function step(state: State, event: Event, now: Now): Step {
         effects: [
           {
             kind: 'record',
-            entry: { id: d!.id, from: 'trial', to: 'trial', event: 'extend', by: event.by, toplevel: d!.toplevel, previous: d!.previous, detail: `deadline ${deadlineWall}` },
+            entry: { id: d!.id, from: 'trial', to: 'trial', event: 'extend', by: event.by, toplevel: d!.toplevel, previous: d!.previous, detail: `deadline ${deadlineWall}`, deadline: deadlineWall },
           },
           { kind: 'arm', atMono: deadlineMono },
           { kind: 'fallback', id: d!.id, atMono: deadlineMono },

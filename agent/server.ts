@@ -340,15 +340,22 @@ export class WireServer {
     }
     const msg = parsed.data;
     if (!s.auth) {
-      if (msg.type !== 'hello') return this.fail(s, 'unauthorized', `authenticate with "hello" first, not "${msg.type}"`, true);
+      if (msg.type !== 'hello') {
+        this.agent.tell({ type: 'auth-failed', reason: 'no-hello' });
+        return this.fail(s, 'unauthorized', `authenticate with "hello" first, not "${msg.type}"`, true);
+      }
       return this.hello(s, msg);
     }
     if (msg.type === 'hello') return this.fail(s, 'bad-request', 'already authenticated', false);
     if (SIGNED_TYPES.has(msg.type)) {
       const cmd = msg as SignedCommand;
-      if (cmd.seq <= s.auth.lastSeq) return this.fail(s, 'unauthorized', `sequence number ${cmd.seq} was already used`, true);
+      if (cmd.seq <= s.auth.lastSeq) {
+        this.agent.tell({ type: 'auth-failed', reason: 'replayed-command' });
+        return this.fail(s, 'unauthorized', `sequence number ${cmd.seq} was already used`, true);
+      }
       if (!verifySignature(s.auth.key, commandPayload(s.agentNonce, s.auth.controllerNonce, cmd), cmd.sig)) {
         this.log.warn({ peer: s.peer, who: s.auth.who, type: cmd.type }, 'refusing a command with a bad signature');
+        this.agent.tell({ type: 'auth-failed', reason: 'command-signature' });
         return this.fail(s, 'unauthorized', 'the signature does not match this session and command', true);
       }
       s.auth.lastSeq = cmd.seq;
@@ -361,6 +368,7 @@ export class WireServer {
     try {
       key = parsePublicKeyLine(msg.key);
     } catch (err) {
+      this.agent.tell({ type: 'auth-failed', reason: 'bad-key' });
       return this.fail(s, 'unauthorized', (err as Error).message, true);
     }
     const h: Handshake = {
@@ -377,6 +385,7 @@ export class WireServer {
     if (!verdict?.ok) {
       // The client learns only "not authorized"; the log says why (signature, unknown key, from=, expiry-time).
       this.log.warn({ peer: s.peer, key: key.fingerprint }, verdict ? `refusing a controller key: ${verdict.message}` : 'refusing a controller with a bad handshake signature');
+      this.agent.tell({ type: 'auth-failed', reason: verdict ? verdict.reason : 'signature' });
       return this.fail(s, 'unauthorized', `key ${key.fingerprint} is not authorized on this host`, true);
     }
     const known = verdict.entry.key;
@@ -384,6 +393,7 @@ export class WireServer {
     try {
       macKey = s.kex.macKey(msg.kex, transcript('host', h));
     } catch (err) {
+      this.agent.tell({ type: 'auth-failed', reason: 'kex' });
       return this.fail(s, 'unauthorized', `hello.kex: ${(err as Error).message}`, true);
     }
     const who = `${key.fingerprint}${known.comment ? ` (${known.comment})` : ''}`;
@@ -427,6 +437,7 @@ export class WireServer {
         // connection that predates the trial cannot confirm even with a token learnt elsewhere.
         const trial = this.agent.trialToken();
         if (trial && trial.id === msg.id && s.conn.acceptedMono < trial.readyMono) {
+          this.agent.tell({ type: 'confirm-refused', code: 'bad-token' });
           return this.reply(s, msg.seq, { ok: false, code: 'bad-token', message: 'this connection was opened before the trial started; confirm over a fresh connection', id: msg.id });
         }
         return this.reply(s, msg.seq, await this.agent.confirm({ id: msg.id, token: msg.token, requireToken: true, by }, progress));

@@ -4,7 +4,25 @@
 let
   cfg = config.services.snapback;
   settingsFormat = pkgs.formats.json { };
-  agentConfig = import ./settings.nix { inherit (cfg) settings authorizedKeys; };
+  agentConfig = import ./settings.nix {
+    inherit (cfg) settings authorizedKeys;
+    metrics = metricsSettings;
+  };
+
+  # The metrics: a listener (metrics.enable) and/or a file for node-exporter's textfile collector.
+  nodeExporter = config.services.prometheus.exporters.node;
+  defaultTextfileDirectory = "/var/lib/prometheus-node-exporter-text-files";
+  textfileDirectory =
+    if cfg.metrics.textfile.directory != null then cfg.metrics.textfile.directory else defaultTextfileDirectory;
+  metricsSettings =
+    lib.optionalAttrs cfg.metrics.enable {
+      listen = {
+        host = cfg.metrics.listenAddress;
+        inherit (cfg.metrics) port;
+      };
+    }
+    // lib.optionalAttrs cfg.metrics.textfile.enable { textfile = "${textfileDirectory}/snapback.prom"; };
+  loopback = a: a == "localhost" || a == "::1" || lib.hasPrefix "127." a;
 
   rootKeys = config.users.users.root.openssh.authorizedKeys;
   # The lines of an authorized_keys file, read at evaluation time as NixOS's sshd module reads
@@ -101,6 +119,47 @@ in
       description = "Open {option}`services.snapback.settings.listen.port` in the firewall.";
     };
 
+    metrics = {
+      enable = lib.mkEnableOption ''
+        the agent's Prometheus metrics on a listener of its own, read-only: it answers `GET /metrics`
+        and refuses everything else. The same as `settings.metrics.listen`
+      '';
+      listenAddress = lib.mkOption {
+        type = lib.types.str;
+        default = "127.0.0.1";
+        description = "Address the metrics listener binds to; a Prometheus on another host needs a reachable one.";
+      };
+      port = lib.mkOption {
+        type = lib.types.port;
+        default = 7732;
+        description = "Port of the metrics listener.";
+      };
+      openFirewall = lib.mkOption {
+        type = lib.types.bool;
+        default = false;
+        description = "Open {option}`services.snapback.metrics.port` in the firewall.";
+      };
+      textfile.enable = lib.mkOption {
+        type = lib.types.bool;
+        default = nodeExporter.enable;
+        defaultText = lib.literalExpression "config.services.prometheus.exporters.node.enable";
+        description = ''
+          Write the metrics to `DIRECTORY/snapback.prom` for node-exporter's textfile collector
+          (replaced atomically after every transition and every 10 seconds).
+        '';
+      };
+      textfile.directory = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = ''
+          The directory node-exporter's textfile collector reads. `null`: ${defaultTextfileDirectory},
+          created by the module and given to `services.prometheus.exporters.node` as
+          `--collector.textfile.directory` when that exporter is enabled. Set it to the directory
+          your node-exporter reads already, and the module adds no flag and creates nothing.
+        '';
+      };
+    };
+
     authorizedKeys = lib.mkOption {
       type = lib.types.listOf lib.types.str;
       default = rootKeys.keys ++ lib.concatMap keyFileLines rootKeys.keyFiles;
@@ -143,9 +202,25 @@ in
       }
     ];
 
+    warnings = lib.optional (cfg.metrics.openFirewall && (!cfg.metrics.enable || loopback cfg.metrics.listenAddress)) ''
+      services.snapback.metrics.openFirewall opens port ${toString cfg.metrics.port}, but ${
+        if cfg.metrics.enable then "the metrics listener is on ${cfg.metrics.listenAddress}" else "services.snapback.metrics.enable is off"
+      }: nothing from outside can scrape it. Set services.snapback.metrics.listenAddress.
+    '';
+
     environment.etc."snapback/agent.json".source = configFile;
     environment.systemPackages = [ cfg.package ];
-    networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ cfg.settings.listen.port ];
+    networking.firewall.allowedTCPPorts =
+      lib.optional cfg.openFirewall cfg.settings.listen.port
+      ++ lib.optional (cfg.metrics.enable && cfg.metrics.openFirewall) cfg.metrics.port;
+
+    # The textfile's directory, readable by node-exporter (the file itself is 0644).
+    systemd.tmpfiles.rules = lib.mkIf (cfg.metrics.textfile.enable && cfg.metrics.textfile.directory == null) [
+      "d ${defaultTextfileDirectory} 0755 root root -"
+    ];
+    services.prometheus.exporters.node.extraFlags = lib.mkIf (
+      cfg.metrics.textfile.enable && cfg.metrics.textfile.directory == null && nodeExporter.enable
+    ) [ "--collector.textfile.directory=${defaultTextfileDirectory}" ];
 
     systemd.services.snapback-agent = {
       description = "Snapback agent: commit-confirmed activation of NixOS systems";

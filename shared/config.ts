@@ -16,6 +16,16 @@ export const healthCheckSchema = z.strictObject({
   timeoutSec: seconds.default(30),
 });
 
+/** A command the agent runs after every outcome (agent/hooks.ts): shaped like a health check. */
+export const hookSchema = z.strictObject({
+  name: z.string().min(1).optional(),
+  /** argv (run directly) or a string (run with /bin/sh -c) */
+  command: z.union([z.array(z.string()).min(1), z.string().min(1)]),
+  timeoutSec: seconds.default(30),
+});
+
+export const DEFAULT_METRICS_PORT = 7732;
+
 export const agentConfigSchema = z
   .strictObject({
     listen: z
@@ -68,6 +78,21 @@ export const agentConfigSchema = z
         checks: z.array(healthCheckSchema).default([]),
       })
       .prefault({}),
+    /** Prometheus metrics (agent/metrics.ts): off unless `listen` or `textfile` is set */
+    metrics: z
+      .strictObject({
+        /** a read-only HTTP listener answering only GET /metrics */
+        listen: z
+          .strictObject({
+            host: z.string().min(1).default('127.0.0.1'),
+            port: z.number().int().min(0).max(65535).default(DEFAULT_METRICS_PORT),
+          })
+          .optional(),
+        /** a file for node-exporter's textfile collector, replaced atomically */
+        textfile: absolutePath.endsWith('.prom', { message: 'must end in .prom (node-exporter reads only those)' }).optional(),
+      })
+      .prefault({}),
+    hooks: z.strictObject({ onOutcome: z.array(hookSchema).default([]) }).prefault({}),
     log: z.strictObject({ level: z.enum(['debug', 'info', 'warn', 'error']).default('info') }).prefault({}),
   })
   .superRefine((c, ctx) => {

@@ -108,5 +108,7 @@ export const historyEntrySchema = z.object({
   previous: z.string().optional(),
   outcome: outcomeSchema.optional(),
   detail: z.string().optional(),
+  /** the trial's deadline (ISO 8601), on the entries that set it: the trial's start and every extend */
+  deadline: z.string().optional(),
 });
 export type HistoryEntry = z.infer<typeof historyEntrySchema>;

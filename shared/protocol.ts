@@ -128,6 +128,27 @@ const sealed = { ctr: z.number().int().positive().optional(), mac: z.string().ma
 
 const lastSchema = z.object({ id, target: z.string(), outcome: outcomeSchema, finishedAt: z.string(), by: actorSchema });
 
+const durations = z.object({ count: z.number().int().nonnegative(), sumSeconds: z.number().nonnegative() });
+
+/**
+ * The facts the agent's Prometheus metrics expose (agent/metrics.ts), in `status`. Deployments,
+ * outcome times, durations and health-gate refusals come from the history; the other refusals and
+ * the authentication failures are counted since `since`, when the agent started.
+ */
+export const hostMetricsSchema = z.object({
+  since: z.string(),
+  deployments: z.array(z.object({ outcome: z.string(), reason: z.string().optional(), count: z.number().int().nonnegative() })),
+  lastOutcomeAt: z.record(z.string(), z.string()),
+  revertLateness: durations,
+  activationDuration: durations,
+  commitDuration: durations,
+  confirmRefusals: z.record(z.string(), z.number().int().nonnegative()),
+  authFailures: z.record(z.string(), z.number().int().nonnegative()),
+  /** absent when the agent does not listen for controllers */
+  connections: z.object({ pending: z.number().int().nonnegative(), authenticated: z.number().int().nonnegative() }).optional(),
+});
+export type HostMetrics = z.infer<typeof hostMetricsSchema>;
+
 export const hostStatusSchema = z.object({
   hostname: z.string(),
   version: z.string(),
@@ -148,6 +169,7 @@ export const hostStatusSchema = z.object({
     .optional(),
   last: lastSchema.optional(),
   offline: z.boolean().optional(),
+  metrics: hostMetricsSchema.optional(),
 });
 
 export const welcomeSchema = z.strictObject({

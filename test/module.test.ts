@@ -109,6 +109,41 @@ describe("the flake's NixOS module, evaluated with nixpkgs' lib", { skip }, () =
     assert.equal(config.controlSocket, '/run/snapback/control.sock');
   });
 
+  it('metrics: off by default; metrics.enable, .port, .listenAddress and .openFirewall make the listener the agent accepts', () => {
+    const plain = parseAgentConfig(JSON.parse(readFileSync(evaluate<string>('agentJson'), 'utf8')), 'the module example');
+    assert.deepEqual(plain.metrics, {}, 'no listener and no textfile unless asked');
+    assert.deepEqual(evaluate('tmpfilesRules'), []);
+
+    const on = '{ services.snapback.metrics = { enable = true; port = 9732; listenAddress = "0.0.0.0"; openFirewall = true; }; }';
+    const config = parseAgentConfig(JSON.parse(readFileSync(evaluate<string>('agentJson', on), 'utf8')), 'the module with metrics');
+    assert.deepEqual(config.metrics, { listen: { host: '0.0.0.0', port: 9732 } });
+    assert.deepEqual(evaluate('allowedTCPPorts', on), [7731, 9732]);
+    assert.deepEqual(evaluate('warnings', on), []);
+
+    // Loopback by default: opening the firewall for it would do nothing, and the module says so.
+    const loop = '{ services.snapback.metrics = { enable = true; openFirewall = true; }; }';
+    assert.deepEqual(parseAgentConfig(JSON.parse(readFileSync(evaluate<string>('agentJson', loop), 'utf8'))).metrics.listen, { host: '127.0.0.1', port: 7732 });
+    const [warning] = evaluate<string[]>('warnings', loop);
+    assert.match(warning ?? '', /metrics\.openFirewall opens port 7732, but the metrics listener is on 127\.0\.0\.1/);
+    assert.deepEqual(evaluate('allowedTCPPorts', '{ services.snapback.metrics.enable = true; }'), [7731], 'metrics.openFirewall is off by default');
+  });
+
+  it("metrics: with node-exporter enabled, the textfile goes to the directory its textfile collector is given", () => {
+    const withExporter = '{ services.prometheus.exporters.node.enable = true; }';
+    const config = parseAgentConfig(JSON.parse(readFileSync(evaluate<string>('agentJson', withExporter), 'utf8')), 'the module with node-exporter');
+    assert.deepEqual(config.metrics, { textfile: '/var/lib/prometheus-node-exporter-text-files/snapback.prom' });
+    assert.deepEqual(evaluate('nodeExporterFlags', withExporter), ['--collector.textfile.directory=/var/lib/prometheus-node-exporter-text-files']);
+    assert.deepEqual(evaluate('tmpfilesRules', withExporter), ['d /var/lib/prometheus-node-exporter-text-files 0755 root root -']);
+
+    // A directory the exporter reads already: the file goes there, and no flag or directory is added.
+    const own = '{ services.prometheus.exporters.node.enable = true; services.snapback.metrics.textfile.directory = "/var/lib/node-exporter"; }';
+    assert.equal(parseAgentConfig(JSON.parse(readFileSync(evaluate<string>('agentJson', own), 'utf8'))).metrics.textfile, '/var/lib/node-exporter/snapback.prom');
+    assert.deepEqual(evaluate('nodeExporterFlags', own), []);
+    assert.deepEqual(evaluate('tmpfilesRules', own), []);
+    // Without the exporter, no file unless asked.
+    assert.deepEqual(evaluate('nodeExporterFlags'), []);
+  });
+
   it('lets Nix build through the daemon, and says so in the environment the plain unit file has too', () => {
     const s = evaluate<Service>('service');
     // Builds then run in the daemon's sandbox, not inside the agent's hardened unit.
