@@ -5,7 +5,7 @@ import { spawn } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, readdirSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { execa } from 'execa';
+import { loadExeca } from '../shared/exec.ts';
 import { failpoint } from './failpoint.ts';
 
 export type SwitchMode = 'test' | 'boot' | 'switch' | 'dry-activate';
@@ -262,14 +262,14 @@ export class SystemdRunner extends StatusFileRunner {
     const p = this.paths(key);
     const unit = SystemdRunner.unit(key);
     // A unit of the same name from an earlier attempt (a resumed revert) must not block this one.
-    await execa('systemctl', ['reset-failed', unit], { reject: false });
+    await (await loadExeca())('systemctl', ['reset-failed', unit], { reject: false });
     // Nothing but words in the property: systemd re-parses transient units on daemon-reload (which a
     // switch does), and neither its escaping of "$$" nor a ";" survives that. printenv needs no "$",
     // and prints the `end` marker from the unit's environment last. `1<>` writes in place.
     const record = `/bin/sh -c 'printenv SERVICE_RESULT EXIT_CODE EXIT_STATUS SNAPBACK_RECORD_END 1<> ${p.status}'`;
     // Without the log (a full state directory), the output goes to the journal.
     const output = options.discardOutput ? [] : ['-p', `StandardOutput=append:${p.log}`, '-p', `StandardError=append:${p.log}`];
-    const r = await execa(
+    const r = await (await loadExeca())(
       'systemd-run',
       [
         `--unit=${unit}`,
@@ -307,7 +307,7 @@ export class SystemdRunner extends StatusFileRunner {
    */
   protected async alive(key: string): Promise<boolean> {
     for (let i = 0; i < 10; i++) {
-      const r = await execa('systemctl', ['is-active', SystemdRunner.unit(key)], { reject: false });
+      const r = await (await loadExeca())('systemctl', ['is-active', SystemdRunner.unit(key)], { reject: false });
       const state = String(r.stdout).trim();
       if (state === 'inactive' || state === 'failed') return false;
       if (['active', 'activating', 'deactivating', 'reloading', 'refreshing'].includes(state)) return true;
@@ -317,7 +317,7 @@ export class SystemdRunner extends StatusFileRunner {
   }
 
   async stop(key: string): Promise<void> {
-    await execa('systemctl', ['stop', SystemdRunner.unit(key)], { reject: false });
+    await (await loadExeca())('systemctl', ['stop', SystemdRunner.unit(key)], { reject: false });
   }
 }
 

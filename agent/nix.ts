@@ -3,7 +3,7 @@
 
 import { accessSync, constants, readdirSync, readlinkSync, realpathSync, rmSync, statSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
-import { execa } from 'execa';
+import { loadExeca } from '../shared/exec.ts';
 import { SnapbackError } from '../shared/errors.ts';
 import { describeTarget, storePathSchema, type Target } from '../shared/model.ts';
 import type { ProfileBefore } from './lifecycle.ts';
@@ -91,7 +91,7 @@ export class Nix {
   }
 
   private async run(cmd: string, args: string[], code: 'fetch-failed' | 'build-failed', onLine?: LineSink): Promise<string> {
-    const child = execa(cmd, args, { reject: false, stdin: 'ignore', all: false, env: { NIX_PAGER: '' } });
+    const child = (await loadExeca())(cmd, args, { reject: false, stdin: 'ignore', all: false, env: { NIX_PAGER: '' } });
     const tail: string[] = [];
     // Nix's first "error:" line is the cause; what follows is trace and context. It may scroll out of
     // the tail. A fetch fails with a bare "build of … failed": the warning before it says why.
@@ -198,7 +198,7 @@ export function currentGeneration(profile: string): number | null {
 /** `nix-env -p PROFILE OP -- ARGS…`: the profile and every path argument absolute (see storeArg). */
 async function nixEnv(profile: string, op: string, args: string[]): Promise<void> {
   for (const a of args) if (!/^\d+$/.test(a)) storeArg(a);
-  const r = await execa('nix-env', ['-p', storeArg(profile), op, '--', ...args], { reject: false, stdin: 'ignore' });
+  const r = await (await loadExeca())('nix-env', ['-p', storeArg(profile), op, '--', ...args], { reject: false, stdin: 'ignore' });
   if (r.exitCode !== 0) throw new Error(`nix-env -p ${profile} ${op} ${args.join(' ')}: ${String(r.stderr).trim() || `exit ${r.exitCode}`}`);
 }
 

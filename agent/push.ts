@@ -5,7 +5,7 @@
 import { createHash, type Hash } from 'node:crypto';
 import { closeSync, lstatSync, mkdirSync, openSync, readdirSync, rmSync, statfsSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { execa } from 'execa';
+import { run } from '../shared/exec.ts';
 import { SnapbackError } from '../shared/errors.ts';
 import { COLLECT_EVERY, collectGarbage } from '../shared/memory.ts';
 import type { ManifestEntry } from '../shared/protocol.ts';
@@ -37,7 +37,7 @@ export interface PushPlaces {
 export async function invalidPaths(paths: string[]): Promise<string[]> {
   const present = paths.filter((p) => lstatSync(p, { throwIfNoEntry: false }) !== undefined);
   if (present.length === 0) return paths;
-  const r = await execa('nix-store', ['--check-validity', '--print-invalid', '--', ...present], { reject: false, stdin: 'ignore' });
+  const r = await run('nix-store', ['--check-validity', '--print-invalid', '--', ...present]);
   if (r.exitCode !== 0) throw new SnapbackError('push-failed', `nix-store --check-validity failed: ${String(r.stderr).trim().split('\n').pop()}`);
   const invalid = new Set(String(r.stdout).split('\n').filter(Boolean));
   return paths.filter((p) => invalid.has(p) || !present.includes(p));
@@ -100,7 +100,7 @@ export class Push {
       let missing = new Set(await invalidPaths(manifest.map((e) => e.path)));
       if (substitute && missing.size) {
         // --keep-going: what no cache has is simply left for the push.
-        await execa('nix-store', ['--realise', '--keep-going', ...places.trustOptions, '--', ...missing], { reject: false, stdin: 'ignore' });
+        await run('nix-store', ['--realise', '--keep-going', ...places.trustOptions, '--', ...missing]);
         missing = new Set(await invalidPaths([...missing]));
       }
       const need = manifest.filter((e) => missing.has(e.path));
@@ -204,7 +204,7 @@ export class Push {
     const referenced = new Set(entries.flatMap((e) => e.references.filter((r) => r !== e.path)));
     const tops = entries.map((e) => e.path).filter((p) => !referenced.has(p) && !p.endsWith('.drv'));
     if (!tops.length) return;
-    const r = await execa('nix-store', ['--realise', '--add-root', join(this.places.gcRootDir, `push-${this.id}-${this.rooted}`), '--', ...tops], { reject: false, stdin: 'ignore' });
+    const r = await run('nix-store', ['--realise', '--add-root', join(this.places.gcRootDir, `push-${this.id}-${this.rooted}`), '--', ...tops]);
     if (r.exitCode !== 0) throw new SnapbackError('push-failed', `nix-store --add-root failed: ${String(r.stderr).trim().split('\n').pop()}`);
   }
 
@@ -271,7 +271,7 @@ export class Push {
     releasePushRoots(this.places.gcRootDir, 0, transfer ?? this.id);
     const gone = [...earlier, ...landed];
     if (gone.length) {
-      const r = await execa('nix-store', ['--delete', '--', ...gone.reverse()], { reject: false, stdin: 'ignore' });
+      const r = await run('nix-store', ['--delete', '--', ...gone.reverse()]);
       if (r.exitCode !== 0) this.places.log.warn({ err: String(r.stderr).trim() }, 'could not delete the paths of a refused push');
     }
     this.cleanup();

@@ -4,7 +4,7 @@
 import { readFileSync, existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { spawn } from 'node:child_process';
-import { execa } from 'execa';
+import { loadExeca } from '../shared/exec.ts';
 import type { Logger } from './log.ts';
 
 export function systemdRunning(): boolean {
@@ -119,7 +119,7 @@ export class FallbackTimer {
 
   private async armNow(id: string, inSec: number): Promise<void> {
     const unit = `${FallbackTimer.unitPrefix(id)}-${Date.now().toString(36)}${(this.seq++).toString(36)}`;
-    const r = await execa(
+    const r = await (await loadExeca())(
       'systemd-run',
       [
         `--unit=${unit}`,
@@ -145,12 +145,12 @@ export class FallbackTimer {
 
   /** Stops every fallback timer of `id` (except `keep`). */
   private async stopAll(id: string, keep?: string): Promise<void> {
-    const r = await execa('systemctl', ['list-units', '--all', '--plain', '--no-legend', '--no-pager', `${FallbackTimer.unitPrefix(id)}-*.timer`], { reject: false });
+    const r = await (await loadExeca())('systemctl', ['list-units', '--all', '--plain', '--no-legend', '--no-pager', `${FallbackTimer.unitPrefix(id)}-*.timer`], { reject: false });
     const units = String(r.stdout)
       .split('\n')
       .map((l) => l.trim().split(/\s+/)[0])
       .filter((u): u is string => !!u && u !== keep);
-    if (units.length) await execa('systemctl', ['stop', ...units], { reject: false });
+    if (units.length) await (await loadExeca())('systemctl', ['stop', ...units], { reject: false });
   }
 }
 
@@ -168,6 +168,6 @@ export function ownUnit(): string | undefined {
 
 /** `systemctl cat UNIT`: the unit file and drop-ins, which name the package in ExecStart. */
 export async function unitText(unit: string): Promise<string | undefined> {
-  const r = await execa('systemctl', ['cat', '--no-pager', unit], { reject: false });
+  const r = await (await loadExeca())('systemctl', ['cat', '--no-pager', unit], { reject: false });
   return r.exitCode === 0 ? String(r.stdout) : undefined;
 }

@@ -4,7 +4,7 @@
 
 import { existsSync } from 'node:fs';
 import { parseArgs } from 'node:util';
-import { execa } from 'execa';
+import { run } from '../shared/exec.ts';
 import { UsageError, parseCommandLine, positiveInt, reportError, wantsJson } from '../shared/cli.ts';
 import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
 import { hostOnlyFleet, isHost, loadFleet, parseFleet, type Fleet, type FleetHost } from '../shared/fleet.ts';
@@ -228,7 +228,7 @@ async function fleetFrom(o: FleetOptions, names: string[]): Promise<{ fleet: Fle
 /** The flake's `snapback` output, or undefined when it has none. */
 async function flakeFleet(flake: string): Promise<Fleet | undefined> {
   const installable = `${flake}#snapback`;
-  const r = await execa('nix', ['--extra-experimental-features', 'nix-command flakes', 'eval', '--json', '--', installable], { reject: false, stdin: 'ignore' });
+  const r = await run('nix', ['--extra-experimental-features', 'nix-command flakes', 'eval', '--json', '--', installable]);
   if (r.exitCode !== 0) {
     if (/does not provide attribute/.test(String(r.stderr))) return undefined;
     const why = String(r.stderr).trim().split('\n').filter(Boolean).slice(-2).join(' | ');

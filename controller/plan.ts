@@ -5,7 +5,7 @@
 import { mkdtempSync, realpathSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { execa } from 'execa';
+import { run } from '../shared/exec.ts';
 import { UsageError } from '../shared/cli.ts';
 import { SnapbackError } from '../shared/errors.ts';
 import type { Fleet } from '../shared/fleet.ts';
@@ -99,7 +99,7 @@ function localToplevel(path: string): string {
 }
 
 async function valid(path: string): Promise<boolean> {
-  const r = await execa('nix-store', ['--check-validity', '--', path], { reject: false, stdin: 'ignore' });
+  const r = await run('nix-store', ['--check-validity', '--', path]);
   return r.exitCode === 0;
 }
 
@@ -109,7 +109,7 @@ async function buildHere(installables: string[]): Promise<string[]> {
   // is still to be pushed.
   const roots = mkdtempSync(join(tmpdir(), 'snapback-build-'));
   process.once('exit', () => rmSync(roots, { recursive: true, force: true }));
-  const r = await execa('nix', [...FLAKES, 'build', '--json', '--out-link', join(roots, 'result'), '--', ...installables], { reject: false, stdin: 'ignore' });
+  const r = await run('nix', [...FLAKES, 'build', '--json', '--out-link', join(roots, 'result'), '--', ...installables]);
   if (r.exitCode !== 0) {
     // The summary is Nix's first error line (the cause); the whole output rides along for --json.
     const said = String(r.stderr).split('\n').map((l) => l.replace(/\x1b\[[0-9;]*m/g, '')).filter((l) => l.trim());

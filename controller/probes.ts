@@ -3,7 +3,7 @@
 
 import { connect } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { execa } from 'execa';
+import { loadExeca } from '../shared/exec.ts';
 import type { Probe } from '../shared/fleet.ts';
 
 export interface ProbeResult {
@@ -131,6 +131,7 @@ async function once(p: Probe, timeoutMs: number, signal?: AbortSignal): Promise<
     return;
   }
   const [file, args] = Array.isArray(p.command) ? [p.command[0]!, p.command.slice(1)] : ['/bin/sh', ['-c', p.command]];
+  const execa = await loadExeca();
   const r = await execa(file, args, { reject: false, timeout: timeoutMs, stdin: 'ignore', ...(signal ? { cancelSignal: signal } : {}) });
   if (signal?.aborted) throw new ProbeError('stopped (interrupted)', Says.nothing);
   if (r.timedOut) throw new ProbeError(`timed out after ${Math.round(timeoutMs / 1000)}s`, Says.timeout);

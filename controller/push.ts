@@ -4,7 +4,9 @@
 
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { execa, type ResultPromise } from 'execa';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { run } from '../shared/exec.ts';
 import { SnapbackError } from '../shared/errors.ts';
 import { COLLECT_EVERY, collectGarbage } from '../shared/memory.ts';
 import { MAX_PUSH_PATHS, PUSH_CHUNK, manifestEntrySchema, type ManifestEntry, type ServerMessage } from '../shared/protocol.ts';
@@ -25,7 +27,7 @@ export interface PushProgress {
 
 /** The closure of `path` in the operator's store. */
 export async function closureOf(path: string): Promise<string[]> {
-  const r = await execa('nix-store', ['--query', '--requisites', '--', path], { reject: false, stdin: 'ignore' });
+  const r = await run('nix-store', ['--query', '--requisites', '--', path]);
   if (r.exitCode !== 0) throw new SnapbackError('bad-target', `cannot read the closure of ${path}: ${lastLine(r.stderr)}`);
   return String(r.stdout).split('\n').filter(Boolean);
 }
@@ -37,7 +39,7 @@ export async function closureOf(path: string): Promise<string[]> {
 export async function manifestOf(paths: string[]): Promise<ManifestEntry[]> {
   const out: ManifestEntry[] = [];
   for (let i = 0; i < paths.length; i += 500) {
-    const r = await execa('nix-store', ['--dump-db', '--', ...paths.slice(i, i + 500)], { reject: false, stdin: 'ignore' });
+    const r = await run('nix-store', ['--dump-db', '--', ...paths.slice(i, i + 500)]);
     if (r.exitCode !== 0) throw new SnapbackError('bad-target', `nix-store --dump-db failed: ${lastLine(r.stderr)}`);
     const lines = String(r.stdout).split('\n');
     for (let at = 0; at < lines.length && lines[at]; ) {
@@ -207,11 +209,13 @@ async function pushBatch(
 
 interface Export {
   entries: ManifestEntry[];
-  process: ResultPromise<{ stdin: 'ignore'; stdout: 'pipe'; stderr: 'pipe'; buffer: { stdout: false; stderr: true }; reject: false }>;
+  process: ChildProcess;
+  /** its exit status, and the end of what it said on stderr */
+  exited: Promise<{ exitCode: number | undefined; stderr: string }>;
   input: ExportReader;
 }
 
-/** Ends an export early: the process, and its stream (unread, it would keep the process's end from being seen). */
+/** Ends an export early: the process, and its stream. */
 function stopExport(e: Export): void {
   e.process.kill();
   e.input.close();
@@ -219,8 +223,12 @@ function stopExport(e: Export): void {
 
 /** One `nix-store --export` of `entries`: one process, not one per path. */
 function startExport(entries: ManifestEntry[]): Export {
-  const process = execa('nix-store', ['--export', '--', ...entries.map((e) => e.path)], { stdin: 'ignore', stdout: 'pipe', stderr: 'pipe', buffer: { stdout: false, stderr: true }, reject: false });
-  return { entries, process, input: new ExportReader(process.stdout!) };
+  const child = spawn('nix-store', ['--export', '--', ...entries.map((e) => e.path)], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-4096)));
+  child.on('error', (err) => (stderr += `${err.message}\n`));
+  const exited = once(child, 'close').then(([code]) => ({ exitCode: (code as number | null) ?? undefined, stderr }));
+  return { entries, process: child, exited, input: new ExportReader(child.stdout!) };
 }
 
 /**
@@ -237,7 +245,7 @@ async function sendNars(
   onWait: (wake: () => void) => void,
   stopped: { now: boolean },
 ): Promise<void> {
-  const { process: exporter, input } = exported;
+  const { input } = exported;
   let sent = 0;
   try {
     for (const e of exported.entries) {
@@ -272,13 +280,13 @@ async function sendNars(
   } catch (err) {
     // A stream cut short: nix-store is ending, and says why; anything else: it is stopped.
     if (!input.ended) stopExport(exported);
-    const r = await exporter;
+    const r = await exported.exited;
     if (input.ended && r.exitCode) throw new SnapbackError('push-failed', `nix-store --export on this machine failed (exit ${r.exitCode}; collected meanwhile?): ${lastLine(r.stderr)}`);
     throw err;
   } finally {
     if (stopped.now || !session.open) stopExport(exported);
   }
-  const r = await exporter;
+  const r = await exported.exited;
   if (r.exitCode !== 0) throw new SnapbackError('push-failed', `nix-store --export on this machine failed (exit ${r.exitCode}): ${lastLine(r.stderr)}`);
 }
 
@@ -334,7 +342,7 @@ class ExportReader {
 
   /** Stops reading: the stream is destroyed. */
   close(): void {
-    void this.it.return?.();
+    this.it.return?.().catch(() => {});
   }
 
   async u64(): Promise<bigint> {

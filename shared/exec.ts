@@ -1,0 +1,51 @@
+// Running commands. Quick queries (a `nix-store` that answers in milliseconds) go through `run`, on
+// Node's own child_process; execa serves the commands whose life needs managing (timeouts, process
+// trees, streamed output) and is imported at its first use: loading it costs about 20 MiB and 70 ms
+// (measured, README "Performance"), which an idle agent and a quick CLI command should not pay.
+
+import { spawn } from 'node:child_process';
+import type { execa as Execa } from 'execa';
+
+export interface RunResult {
+  /** undefined when the command could not start or was killed by a signal */
+  exitCode: number | undefined;
+  signal: NodeJS.Signals | undefined;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `cmd args` to its end, stdin from `input` (else none); never throws for a failure of the command. */
+export function run(cmd: string, args: string[], opts: { input?: string | Buffer; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
+  return new Promise((resolve) => {
+    const child = spawn(cmd, args, { stdio: [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'], ...(opts.env ? { env: opts.env } : {}) });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout!.on('data', (d: Buffer) => out.push(d));
+    child.stderr!.on('data', (d: Buffer) => err.push(d));
+    let failed: Error | undefined;
+    child.on('error', (e) => (failed = e));
+    if (opts.input !== undefined) child.stdin!.on('error', () => {}).end(opts.input);
+    child.on('close', (code, signal) =>
+      resolve({
+        exitCode: code ?? undefined,
+        signal: signal ?? undefined,
+        stdout: Buffer.concat(out).toString(),
+        stderr: Buffer.concat(err).toString() + (failed ? `${failed.message}\n` : ''),
+      }),
+    );
+  });
+}
+
+let execa: Promise<typeof Execa> | undefined;
+
+/** execa, imported at its first use. */
+export function loadExeca(): Promise<typeof Execa> {
+  // A failed import (out of file descriptors, say) is tried again at the next use.
+  return (execa ??= import('execa').then(
+    (m) => m.execa,
+    (err: Error) => {
+      execa = undefined;
+      throw err;
+    },
+  ));
+}
