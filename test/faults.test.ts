@@ -278,8 +278,9 @@ describe('the agent never wedges and never lies', { skip }, () => {
     const a = await h.cli(['activate', h.toplevel('x'), '--timeout', '60']);
     await h.stop();
     const history = join(h.stateDir, 'history.jsonl');
-    // Opens of the history from here: 1 for `reverting`, 2 for the outcome. Kill at the second.
-    await h.start({ wrap: ['strace', '-f', '-qq', '-o', '/dev/null', '-P', history, '-e', 'trace=openat', '-e', 'inject=openat:signal=SIGKILL:when=2'] });
+    // Opens of the history from here: 1 when the metrics count it at start, 2 for `reverting`, 3 for
+    // the outcome. Kill at the third.
+    await h.start({ wrap: ['strace', '-f', '-qq', '-o', '/dev/null', '-P', history, '-e', 'trace=openat', '-e', 'inject=openat:signal=SIGKILL:when=3'] });
     const r = await h.cli(['rollback']);
     await h.exited();
     assert.notEqual(r.code, 0, 'the agent died before answering');
