@@ -18,7 +18,9 @@ import { now, readBootId } from './clock.ts';
 import { healthProblems } from './health.ts';
 import { step, secondsLeft, type Announcement, type Effect, type Event, type ProfileBefore, type Reply, type State } from './lifecycle.ts';
 import type { Logger } from './log.ts';
-import { Nix, profiles, readCurrentSystem } from './nix.ts';
+import { Nix, currentGeneration, profiles, readCurrentSystem } from './nix.ts';
+import { bootStartedMono, clearOneShot, detectBootloader, entryFor, kernelChanges, requestReboot, setOneShot, unsupported } from './boot.ts';
+import { failpoint } from './failpoint.ts';
 import { releasePushRoots, type PushPlaces } from './push.ts';
 import { StateDir } from './state-dir.ts';
 import { VERSION } from '../shared/version.ts';
@@ -28,7 +30,18 @@ import type { HostStatus } from '../shared/protocol.ts';
 export type Progress = Announcement | { type: 'output'; id: string; line: string };
 
 export type Result =
-  | { ok: true; id?: string; outcome?: Outcome; deadline?: string; toplevel?: string; dryRun?: { exit: number | null } }
+  | {
+      ok: true;
+      id?: string;
+      outcome?: Outcome;
+      deadline?: string;
+      toplevel?: string;
+      dryRun?: { exit: number | null };
+      /** the kernel-side parts that differ from the booted system ([]: userland only) */
+      kernel?: string[];
+      /** a trial boot: the host is rebooting into the target once */
+      rebooting?: { loader: string; entry: string };
+    }
   | { ok: false; code: ErrorCode; message: string; id?: string; outcome?: Outcome };
 
 /** What `status` answers, on the console and in `welcome` (the schema lives in shared/protocol.ts). */
@@ -113,7 +126,9 @@ export class Agent {
       releasePushRoots(this.pushPlaces().gcRootDir, 24 * 3600_000);
     } catch {}
     const current = readCurrentSystem(this.config.system.currentSystem);
-    await this.dispatch({ type: 'start', bootId: this.bootId(), current });
+    // A trial boot's window counts from the boot (systemd's start); without systemd, from now.
+    const since = this.state.deployment?.reboot && this.runner.name === 'systemd' ? await bootStartedMono().catch(() => undefined) : undefined;
+    await this.dispatch({ type: 'start', bootId: this.bootId(), current, token: randomBytes(24).toString('base64url'), ...(since !== undefined ? { bootStartedMono: since } : {}) });
   }
 
   /**
@@ -314,7 +329,15 @@ export class Agent {
                 throw new SnapbackError('internal', `${(err as Error).message}; refusing to activate without it`);
               }
             }
-            await this.dispatch({ type: 'prepared', id: d.id, toplevel });
+            const kernel = kernelChanges(this.config.system.bootedSystem, toplevel);
+            let profile: ProfileBefore | undefined;
+            if (d.reboot) {
+              profile = profiles.snapshot(this.config.system.profile);
+              if (profile.path !== d.previous) {
+                throw new SnapbackError('no-trial-boot', `a trial boot needs the running system to be the boot default, and ${this.config.system.profile} points at ${profile.path ?? 'nothing'}, not the running ${d.previous}; confirm or switch first`);
+              }
+            }
+            await this.dispatch({ type: 'prepared', id: d.id, toplevel, ...(kernel ? { kernel } : {}), ...(profile ? { profile } : {}) });
           } catch (err) {
             const e = asSnapbackError(err);
             await this.dispatch({ type: 'prepare-failed', id: d.id, code: e.code, message: e.message, ...(typeof e.details?.output === 'string' ? { detail: e.details.output } : {}) });
@@ -359,10 +382,101 @@ export class Agent {
           this.dispatch(await this.attempt(() => this.commit(effect), (error) => ({ type: 'commit-finished', id: effect.id, ok: false, error }))),
         );
       case 'revert':
-        return this.spawn(async () =>
-          this.dispatch(await this.attempt(() => this.revert(effect), (error) => ({ type: 'revert-finished', id: effect.id, result: 'failed', error }))),
-        );
+        return this.spawn(async () => {
+          const event = await this.attempt(
+            () => (effect.boot ? this.revertBoot(effect) : this.revert(effect)),
+            (error) => ({ type: 'revert-finished', id: effect.id, result: 'failed', error }) as Event,
+          );
+          // A trial boot's revert is a reboot: its event comes in the next boot.
+          if (event) await this.dispatch(event);
+        });
+      case 'arm-boot':
+        return this.spawn(async () => this.dispatch(await this.armBoot(effect)));
+      case 'reboot':
+        return this.spawn(async () => {
+          // A moment for the answer (`rebooting`) to reach the controller or the console first.
+          await sleep(1000);
+          if (this.closed) return;
+          failpoint('boot:reboot');
+          await this.attempt(
+            () => requestReboot(this.config.system.rebootCommand),
+            (error) => {
+              this.log.error({ deployment: effect.id, err: error }, 'the reboot could not be asked for; the activation limit reverts the trial boot');
+            },
+          );
+        });
     }
+  }
+
+  // ---- trial boots (DESIGN §11) -----------------------------------------------------------------
+
+  /**
+   * Gives X a boot entry without making it the default, and points the next boot only at it. The
+   * NixOS bootloader builders write an entry for every profile generation and make the default the
+   * generation of the toplevel whose `boot` runs: so X becomes a generation (the profile points at
+   * it for one nix-env call), the profile goes back to the previous generation at once, the previous
+   * system's `boot` rewrites the menu (X's entry included, the default unchanged), and the one-shot
+   * names X's entry. Safe to run again after a crash; any failure is undone before it is reported.
+   */
+  private async armBoot(e: Extract<Effect, { kind: 'arm-boot' }>): Promise<Event> {
+    const { profile, grubConfig } = this.config.system;
+    const onLine = (line: string) => this.emit({ type: 'output', id: e.id, line });
+    try {
+      await this.switchLockFree(e.id);
+      if (e.profile.generation === null) throw new Error(`${profile} has no generation to keep as the boot default`);
+      await profiles.set(profile, e.toplevel);
+      const generation = currentGeneration(profile);
+      if (generation === null) throw new Error(`${profile} does not point at a generation after nix-env --set`);
+      await profiles.switchTo(profile, e.profile.generation);
+      const { exit } = await this.runner.run(`boot-entry-${e.id}`, e.previous, 'boot', onLine, this.runLimit());
+      if (exit !== 0) throw new Error(`${e.previous}/bin/switch-to-configuration boot exited ${exit ?? 'without a status'}`);
+      const entry = entryFor(e.loader, generation, e.toplevel, grubConfig);
+      await setOneShot(e.loader, entry);
+      failpoint('boot:armed');
+      return { type: 'boot-armed', id: e.id, entry, generation };
+    } catch (err) {
+      const error = (err as Error).message;
+      this.log.error({ deployment: e.id, err: error }, 'preparing the trial boot failed; undoing it');
+      const unrestored = await this.forgetBoot(e.id, e.toplevel, e.previous, { loader: e.loader, profile: e.profile }).catch((u: Error) => u.message);
+      return { type: 'boot-arm-failed', id: e.id, error, ...(unrestored ? { unrestored } : {}) };
+    }
+  }
+
+  /**
+   * Undoes a trial boot's entry: no one-shot left, the profile back where it was and without X's
+   * generation, the previous system's `boot` writing the menu and default again. Returns why not, or
+   * undefined.
+   */
+  private async forgetBoot(id: string, toplevel: string, previous: string, boot: NonNullable<Extract<Effect, { kind: 'revert' }>['boot']>): Promise<string | undefined> {
+    const onLine = (line: string) => this.emit({ type: 'output', id, line });
+    await clearOneShot(boot.loader, this.config.system.grubConfig).catch((err: Error) => this.log.warn({ deployment: id, err: err.message }, 'cannot clear the one-shot boot entry'));
+    if (boot.profile.path === null) return undefined;
+    await profiles.restore(this.config.system.profile, boot.profile, toplevel);
+    const { exit } = await this.runner.run(`boot-forget-${id}`, previous, 'boot', onLine, this.runLimit());
+    return exit === 0 ? undefined : `${previous}/bin/switch-to-configuration boot exited ${exit ?? 'without a status'}`;
+  }
+
+  /**
+   * A trial boot's revert. X runs: forget its entry (the default never stopped being the previous
+   * system) and reboot; the outcome is recorded in the next boot. The previous system runs (the
+   * reboot happened, or X never came up): tidy up, and that is the revert.
+   */
+  private async revertBoot(e: Extract<Effect, { kind: 'revert' }>): Promise<Event | undefined> {
+    const boot = e.boot!;
+    await this.switchLockFree(e.id);
+    const current = readCurrentSystem(this.config.system.currentSystem);
+    if (current === e.previous) {
+      const unrestored = e.toplevel ? await this.forgetBoot(e.id, e.toplevel, e.previous, boot) : undefined;
+      if (unrestored) return { type: 'revert-finished', id: e.id, result: 'failed', error: `the previous system runs, but ${unrestored}` };
+      return { type: 'revert-finished', id: e.id, result: 'already-previous', detail: `running ${e.previous}, the boot default` };
+    }
+    if (current !== e.toplevel) return { type: 'revert-finished', id: e.id, result: 'conflict', current };
+    const unrestored = await this.forgetBoot(e.id, e.toplevel, e.previous, boot);
+    if (unrestored) throw new Error(unrestored);
+    this.log.warn({ deployment: e.id }, `rebooting into the boot default ${e.previous}`);
+    failpoint('boot:revert-reboot');
+    await requestReboot(this.config.system.rebootCommand);
+    return undefined;
   }
 
   /** Runs `task`, retrying with backoff when it throws; after the last attempt, `otherwise(why)`. */
@@ -530,7 +644,7 @@ export class Agent {
   // ---- requests (console and network) ---------------------------------------------------------
 
   /** Starts a deployment; resolves once the trial runs (with its deadline) or the deployment ended. */
-  async activate(req: { target: Target; timeoutSec?: number; by: Actor }, onProgress?: (p: Progress) => void): Promise<Result> {
+  async activate(req: { target: Target; timeoutSec?: number; by: Actor; reboot?: boolean }, onProgress?: (p: Progress) => void): Promise<Result> {
     const { confirm, system } = this.config;
     const timeoutSec = req.timeoutSec ?? confirm.defaultTimeoutSec;
     if (!Number.isInteger(timeoutSec) || timeoutSec < confirm.minTimeoutSec || timeoutSec > confirm.maxTimeoutSec) {
@@ -544,6 +658,16 @@ export class Agent {
     }
     const previous = readCurrentSystem(system.currentSystem);
     if (!previous) return refuse('no-current-system', `${system.currentSystem} does not resolve; refusing to activate without a revert target`);
+    let reboot: { loader: 'systemd-boot' | 'grub' } | undefined;
+    if (req.reboot) {
+      const loader = await detectBootloader(system);
+      const why = unsupported(loader);
+      if (why || loader === 'none') return refuse('no-trial-boot', why!);
+      if (readCurrentSystem(system.profile) !== previous) {
+        return refuse('no-trial-boot', `a trial boot needs the running system to be the boot default: ${system.profile} points at ${readCurrentSystem(system.profile) ?? 'nothing'}, not the running ${previous}`);
+      }
+      reboot = { loader };
+    }
     try {
       this.dir.probeWritable();
     } catch (err) {
@@ -562,8 +686,14 @@ export class Agent {
           previous,
           bootId: this.bootId(),
           by: req.by,
+          ...(reboot ? { reboot } : {}),
         }),
-      (p) => (p.type === 'phase' && p.phase === 'trial' ? { ok: true, id, deadline: p.deadline!, toplevel: p.toplevel! } : undefined),
+      (p) => {
+        if (p.type === 'phase' && p.phase === 'activating' && p.reboot) {
+          return { ok: true, id, toplevel: p.toplevel!, rebooting: p.reboot, ...(p.kernel ? { kernel: p.kernel } : {}) };
+        }
+        return p.type === 'phase' && p.phase === 'trial' ? { ok: true, id, deadline: p.deadline!, toplevel: p.toplevel!, ...(kernelOf(this.state) ? { kernel: kernelOf(this.state)! } : {}) } : undefined;
+      },
       onProgress,
     );
   }
@@ -584,7 +714,8 @@ export class Agent {
       const toplevel = await this.nix.obtain(req.target, root, system.profile, onLine);
       const { exit } = await this.runner.run(`dry-activate-${id}`, toplevel, 'dry-activate', onLine);
       this.log.info({ deployment: id, by: req.by.who, exit }, `dry run of ${toplevel}: dry-activate exited ${exit ?? 'without a status'}`);
-      return { ok: true, id, toplevel, dryRun: { exit } };
+      const kernel = kernelChanges(system.bootedSystem, toplevel);
+      return { ok: true, id, toplevel, dryRun: { exit }, ...(kernel ? { kernel } : {}) };
     } catch (err) {
       const e = asSnapbackError(err);
       return refuse(e.code, e.message, id);
@@ -647,7 +778,7 @@ export class Agent {
   }
 
   status(): Status {
-    return statusOf(this.state, this.bootId(), readCurrentSystem(this.config.system.currentSystem));
+    return statusOf(this.state, this.bootId(), readCurrentSystem(this.config.system.currentSystem), this.config.system.bootedSystem);
   }
 
   history(limit?: number): HistoryEntry[] {
@@ -664,7 +795,7 @@ export class Agent {
 }
 
 /** The `status` answer for a state, as the daemon or (when it is down) the state directory has it. */
-export function statusOf(state: State, bootId: string, currentSystem: string | null): Status {
+export function statusOf(state: State, bootId: string, currentSystem: string | null, bootedSystem?: string): Status {
   const d = state.deployment;
   const t = now();
   const sameBoot = d?.bootId === bootId;
@@ -688,13 +819,36 @@ export function statusOf(state: State, bootId: string, currentSystem: string | n
             ...(deadline ? { deadline } : {}),
             ...(left !== undefined ? { secondsLeft: left } : {}),
             ...(unhealthy ? { unhealthy } : {}),
+            ...(d.kernel ? { kernel: d.kernel } : {}),
+            ...(d.reboot ? { reboot: { loader: d.reboot.loader, stage: d.reboot.stage, ...(d.reboot.entry ? { entry: d.reboot.entry } : {}) } } : {}),
           },
         }
       : {}),
-    ...(state.last
-      ? { last: { id: state.last.id, target: describeTarget(state.last.target), outcome: state.last.outcome, finishedAt: state.last.finishedAt, by: state.last.by } }
-      : {}),
+    ...(state.last ? lastOf(state.last, bootedSystem) : {}),
   };
+}
+
+/**
+ * The last outcome for `status`. A commit whose kernel side differed from the booted system stays
+ * `confirmed (kernel not yet booted)` until a boot of a system with that kernel side succeeded:
+ * `/run/booted-system` tells, at every asking.
+ */
+function lastOf(last: NonNullable<State['last']>, bootedSystem: string | undefined): Pick<Status, 'last' | 'bootPending'> {
+  let outcome = last.outcome;
+  let pending: string[] | undefined;
+  if (outcome.outcome === 'confirmed' && outcome.kernelNotYetBooted) {
+    const now = bootedSystem && last.toplevel ? kernelChanges(bootedSystem, last.toplevel) : undefined;
+    if (now && now.length === 0) outcome = { outcome: 'confirmed' };
+    else pending = now ?? last.kernel ?? [];
+  }
+  return {
+    last: { id: last.id, target: describeTarget(last.target), ...(last.toplevel ? { toplevel: last.toplevel } : {}), outcome, finishedAt: last.finishedAt, by: last.by },
+    ...(pending ? { bootPending: pending } : {}),
+  };
+}
+
+function kernelOf(state: State): string[] | undefined {
+  return state.deployment?.kernel;
 }
 
 function refuse(code: ErrorCode, message: string, id?: string): Result {

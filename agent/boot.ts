@@ -1,0 +1,192 @@
+// Everything about boots (DESIGN §11): whether a target's kernel side differs from the booted
+// system, which bootloader the host has, naming a generation's boot entry, the one-shot boot, and
+// the reboot itself. The trial boot's story lives in lifecycle.ts; this file only talks to the host.
+
+import { createHash } from 'node:crypto';
+import { existsSync, readFileSync, realpathSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import { execa } from 'execa';
+import { SnapbackError } from '../shared/errors.ts';
+
+/** What `switch-to-configuration test` cannot apply: it needs a boot. */
+export const KERNEL_PARTS = ['kernel', 'initrd', 'kernel-modules', 'kernel-params'] as const;
+export type KernelPart = (typeof KERNEL_PARTS)[number];
+
+export type Bootloader = 'systemd-boot' | 'grub' | 'none';
+
+/**
+ * What identifies one part of a toplevel's kernel side: the store path a link resolves to (`kernel`,
+ * `initrd`, `kernel-modules` are links into the store), or the content's hash for a plain file
+ * (`kernel-params`), or null when the toplevel has no such part.
+ */
+function identity(toplevel: string, part: KernelPart): string | null {
+  const path = join(toplevel, part);
+  let real: string;
+  try {
+    real = realpathSync(path);
+  } catch {
+    return null;
+  }
+  try {
+    if (statSync(real).isFile() && (part === 'kernel-params' || real === path)) {
+      return `sha256:${createHash('sha256').update(readFileSync(real)).digest('hex')}`;
+    }
+  } catch {
+    return null;
+  }
+  return real;
+}
+
+/**
+ * The parts of `target`'s kernel side that differ from the system at `bootedLink` (normally
+ * `/run/booted-system`), in KERNEL_PARTS order: `[]` when only userland changes, undefined when the
+ * booted system cannot be read (then nothing is claimed either way).
+ */
+export function kernelChanges(bootedLink: string, target: string): KernelPart[] | undefined {
+  let booted: string;
+  try {
+    booted = realpathSync(bootedLink);
+  } catch {
+    return undefined;
+  }
+  if (booted === target) return [];
+  return KERNEL_PARTS.filter((part) => identity(booted, part) !== identity(target, part));
+}
+
+/** `kernel, initrd` for a sentence. */
+export function describeParts(parts: readonly string[]): string {
+  return parts.join(', ');
+}
+
+// ---- the bootloader -----------------------------------------------------------------------------
+
+export interface BootSettings {
+  /** `system.bootloader`: undefined means detect */
+  bootloader?: Bootloader | undefined;
+  grubConfig: string;
+  rebootCommand: string[];
+}
+
+/**
+ * systemd-boot when `bootctl is-installed` says so; GRUB when its configuration exists and
+ * `grub-reboot` is on PATH; else none. Only asked when `system.bootloader` is not set.
+ */
+export async function detectBootloader(s: BootSettings): Promise<Bootloader> {
+  if (s.bootloader) return s.bootloader;
+  const sd = await execa('bootctl', ['is-installed'], { reject: false, stdin: 'ignore' });
+  if (sd.exitCode === 0) return 'systemd-boot';
+  if (existsSync(s.grubConfig)) {
+    const grub = await execa('sh', ['-c', 'command -v grub-reboot'], { reject: false, stdin: 'ignore' });
+    if (grub.exitCode === 0) return 'grub';
+  }
+  return 'none';
+}
+
+/** Why a trial boot cannot be done with this bootloader, or undefined. */
+export function unsupported(loader: Bootloader): string | undefined {
+  if (loader !== 'none') return undefined;
+  return (
+    'a trial boot needs systemd-boot (bootctl set-oneshot) or GRUB (grub-reboot), and this host has neither ' +
+    '(system.bootloader is "none", or neither was detected); deploy without --reboot, or set system.bootloader in agent.json'
+  );
+}
+
+/**
+ * The boot entry of profile generation `generation` (whose toplevel is `toplevel`):
+ * systemd-boot's `nixos-generation-N.conf` (the NixOS builder's file name, which is the entry's id),
+ * GRUB's `NixOS - All configurations>NixOS - Configuration N (DATE - VERSION)` read from grub.cfg.
+ */
+export function entryFor(loader: Bootloader, generation: number, toplevel: string, grubConfig: string): string {
+  if (loader === 'systemd-boot') return `nixos-generation-${generation}.conf`;
+  if (loader === 'grub') {
+    let cfg: string;
+    try {
+      cfg = readFileSync(grubConfig, 'utf8');
+    } catch (err) {
+      throw new Error(`cannot read ${grubConfig}: ${(err as Error).message}`);
+    }
+    const entry = grubEntry(cfg, generation, toplevel);
+    if (!entry) throw new Error(`${grubConfig} has no menu entry for generation ${generation} (${toplevel})`);
+    if (!/next_entry|saved_entry/.test(cfg)) throw new Error(`${grubConfig} does not read grub-reboot's one-time entry (no next_entry in it)`);
+    return entry;
+  }
+  throw new SnapbackError('bad-request', unsupported(loader)!);
+}
+
+/**
+ * GRUB's name for a generation in NixOS's grub.cfg: `SUBMENU>TITLE`, the form grub-reboot takes
+ * for an entry inside a submenu, for the entry titled `NixOS - Configuration N (…)` whose kernel line
+ * names `toplevel` (install-grub.pl writes `systemConfig=TOPLEVEL` there).
+ */
+export function grubEntry(cfg: string, generation: number, toplevel: string): string | undefined {
+  const submenus: string[] = [];
+  let depth = 0;
+  let submenuDepth: number[] = [];
+  let current: { title: string; body: string[]; depth: number } | undefined;
+  for (const line of cfg.split('\n')) {
+    const t = line.trim();
+    const title = /^(submenu|menuentry)\s+(["'])(.*?)\2/.exec(t);
+    if (title && t.endsWith('{')) {
+      if (title[1] === 'submenu') {
+        submenus.push(title[3]!);
+        submenuDepth.push(depth);
+      } else current = { title: title[3]!, body: [], depth };
+      depth++;
+      continue;
+    }
+    if (t === '}') {
+      depth--;
+      if (current && current.depth === depth) {
+        const named = new RegExp(`^NixOS - Configuration ${generation} \\(`).test(current.title);
+        if (named && current.body.some((b) => b.includes(`systemConfig=${toplevel}`) || b.includes(`${toplevel}/init`))) {
+          return [...submenus, current.title].join('>');
+        }
+        current = undefined;
+      } else if (submenuDepth.at(-1) === depth) {
+        submenus.pop();
+        submenuDepth = submenuDepth.slice(0, -1);
+      }
+      continue;
+    }
+    current?.body.push(t);
+  }
+  return undefined;
+}
+
+/** Points the next boot only at `entry`; the default entry stays as it is. */
+export async function setOneShot(loader: Bootloader, entry: string): Promise<void> {
+  const [cmd, args] = loader === 'grub' ? ['grub-reboot', [entry]] : ['bootctl', ['set-oneshot', entry]];
+  await run(cmd as string, args as string[]);
+}
+
+/** Forgets a one-shot entry that was set and not used (`bootctl set-oneshot ""`, `grub-editenv - unset next_entry`). */
+export async function clearOneShot(loader: Bootloader, grubConfig: string): Promise<void> {
+  if (loader === 'grub') {
+    const env = join(grubConfig, '..', 'grubenv');
+    if (existsSync(env)) await run('grub-editenv', [env, 'unset', 'next_entry']);
+    return;
+  }
+  if (loader === 'systemd-boot') await run('bootctl', ['set-oneshot', '']);
+}
+
+/** Asks for the reboot (`systemctl reboot` unless `system.rebootCommand` says otherwise). */
+export async function requestReboot(command: string[]): Promise<void> {
+  const [cmd, ...args] = command as [string, ...string[]];
+  await run(cmd, args);
+}
+
+async function run(cmd: string, args: string[]): Promise<void> {
+  const r = await execa(cmd, args, { reject: false, stdin: 'ignore' });
+  if (r.exitCode === undefined) throw new Error(r.message);
+  if (r.exitCode !== 0) throw new Error(`${[cmd, ...args].join(' ')}: ${String(r.stderr).trim() || `exit ${r.exitCode}`}`);
+}
+
+/**
+ * When this boot's userspace started, on the monotonic clock (ms): systemd's
+ * UserspaceTimestampMonotonic. A trial boot's window counts from there. Undefined without systemd.
+ */
+export async function bootStartedMono(): Promise<number | undefined> {
+  const r = await execa('systemctl', ['show', '-p', 'UserspaceTimestampMonotonic', '--value'], { reject: false, stdin: 'ignore' });
+  const usec = Number(String(r.stdout).trim());
+  return r.exitCode === 0 && usec > 0 ? Math.floor(usec / 1000) : undefined;
+}
