@@ -19,7 +19,7 @@ import { healthProblems } from './health.ts';
 import { step, secondsLeft, type Announcement, type Effect, type Event, type ProfileBefore, type Reply, type State } from './lifecycle.ts';
 import type { Logger } from './log.ts';
 import { Nix, currentGeneration, profiles, readCurrentSystem } from './nix.ts';
-import { bootStartedMono, clearOneShot, detectBootloader, entryFor, kernelChanges, requestReboot, setOneShot, unsupported } from './boot.ts';
+import { bootCommands, bootStartedMono, clearOneShot, detectBootloader, entryFor, kernelChanges, requestReboot, setOneShot, unsupported } from './boot.ts';
 import { failpoint } from './failpoint.ts';
 import { releasePushRoots, type PushPlaces } from './push.ts';
 import { StateDir } from './state-dir.ts';
@@ -431,7 +431,7 @@ export class Agent {
       const { exit } = await this.runner.run(`boot-entry-${e.id}`, e.previous, 'boot', onLine, this.runLimit());
       if (exit !== 0) throw new Error(`${e.previous}/bin/switch-to-configuration boot exited ${exit ?? 'without a status'}`);
       const entry = entryFor(e.loader, generation, e.toplevel, grubConfig);
-      await setOneShot(e.loader, entry);
+      await setOneShot(e.loader, entry, bootCommands(this.runner.name === 'systemd'));
       failpoint('boot:armed');
       return { type: 'boot-armed', id: e.id, entry, generation };
     } catch (err) {
@@ -449,7 +449,7 @@ export class Agent {
    */
   private async forgetBoot(id: string, toplevel: string, previous: string, boot: NonNullable<Extract<Effect, { kind: 'revert' }>['boot']>): Promise<string | undefined> {
     const onLine = (line: string) => this.emit({ type: 'output', id, line });
-    await clearOneShot(boot.loader, this.config.system.grubConfig).catch((err: Error) => this.log.warn({ deployment: id, err: err.message }, 'cannot clear the one-shot boot entry'));
+    await clearOneShot(boot.loader, this.config.system.grubConfig, bootCommands(this.runner.name === 'systemd')).catch((err: Error) => this.log.warn({ deployment: id, err: err.message }, 'cannot clear the one-shot boot entry'));
     if (boot.profile.path === null) return undefined;
     await profiles.restore(this.config.system.profile, boot.profile, toplevel);
     const { exit } = await this.runner.run(`boot-forget-${id}`, previous, 'boot', onLine, this.runLimit());

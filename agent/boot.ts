@@ -153,20 +153,33 @@ export function grubEntry(cfg: string, generation: number, toplevel: string): st
   return undefined;
 }
 
+/** Runs a bootloader command: `cmd args…`, throwing with its error output when it fails. */
+export type Exec = (cmd: string, args: string[]) => Promise<void>;
+
+/**
+ * How the agent runs bootloader commands. Under systemd they run in a transient unit of PID 1
+ * (`systemd-run --wait --pipe`), like the switch: the agent's own unit has /boot read-only
+ * (ProtectSystem=full), and grub-reboot writes /boot/grub/grubenv.
+ */
+export function bootCommands(outsideTheSandbox: boolean): Exec {
+  if (!outsideTheSandbox) return run;
+  return (cmd, args) => run('systemd-run', ['--wait', '--pipe', '--quiet', '--collect', '--service-type=exec', '--no-ask-password', '-E', 'PATH', cmd, ...args]);
+}
+
 /** Points the next boot only at `entry`; the default entry stays as it is. */
-export async function setOneShot(loader: Bootloader, entry: string): Promise<void> {
-  const [cmd, args] = loader === 'grub' ? ['grub-reboot', [entry]] : ['bootctl', ['set-oneshot', entry]];
-  await run(cmd as string, args as string[]);
+export async function setOneShot(loader: Bootloader, entry: string, exec: Exec = run): Promise<void> {
+  if (loader === 'grub') await exec('grub-reboot', [entry]);
+  else await exec('bootctl', ['set-oneshot', entry]);
 }
 
 /** Forgets a one-shot entry that was set and not used (`bootctl set-oneshot ""`, `grub-editenv - unset next_entry`). */
-export async function clearOneShot(loader: Bootloader, grubConfig: string): Promise<void> {
+export async function clearOneShot(loader: Bootloader, grubConfig: string, exec: Exec = run): Promise<void> {
   if (loader === 'grub') {
     const env = join(grubConfig, '..', 'grubenv');
-    if (existsSync(env)) await run('grub-editenv', [env, 'unset', 'next_entry']);
+    if (existsSync(env)) await exec('grub-editenv', [env, 'unset', 'next_entry']);
     return;
   }
-  if (loader === 'systemd-boot') await run('bootctl', ['set-oneshot', '']);
+  if (loader === 'systemd-boot') await exec('bootctl', ['set-oneshot', '']);
 }
 
 /** Asks for the reboot (`systemctl reboot` unless `system.rebootCommand` says otherwise). */
