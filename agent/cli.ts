@@ -408,7 +408,7 @@ async function history(config: AgentConfig, json: boolean, limit?: number): Prom
   else if (!entries.length) print('no history yet');
   else
     for (const e of entries) {
-      print(`${e.at} ${e.id} ${e.from} → ${e.to} (${e.event}) by ${e.by.who} via ${e.by.channel}${e.outcome ? `: ${describeOutcome(e.outcome)}` : ''}${e.detail ? ` — ${e.detail}` : ''}`);
+      print(`${e.at} ${e.id} ${e.from} → ${e.to} (${e.event}) by ${e.by.who} via ${e.by.channel}${e.bootId ? ` in boot ${e.bootId.slice(0, 8)}` : ''}${e.outcome ? `: ${describeOutcome(e.outcome)}` : ''}${e.detail ? ` — ${e.detail}` : ''}`);
     }
   return EXIT.ok;
 }

@@ -388,7 +388,7 @@ async function history(fleet: Fleet, name: string, json: boolean, limit?: number
     else if (!r.entries.length) process.stdout.write(`${name}: no history yet\n`);
     else
       for (const e of r.entries) {
-        process.stdout.write(oneLine(`${e.at} ${e.id} ${e.from} → ${e.to} (${e.event}) by ${e.by.who} via ${e.by.channel}${e.outcome ? `: ${describeOutcome(e.outcome)}` : ''}`) + '\n');
+        process.stdout.write(oneLine(`${e.at} ${e.id} ${e.from} → ${e.to} (${e.event}) by ${e.by.who} via ${e.by.channel}${e.bootId ? ` in boot ${e.bootId.slice(0, 8)}` : ''}${e.outcome ? `: ${describeOutcome(e.outcome)}` : ''}`) + '\n');
       }
     return EXIT.ok;
   });
