@@ -19,7 +19,7 @@ import { healthProblems } from './health.ts';
 import { step, secondsLeft, type Announcement, type Effect, type Event, type ProfileBefore, type Reply, type State } from './lifecycle.ts';
 import type { Logger } from './log.ts';
 import { Nix, currentGeneration, profiles, readCurrentSystem } from './nix.ts';
-import { bootCommands, bootStartedMono, clearOneShot, detectBootloader, entryFor, kernelChanges, requestReboot, setOneShot, unsupported } from './boot.ts';
+import { bootCommands, bootStartedMono, patternDefault, clearOneShot, detectBootloader, entryFor, kernelChanges, requestReboot, setOneShot, unsupported } from './boot.ts';
 import { failpoint } from './failpoint.ts';
 import { releasePushRoots, type PushPlaces } from './push.ts';
 import { StateDir } from './state-dir.ts';
@@ -424,6 +424,10 @@ export class Agent {
     try {
       await this.switchLockFree(e.id);
       if (e.profile.generation === null) throw new Error(`${profile} has no generation to keep as the boot default`);
+      const pattern = e.loader === 'systemd-boot' ? await patternDefault() : undefined;
+      if (pattern) {
+        throw new Error(`systemd-boot's loader.conf has "default ${pattern}" (boot counting?): the new generation's entry would become the boot default; a trial boot needs a default that names one entry`);
+      }
       await profiles.set(profile, e.toplevel);
       const generation = currentGeneration(profile);
       if (generation === null) throw new Error(`${profile} does not point at a generation after nix-env --set`);

@@ -172,6 +172,24 @@ export async function setOneShot(loader: Bootloader, entry: string, exec: Exec =
   else await exec('bootctl', ['set-oneshot', entry]);
 }
 
+/**
+ * The `default` of systemd-boot's loader.conf when it is a pattern (`nixos-generation-*`, which
+ * NixOS's builder writes with boot counting): then the newest entry, X's, would become the default
+ * the moment it exists. Undefined when the default is one entry, or loader.conf cannot be found.
+ */
+export async function patternDefault(): Promise<string | undefined> {
+  const esp = await execa('bootctl', ['--print-esp-path'], { reject: false, stdin: 'ignore' });
+  if (esp.exitCode !== 0) return undefined;
+  let conf: string;
+  try {
+    conf = readFileSync(join(String(esp.stdout).trim(), 'loader', 'loader.conf'), 'utf8');
+  } catch {
+    return undefined;
+  }
+  const value = /^\s*default\s+(\S+)/m.exec(conf)?.[1];
+  return value && /[*?[]/.test(value) ? value : undefined;
+}
+
 /** Forgets a one-shot entry that was set and not used (`bootctl set-oneshot ""`, `grub-editenv - unset next_entry`). */
 export async function clearOneShot(loader: Bootloader, grubConfig: string, exec: Exec = run): Promise<void> {
   if (loader === 'grub') {

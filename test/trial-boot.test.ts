@@ -278,6 +278,16 @@ describe('trial boots on a scratch host', { skip, timeout: 300_000 }, () => {
     const b = await h.cli(['activate', t.toplevel('y', 'k3'), '--reboot', '--timeout', '30']);
     assert.equal(b.out.code, 'busy');
     await h.cli(['rollback']);
+    // A pattern default (NixOS's builder with boot counting) would make X the default at once.
+    const conf = join(t.loader.dir, 'esp', 'loader', 'loader.conf');
+    writeFileSync(conf, 'default nixos-generation-*\n');
+    const p = await h.cli(['activate', t.toplevel('y2', 'k3'), '--reboot', '--timeout', '30']);
+    assert.equal(p.code, 1);
+    assert.equal(p.out.outcome.outcome, 'failed');
+    assert.match(p.out.outcome.message, /loader\.conf has "default nixos-generation-\*"/);
+    assert.deepEqual(h.generations(), [1], 'nothing changed');
+    assert.equal(t.loader.oneShot, undefined);
+    writeFileSync(conf, 'default nixos-generation-1.conf\n');
     rmSync(h.current);
     symlinkSync(x, h.current);
     const c = await h.cli(['activate', t.toplevel('y', 'k3'), '--reboot', '--timeout', '30']);

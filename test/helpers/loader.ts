@@ -80,6 +80,7 @@ D=${dir}
 echo "$*" >> $D/bootctl.log
 case "$1" in
   is-installed) exit 0 ;;
+  -p|--print-esp-path) echo $D/esp ;;
   set-oneshot|set-default)
     f=$D/oneshot; [ "$1" = set-default ] && f=$D/default
     if [ -z "$2" ]; then rm -f $f; exit 0; fi
@@ -99,5 +100,5 @@ export function builderScript(dir: string, profile: string): string {
       t=$(readlink -f "$l"); echo "$t" > $E/nixos-generation-$n.conf
       [ "$t" = "$self" ] && def=nixos-generation-$n.conf
     done
-    [ -n "$def" ] && echo "$def" > ${dir}/default`;
+    [ -n "$def" ] && echo "$def" > ${dir}/default && mkdir -p ${dir}/esp/loader && echo "default $def" > ${dir}/esp/loader/loader.conf`;
 }
