@@ -261,6 +261,19 @@ describe('trial boots on a scratch host', { skip, timeout: 300_000 }, () => {
     assert.deepEqual(h.history().at(-1).outcome, { outcome: 'reverted', reason: 'reboot' });
     assert.equal(h.bootDefault(), h.gen1);
     assert.deepEqual(h.generations(), [1]);
+
+    // Right before the reboot that reverts: the default is the previous system, which boots, and
+    // the revert is recorded there.
+    const z = t.toplevel('z', 'k2');
+    const c = await h.cli(['activate', z, '--reboot', '--timeout', '30']);
+    await waitFor(() => loader.rebootRequested);
+    assert.equal(await t.boot({ failpoints: ['boot:revert-reboot'] }), z);
+    await h.cli(['rollback']);
+    await h.exited();
+    assert.equal(await t.boot({ powerLoss: true }), h.gen1);
+    await h.waitOutcome(c.out.id);
+    assert.deepEqual(endOf(h, c.out.id).outcome, { outcome: 'reverted', reason: 'requested' });
+    assert.deepEqual(h.generations(), [1]);
   });
 
   it('refuses a trial boot without a supported bootloader, or when the running system is not the boot default', async () => {
