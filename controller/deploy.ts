@@ -297,7 +297,9 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
   // The host's own countdown is the truth (our estimate is rough if the first connection was lost).
   if (fresh.secondsLeft !== undefined) deadline = mono() + fresh.secondsLeft * 1000;
   wall = fresh.deadline ?? wall;
-  x?.live.set(name, { ...x.live.get(name), id, deadline });
+  x?.live.set(name, { ...x.live.get(name), id, deadline, ...(wall ? { wall } : {}) });
+  // A trial boot's trial began in the new boot: this is the first the controller hears of its window.
+  if (o.reboot && fresh.secondsLeft !== undefined && wall) o.emit({ type: 'trial', host: name, id, secondsLeft: fresh.secondsLeft, deadline: wall });
 
   const budget = deadline - margin - mono();
   o.emit({ type: 'probing', host: name, id, names: o.probes.map(probeName) });

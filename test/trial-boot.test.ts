@@ -328,6 +328,8 @@ describe('trial boots on a scratch host', { skip, timeout: 300_000 }, () => {
       assert.equal(r.result.hosts[0].status, 'confirmed');
       assert.ok(r.events.some((e) => e.event === 'rebooting' && e.entry === 'nixos-generation-2.conf'));
       assert.ok(r.events.some((e) => e.event === 'reconnected'));
+      const order = r.events.map((e) => e.event).filter((e) => ['rebooting', 'reconnected', 'trial', 'confirming'].includes(e));
+      assert.deepEqual(order, ['rebooting', 'reconnected', 'trial', 'confirming'], 'the window is told once the new boot runs it');
       assert.deepEqual(reboots, [x]);
       assert.equal(h.bootDefault(), x);
 
