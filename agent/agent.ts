@@ -18,8 +18,8 @@ import { now, readBootId } from './clock.ts';
 import { healthProblems } from './health.ts';
 import { step, secondsLeft, type Announcement, type Effect, type Event, type ProfileBefore, type Reply, type State } from './lifecycle.ts';
 import type { Logger } from './log.ts';
-import { Nix, currentGeneration, profiles, readCurrentSystem } from './nix.ts';
-import { bootCommands, bootStartedMono, patternDefault, clearOneShot, detectBootloader, entryFor, kernelChanges, requestReboot, setOneShot, unsupported } from './boot.ts';
+import { Nix, profiles, readCurrentSystem } from './nix.ts';
+import { TrialBoots, bootStartedMono, detectBootloader, kernelChanges, requestReboot, unsupported } from './boot.ts';
 import { failpoint } from './failpoint.ts';
 import { releasePushRoots, type PushPlaces } from './push.ts';
 import { StateDir } from './state-dir.ts';
@@ -68,6 +68,7 @@ export class Agent {
   private readonly nix: Nix;
   private readonly runner: Runner;
   private readonly fallback: FallbackTimer | undefined;
+  private readonly boots: TrialBoots;
   private state: State;
   private queue: Promise<unknown> = Promise.resolve();
   private readonly listeners = new Set<(p: Progress) => void>();
@@ -90,6 +91,14 @@ export class Agent {
     this.runner = options.runner ?? (kind === 'systemd' ? new SystemdRunner(this.dir.runsDir) : new DirectRunner(this.dir.runsDir));
     this.fallback = kind === 'systemd' && options.reinvoke ? new FallbackTimer(options.reinvoke, log) : undefined;
     this.state = state;
+    this.boots = new TrialBoots({
+      system: config.system,
+      runner: this.runner,
+      runLimit: () => this.runLimit(),
+      switchLockFree: (id) => this.switchLockFree(id),
+      onLine: (id) => (line) => this.emit({ type: 'output', id, line }),
+      log,
+    });
   }
 
   /**
@@ -384,14 +393,14 @@ export class Agent {
       case 'revert':
         return this.spawn(async () => {
           const event = await this.attempt(
-            () => (effect.boot ? this.revertBoot(effect) : this.revert(effect)),
+            () => (effect.boot ? this.boots.revert(effect) : this.revert(effect)),
             (error) => ({ type: 'revert-finished', id: effect.id, result: 'failed', error }) as Event,
           );
           // A trial boot's revert is a reboot: its event comes in the next boot.
           if (event) await this.dispatch(event);
         });
       case 'arm-boot':
-        return this.spawn(async () => this.dispatch(await this.armBoot(effect)));
+        return this.spawn(async () => this.dispatch(await this.boots.arm(effect)));
       case 'reboot':
         return this.spawn(async () => {
           // A moment for the answer (`rebooting`) to reach the controller or the console first.
@@ -406,81 +415,6 @@ export class Agent {
           );
         });
     }
-  }
-
-  // ---- trial boots (DESIGN §11) -----------------------------------------------------------------
-
-  /**
-   * Gives X a boot entry without making it the default, and points the next boot only at it. The
-   * NixOS bootloader builders write an entry for every profile generation and make the default the
-   * generation of the toplevel whose `boot` runs: so X becomes a generation (the profile points at
-   * it for one nix-env call), the profile goes back to the previous generation at once, the previous
-   * system's `boot` rewrites the menu (X's entry included, the default unchanged), and the one-shot
-   * names X's entry. Safe to run again after a crash; any failure is undone before it is reported.
-   */
-  private async armBoot(e: Extract<Effect, { kind: 'arm-boot' }>): Promise<Event> {
-    const { profile, grubConfig } = this.config.system;
-    const onLine = (line: string) => this.emit({ type: 'output', id: e.id, line });
-    try {
-      await this.switchLockFree(e.id);
-      if (e.profile.generation === null) throw new Error(`${profile} has no generation to keep as the boot default`);
-      const pattern = e.loader === 'systemd-boot' ? await patternDefault() : undefined;
-      if (pattern) {
-        throw new Error(`systemd-boot's loader.conf has "default ${pattern}" (boot counting?): the new generation's entry would become the boot default; a trial boot needs a default that names one entry`);
-      }
-      await profiles.set(profile, e.toplevel);
-      const generation = currentGeneration(profile);
-      if (generation === null) throw new Error(`${profile} does not point at a generation after nix-env --set`);
-      await profiles.switchTo(profile, e.profile.generation);
-      const { exit } = await this.runner.run(`boot-entry-${e.id}`, e.previous, 'boot', onLine, this.runLimit());
-      if (exit !== 0) throw new Error(`${e.previous}/bin/switch-to-configuration boot exited ${exit ?? 'without a status'}`);
-      const entry = entryFor(e.loader, generation, e.toplevel, grubConfig);
-      await setOneShot(e.loader, entry, bootCommands(this.runner.name === 'systemd'));
-      failpoint('boot:armed');
-      return { type: 'boot-armed', id: e.id, entry, generation };
-    } catch (err) {
-      const error = (err as Error).message;
-      this.log.error({ deployment: e.id, err: error }, 'preparing the trial boot failed; undoing it');
-      const unrestored = await this.forgetBoot(e.id, e.toplevel, e.previous, { loader: e.loader, profile: e.profile }).catch((u: Error) => u.message);
-      return { type: 'boot-arm-failed', id: e.id, error, ...(unrestored ? { unrestored } : {}) };
-    }
-  }
-
-  /**
-   * Undoes a trial boot's entry: no one-shot left, the profile back where it was and without X's
-   * generation, the previous system's `boot` writing the menu and default again. Returns why not, or
-   * undefined.
-   */
-  private async forgetBoot(id: string, toplevel: string, previous: string, boot: NonNullable<Extract<Effect, { kind: 'revert' }>['boot']>): Promise<string | undefined> {
-    const onLine = (line: string) => this.emit({ type: 'output', id, line });
-    await clearOneShot(boot.loader, this.config.system.grubConfig, bootCommands(this.runner.name === 'systemd')).catch((err: Error) => this.log.warn({ deployment: id, err: err.message }, 'cannot clear the one-shot boot entry'));
-    if (boot.profile.path === null) return undefined;
-    await profiles.restore(this.config.system.profile, boot.profile, toplevel);
-    const { exit } = await this.runner.run(`boot-forget-${id}`, previous, 'boot', onLine, this.runLimit());
-    return exit === 0 ? undefined : `${previous}/bin/switch-to-configuration boot exited ${exit ?? 'without a status'}`;
-  }
-
-  /**
-   * A trial boot's revert. X runs: forget its entry (the default never stopped being the previous
-   * system) and reboot; the outcome is recorded in the next boot. The previous system runs (the
-   * reboot happened, or X never came up): tidy up, and that is the revert.
-   */
-  private async revertBoot(e: Extract<Effect, { kind: 'revert' }>): Promise<Event | undefined> {
-    const boot = e.boot!;
-    await this.switchLockFree(e.id);
-    const current = readCurrentSystem(this.config.system.currentSystem);
-    if (current === e.previous) {
-      const unrestored = e.toplevel ? await this.forgetBoot(e.id, e.toplevel, e.previous, boot) : undefined;
-      if (unrestored) return { type: 'revert-finished', id: e.id, result: 'failed', error: `the previous system runs, but ${unrestored}` };
-      return { type: 'revert-finished', id: e.id, result: 'already-previous', detail: `running ${e.previous}, the boot default` };
-    }
-    if (current !== e.toplevel) return { type: 'revert-finished', id: e.id, result: 'conflict', current };
-    const unrestored = await this.forgetBoot(e.id, e.toplevel, e.previous, boot);
-    if (unrestored) throw new Error(unrestored);
-    this.log.warn({ deployment: e.id }, `rebooting into the boot default ${e.previous}`);
-    failpoint('boot:revert-reboot');
-    await requestReboot(this.config.system.rebootCommand);
-    return undefined;
   }
 
   /** Runs `task`, retrying with backoff when it throws; after the last attempt, `otherwise(why)`. */

@@ -1,12 +1,18 @@
 // Everything about boots (DESIGN §11): whether a target's kernel side differs from the booted
-// system, which bootloader the host has, naming a generation's boot entry, the one-shot boot, and
-// the reboot itself. The trial boot's story lives in lifecycle.ts; this file only talks to the host.
+// system, which bootloader the host has, naming a generation's boot entry, the one-shot boot, the
+// reboot, and the trial boot's operations (arm, forget, revert). Its story lives in lifecycle.ts.
 
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync, realpathSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { execa } from 'execa';
+import type { AgentConfig } from '../shared/config.ts';
 import { SnapbackError } from '../shared/errors.ts';
+import type { Runner } from './activation.ts';
+import { failpoint } from './failpoint.ts';
+import type { BootUndo, Effect, Event } from './lifecycle.ts';
+import type { Logger } from './log.ts';
+import { currentGeneration, profiles, readCurrentSystem } from './nix.ts';
 
 /** What `switch-to-configuration test` cannot apply: it needs a boot. */
 export const KERNEL_PARTS = ['kernel', 'initrd', 'kernel-modules', 'kernel-params'] as const;
@@ -220,4 +226,99 @@ export async function bootStartedMono(): Promise<number | undefined> {
   const r = await execa('systemctl', ['show', '-p', 'UserspaceTimestampMonotonic', '--value'], { reject: false, stdin: 'ignore' });
   const usec = Number(String(r.stdout).trim());
   return r.exitCode === 0 && usec > 0 ? Math.floor(usec / 1000) : undefined;
+}
+
+// ---- the trial boot's operations on the host -----------------------------------------------------
+
+/** What the trial boot's operations use of the agent: its settings, its switch runner, its limits. */
+export interface TrialBootHost {
+  system: AgentConfig['system'];
+  runner: Runner;
+  runLimit: () => { timeoutSec: number };
+  /** waits while somebody else's switch holds NixOS's switch lock */
+  switchLockFree: (id: string) => Promise<void>;
+  /** where a deployment's switch output goes */
+  onLine: (id: string) => (line: string) => void;
+  log: Logger;
+}
+
+/** Arming, forgetting and reverting a trial boot: the effects `arm-boot` and a trial boot's `revert`. */
+export class TrialBoots {
+  private readonly host: TrialBootHost;
+  constructor(host: TrialBootHost) {
+    this.host = host;
+  }
+
+  /**
+   * Gives X a boot entry without making it the default, and points the next boot only at it. The
+   * NixOS bootloader builders write an entry for every profile generation and make the default the
+   * generation of the toplevel whose `boot` runs: so X becomes a generation (the profile points at
+   * it for one nix-env call), the profile goes back to the previous generation at once, the previous
+   * system's `boot` rewrites the menu (X's entry included, the default unchanged), and the one-shot
+   * names X's entry. Safe to run again after a crash; any failure is undone before it is reported.
+   */
+  async arm(e: Extract<Effect, { kind: 'arm-boot' }>): Promise<Event> {
+    const { profile, grubConfig } = this.host.system;
+    const onLine = this.host.onLine(e.id);
+    try {
+      await this.host.switchLockFree(e.id);
+      if (e.profile.generation === null) throw new Error(`${profile} has no generation to keep as the boot default`);
+      const pattern = e.loader === 'systemd-boot' ? await patternDefault() : undefined;
+      if (pattern) {
+        throw new Error(`systemd-boot's loader.conf has "default ${pattern}" (boot counting?): the new generation's entry would become the boot default; a trial boot needs a default that names one entry`);
+      }
+      await profiles.set(profile, e.toplevel);
+      const generation = currentGeneration(profile);
+      if (generation === null) throw new Error(`${profile} does not point at a generation after nix-env --set`);
+      await profiles.switchTo(profile, e.profile.generation);
+      const { exit } = await this.host.runner.run(`boot-entry-${e.id}`, e.previous, 'boot', onLine, this.host.runLimit());
+      if (exit !== 0) throw new Error(`${e.previous}/bin/switch-to-configuration boot exited ${exit ?? 'without a status'}`);
+      const entry = entryFor(e.loader, generation, e.toplevel, grubConfig);
+      await setOneShot(e.loader, entry, bootCommands(this.host.runner.name === 'systemd'));
+      failpoint('boot:armed');
+      return { type: 'boot-armed', id: e.id, entry, generation };
+    } catch (err) {
+      const error = (err as Error).message;
+      this.host.log.error({ deployment: e.id, err: error }, 'preparing the trial boot failed; undoing it');
+      const unrestored = await this.forget(e.id, e.toplevel, e.previous, { loader: e.loader, profile: e.profile }).catch((u: Error) => u.message);
+      return { type: 'boot-arm-failed', id: e.id, error, ...(unrestored ? { unrestored } : {}) };
+    }
+  }
+
+  /**
+   * Undoes a trial boot's entry: no one-shot left, the profile back where it was and without X's
+   * generation, the previous system's `boot` writing the menu and default again. Returns why not, or
+   * undefined.
+   */
+  private async forget(id: string, toplevel: string, previous: string, boot: BootUndo): Promise<string | undefined> {
+    const onLine = this.host.onLine(id);
+    await clearOneShot(boot.loader, this.host.system.grubConfig, bootCommands(this.host.runner.name === 'systemd')).catch((err: Error) => this.host.log.warn({ deployment: id, err: err.message }, 'cannot clear the one-shot boot entry'));
+    if (boot.profile.path === null) return undefined;
+    await profiles.restore(this.host.system.profile, boot.profile, toplevel);
+    const { exit } = await this.host.runner.run(`boot-forget-${id}`, previous, 'boot', onLine, this.host.runLimit());
+    return exit === 0 ? undefined : `${previous}/bin/switch-to-configuration boot exited ${exit ?? 'without a status'}`;
+  }
+
+  /**
+   * A trial boot's revert. X runs: forget its entry (the default never stopped being the previous
+   * system) and reboot; the outcome is recorded in the next boot. The previous system runs (the
+   * reboot happened, or X never came up): tidy up, and that is the revert.
+   */
+  async revert(e: Extract<Effect, { kind: 'revert' }>): Promise<Event | undefined> {
+    const boot = e.boot!;
+    await this.host.switchLockFree(e.id);
+    const current = readCurrentSystem(this.host.system.currentSystem);
+    if (current === e.previous) {
+      const unrestored = e.toplevel ? await this.forget(e.id, e.toplevel, e.previous, boot) : undefined;
+      if (unrestored) return { type: 'revert-finished', id: e.id, result: 'failed', error: `the previous system runs, but ${unrestored}` };
+      return { type: 'revert-finished', id: e.id, result: 'already-previous', detail: `running ${e.previous}, the boot default` };
+    }
+    if (current !== e.toplevel) return { type: 'revert-finished', id: e.id, result: 'conflict', current };
+    const unrestored = await this.forget(e.id, e.toplevel, e.previous, boot);
+    if (unrestored) throw new Error(unrestored);
+    this.host.log.warn({ deployment: e.id }, `rebooting into the boot default ${e.previous}`);
+    failpoint('boot:revert-reboot');
+    await requestReboot(this.host.system.rebootCommand);
+    return undefined;
+  }
 }
