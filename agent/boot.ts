@@ -113,7 +113,9 @@ export function entryFor(loader: Bootloader, generation: number, toplevel: strin
     }
     const entry = grubEntry(cfg, generation, toplevel);
     if (!entry) throw new Error(`${grubConfig} has no menu entry for generation ${generation} (${toplevel})`);
-    if (!/next_entry|saved_entry/.test(cfg)) throw new Error(`${grubConfig} does not read grub-reboot's one-time entry (no next_entry in it)`);
+    // grub-reboot (GRUB 2) writes next_entry to grubenv; a grub.cfg that only reads saved_entry (what
+    // older grub-reboot wrote, and older NixOS install-grub.pl reads) would ignore it.
+    if (!/next_entry/.test(cfg)) throw new Error(`${grubConfig} does not read grub-reboot's one-time entry (no next_entry in it): the next boot would not start the new system`);
     return entry;
   }
   throw new SnapbackError('bad-request', unsupported(loader)!);

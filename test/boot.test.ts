@@ -129,6 +129,17 @@ menuentry "NixOS - Configuration 1 (2026-11-20 - 25.11)" {
     assert.equal(grubEntry(cfg, 1, X), undefined, 'the number and the system must both match');
     assert.equal(grubEntry(cfg, 3, X), undefined);
   });
+
+  it("GRUB: refused when grub.cfg ignores grub-reboot's next_entry", () => {
+    const dir = mkdtempSync(join(tmpdir(), 'snapback-grub-'));
+    const cfg = join(dir, 'grub.cfg');
+    const menu = `submenu "NixOS - All configurations" {\nmenuentry "NixOS - Configuration 2 (d - v)" {\n  linux k systemConfig=${X}\n}\n}\n`;
+    writeFileSync(cfg, `if [ "\${saved_entry}" ]; then set default="\${saved_entry}"; fi\n${menu}`);
+    assert.throws(() => entryFor('grub', 2, X, cfg), /does not read grub-reboot's one-time entry/);
+    writeFileSync(cfg, `if [ "\${next_entry}" ]; then set default="\${next_entry}"; fi\n${menu}`);
+    assert.equal(entryFor('grub', 2, X, cfg), 'NixOS - All configurations>NixOS - Configuration 2 (d - v)');
+    rmSync(dir, { recursive: true, force: true });
+  });
 });
 
 describe('the lifecycle of a trial boot', () => {
