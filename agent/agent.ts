@@ -716,7 +716,7 @@ export class Agent {
   }
 
   status(): Status {
-    return statusOf(this.state, this.bootId(), readCurrentSystem(this.config.system.currentSystem), this.config.system.bootedSystem);
+    return statusOf(this.state, this.bootId(), readCurrentSystem(this.config.system.currentSystem), this.config.system);
   }
 
   history(limit?: number): HistoryEntry[] {
@@ -733,7 +733,7 @@ export class Agent {
 }
 
 /** The `status` answer for a state, as the daemon or (when it is down) the state directory has it. */
-export function statusOf(state: State, bootId: string, currentSystem: string | null, bootedSystem?: string): Status {
+export function statusOf(state: State, bootId: string, currentSystem: string | null, boot?: { bootedSystem: string; profile: string }): Status {
   const d = state.deployment;
   const t = now();
   const sameBoot = d?.bootId === bootId;
@@ -762,8 +762,19 @@ export function statusOf(state: State, bootId: string, currentSystem: string | n
           },
         }
       : {}),
-    ...(state.last ? lastOf(state.last, bootedSystem) : {}),
+    ...(state.last ? lastOf(state.last, boot?.bootedSystem) : {}),
+    ...(boot ? bootPending(boot) : {}),
   };
+}
+
+/**
+ * The boot default's kernel side, where it differs from the booted system's: what the next boot
+ * will change, whichever deployment (or operator) made that system the default.
+ */
+function bootPending(boot: { bootedSystem: string; profile: string }): Pick<Status, 'bootPending'> {
+  const next = readCurrentSystem(boot.profile);
+  const parts = next ? kernelChanges(boot.bootedSystem, next) : undefined;
+  return parts?.length ? { bootPending: parts } : {};
 }
 
 /**
@@ -771,18 +782,13 @@ export function statusOf(state: State, bootId: string, currentSystem: string | n
  * `confirmed (kernel not yet booted)` until a boot of a system with that kernel side succeeded:
  * `/run/booted-system` tells, at every asking.
  */
-function lastOf(last: NonNullable<State['last']>, bootedSystem: string | undefined): Pick<Status, 'last' | 'bootPending'> {
+function lastOf(last: NonNullable<State['last']>, bootedSystem: string | undefined): Pick<Status, 'last'> {
   let outcome = last.outcome;
-  let pending: string[] | undefined;
   if (outcome.outcome === 'confirmed' && outcome.kernelNotYetBooted) {
     const now = bootedSystem && last.toplevel ? kernelChanges(bootedSystem, last.toplevel) : undefined;
     if (now && now.length === 0) outcome = { outcome: 'confirmed' };
-    else pending = now ?? last.kernel ?? [];
   }
-  return {
-    last: { id: last.id, target: describeTarget(last.target), ...(last.toplevel ? { toplevel: last.toplevel } : {}), outcome, finishedAt: last.finishedAt, by: last.by },
-    ...(pending ? { bootPending: pending } : {}),
-  };
+  return { last: { id: last.id, target: describeTarget(last.target), ...(last.toplevel ? { toplevel: last.toplevel } : {}), outcome, finishedAt: last.finishedAt, by: last.by } };
 }
 
 function kernelOf(state: State): string[] | undefined {

@@ -386,7 +386,7 @@ async function status(config: AgentConfig, json: boolean): Promise<number> {
   } catch (err) {
     if (!(err instanceof SnapbackError) || err.code !== 'unreachable') throw err;
     const state = new StateDir(config.stateDir).load();
-    s = { ...statusOf(state, readBootId(config.system.bootIdFile), readCurrentSystem(config.system.currentSystem), config.system.bootedSystem), offline: true };
+    s = { ...statusOf(state, readBootId(config.system.bootIdFile), readCurrentSystem(config.system.currentSystem), config.system), offline: true };
   }
   if (json) printResult(EXIT.ok, { ok: true, ...s });
   else print(describeStatus(s));

@@ -154,7 +154,7 @@ export const hostStatusSchema = z.object({
     })
     .optional(),
   last: lastSchema.optional(),
-  /** the last confirmed system's kernel side has not been booted yet: these parts differ */
+  /** the boot default's kernel side differs from the booted system's in these parts: the next boot changes them */
   bootPending: kernelParts.optional(),
   offline: z.boolean().optional(),
 });

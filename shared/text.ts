@@ -38,7 +38,7 @@ export function describeStatus(s: HostStatus): string {
     lines.push(`idle, running ${s.currentSystem ?? 'an unknown system'}`);
   }
   if (s.last) lines.push(`last: deployment ${s.last.id} ${describeOutcome(s.last.outcome)} at ${s.last.finishedAt} (by ${s.last.by.who})`);
-  if (s.bootPending) lines.push(`  its kernel has not been booted yet${s.bootPending.length ? ` (${s.bootPending.join(', ')} differ from the booted system)` : ''}: it runs after the next reboot`);
+  if (s.bootPending) lines.push(`the boot default's ${s.bootPending.join(', ')} ${s.bootPending.length === 1 ? 'differs' : 'differ'} from the booted system: the next boot runs them`);
   if (s.offline) lines.push('(the agent is not running; read from the state directory)');
   return lines.join('\n');
 }

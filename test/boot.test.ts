@@ -290,6 +290,6 @@ describe('the lifecycle of a trial boot', () => {
       bootPending: ['kernel'],
     });
     assert.match(text, /confirmed \(kernel not yet booted\)/);
-    assert.match(text, /its kernel has not been booted yet \(kernel differ/);
+    assert.match(text, /the boot default's kernel differs from the booted system: the next boot runs them/);
   });
 });

@@ -120,6 +120,16 @@ describe('trial boots on a scratch host', { skip, timeout: 300_000 }, () => {
     assert.deepEqual(after.out.last.outcome, { outcome: 'confirmed' });
     assert.equal(after.out.bootPending, undefined);
     assert.doesNotMatch((await h.cli(['status'], { json: false })).stdout, /not yet booted/);
+
+    // Another kernel confirmed, then a later deployment reverted: the boot default's kernel has
+    // still not run, whatever the last outcome says.
+    assert.equal((await h.cli(['activate', t.toplevel('v', 'k3'), '--timeout', '30'])).code, 0);
+    assert.deepEqual((await h.cli(['confirm'])).out.outcome, { outcome: 'confirmed', kernelNotYetBooted: true });
+    assert.equal((await h.cli(['activate', t.toplevel('w', 'k3'), '--timeout', '30'])).code, 0);
+    assert.deepEqual((await h.cli(['rollback'])).out.outcome, { outcome: 'reverted', reason: 'requested' });
+    const later = await h.cli(['status']);
+    assert.deepEqual(later.out.bootPending, ['kernel', 'initrd', 'kernel-params']);
+    assert.match((await h.cli(['status'], { json: false })).stdout, /the boot default's kernel, initrd, kernel-params differ from the booted system/);
   });
 
   it('trial boot, confirmed: the default stays until confirm, the next boot only starts X, its window counts from that boot', async () => {
