@@ -333,6 +333,12 @@ describe('trial boots on a scratch host', { skip, timeout: 300_000 }, () => {
     })();
     try {
       const x = t.toplevel('x', 'k2');
+      // The plan says whether a reboot is needed.
+      const plan = await h.snapback(['deploy', 'web1', x, '--dry-run', '--fleet', fleet]);
+      assert.equal(plan.code, 0, plan.stdout + plan.stderr);
+      assert.match(plan.result.hosts[0].message, /kernel, initrd, kernel-params differ from the booted system: a reboot is needed/);
+      const same = await h.snapback(['deploy', 'web1', t.toplevel('same', 'k1'), '--dry-run', '--fleet', fleet]);
+      assert.match(same.result.hosts[0].message, /userland only: no reboot needed/);
       const r = await h.snapback(['deploy', 'web1', x, '--reboot', '--fleet', fleet]);
       assert.equal(r.code, 0, r.stdout + r.stderr);
       assert.equal(r.result.hosts[0].status, 'confirmed');
