@@ -19,6 +19,8 @@ import { healthProblems } from './health.ts';
 import { step, secondsLeft, type Announcement, type Effect, type Event, type ProfileBefore, type Reply, type State } from './lifecycle.ts';
 import type { Logger } from './log.ts';
 import { Nix, profiles, readCurrentSystem } from './nix.ts';
+import { TrialBoots, bootStartedMono, detectBootloader, kernelChanges, requestReboot, unsupported } from './boot.ts';
+import { failpoint } from './failpoint.ts';
 import { releasePushRoots, type PushPlaces } from './push.ts';
 import { StateDir } from './state-dir.ts';
 import { VERSION } from '../shared/version.ts';
@@ -28,7 +30,18 @@ import type { HostStatus } from '../shared/protocol.ts';
 export type Progress = Announcement | { type: 'output'; id: string; line: string };
 
 export type Result =
-  | { ok: true; id?: string; outcome?: Outcome; deadline?: string; toplevel?: string; dryRun?: { exit: number | null } }
+  | {
+      ok: true;
+      id?: string;
+      outcome?: Outcome;
+      deadline?: string;
+      toplevel?: string;
+      dryRun?: { exit: number | null };
+      /** the kernel-side parts that differ from the booted system ([]: userland only) */
+      kernel?: string[];
+      /** a trial boot: the host is rebooting into the target once */
+      rebooting?: { loader: string; entry: string };
+    }
   | { ok: false; code: ErrorCode; message: string; id?: string; outcome?: Outcome };
 
 /** What `status` answers, on the console and in `welcome` (the schema lives in shared/protocol.ts). */
@@ -64,6 +77,7 @@ export class Agent {
   private readonly nix: Nix;
   private readonly runner: Runner;
   private readonly fallback: FallbackTimer | undefined;
+  private readonly boots: TrialBoots;
   private state: State;
   private queue: Promise<unknown> = Promise.resolve();
   private readonly listeners = new Set<(p: Progress) => void>();
@@ -89,6 +103,14 @@ export class Agent {
     this.runner = options.runner ?? (kind === 'systemd' ? new SystemdRunner(this.dir.runsDir) : new DirectRunner(this.dir.runsDir));
     this.fallback = kind === 'systemd' && options.reinvoke ? new FallbackTimer(options.reinvoke, log) : undefined;
     this.state = state;
+    this.boots = new TrialBoots({
+      system: config.system,
+      runner: this.runner,
+      runLimit: () => this.runLimit(),
+      switchLockFree: (id) => this.switchLockFree(id),
+      onLine: (id) => (line) => this.emit({ type: 'output', id, line }),
+      log,
+    });
   }
 
   /**
@@ -128,7 +150,9 @@ export class Agent {
       releasePushRoots(this.pushPlaces().gcRootDir, 24 * 3600_000);
     } catch {}
     const current = readCurrentSystem(this.config.system.currentSystem);
-    await this.dispatch({ type: 'start', bootId: this.bootId(), current });
+    // A trial boot's window counts from the boot (systemd's start); without systemd, from now.
+    const since = this.state.deployment?.reboot && this.runner.name === 'systemd' ? await bootStartedMono().catch(() => undefined) : undefined;
+    await this.dispatch({ type: 'start', bootId: this.bootId(), current, token: randomBytes(24).toString('base64url'), ...(since !== undefined ? { bootStartedMono: since } : {}) });
   }
 
   /**
@@ -345,7 +369,15 @@ export class Agent {
                 throw new SnapbackError('internal', `${(err as Error).message}; refusing to activate without it`);
               }
             }
-            await this.dispatch({ type: 'prepared', id: d.id, toplevel });
+            const kernel = kernelChanges(this.config.system.bootedSystem, toplevel);
+            let profile: ProfileBefore | undefined;
+            if (d.reboot) {
+              profile = profiles.snapshot(this.config.system.profile);
+              if (profile.path !== d.previous) {
+                throw new SnapbackError('no-trial-boot', `a trial boot needs the running system to be the boot default, and ${this.config.system.profile} points at ${profile.path ?? 'nothing'}, not the running ${d.previous}; confirm or switch first`);
+              }
+            }
+            await this.dispatch({ type: 'prepared', id: d.id, toplevel, ...(kernel ? { kernel } : {}), ...(profile ? { profile } : {}) });
           } catch (err) {
             const e = asSnapbackError(err);
             await this.dispatch({ type: 'prepare-failed', id: d.id, code: e.code, message: e.message, ...(typeof e.details?.output === 'string' ? { detail: e.details.output } : {}) });
@@ -390,9 +422,29 @@ export class Agent {
           this.dispatch(await this.attempt(() => this.commit(effect), (error) => ({ type: 'commit-finished', id: effect.id, ok: false, error }))),
         );
       case 'revert':
-        return this.spawn(async () =>
-          this.dispatch(await this.attempt(() => this.revert(effect), (error) => ({ type: 'revert-finished', id: effect.id, result: 'failed', error }))),
-        );
+        return this.spawn(async () => {
+          const event = await this.attempt(
+            () => (effect.boot ? this.boots.revert(effect) : this.revert(effect)),
+            (error) => ({ type: 'revert-finished', id: effect.id, result: 'failed', error }) as Event,
+          );
+          // A trial boot's revert is a reboot: its event comes in the next boot.
+          if (event) await this.dispatch(event);
+        });
+      case 'arm-boot':
+        return this.spawn(async () => this.dispatch(await this.boots.arm(effect)));
+      case 'reboot':
+        return this.spawn(async () => {
+          // A moment for the answer (`rebooting`) to reach the controller or the console first.
+          await sleep(1000);
+          if (this.closed) return;
+          failpoint('boot:reboot');
+          await this.attempt(
+            () => requestReboot(this.config.system.rebootCommand),
+            (error) => {
+              this.log.error({ deployment: effect.id, err: error }, 'the reboot could not be asked for; the activation limit reverts the trial boot');
+            },
+          );
+        });
     }
   }
 
@@ -574,7 +626,7 @@ export class Agent {
   // ---- requests (console and network) ---------------------------------------------------------
 
   /** Starts a deployment; resolves once the trial runs (with its deadline) or the deployment ended. */
-  async activate(req: { target: Target; timeoutSec?: number; by: Actor }, onProgress?: (p: Progress) => void): Promise<Result> {
+  async activate(req: { target: Target; timeoutSec?: number; by: Actor; reboot?: boolean }, onProgress?: (p: Progress) => void): Promise<Result> {
     const { confirm, system } = this.config;
     const timeoutSec = req.timeoutSec ?? confirm.defaultTimeoutSec;
     if (!Number.isInteger(timeoutSec) || timeoutSec < confirm.minTimeoutSec || timeoutSec > confirm.maxTimeoutSec) {
@@ -588,6 +640,16 @@ export class Agent {
     }
     const previous = readCurrentSystem(system.currentSystem);
     if (!previous) return refuse('no-current-system', `${system.currentSystem} does not resolve; refusing to activate without a revert target`);
+    let reboot: { loader: 'systemd-boot' | 'grub' } | undefined;
+    if (req.reboot) {
+      const loader = await detectBootloader(system);
+      const why = unsupported(loader);
+      if (why || loader === 'none') return refuse('no-trial-boot', why!);
+      if (readCurrentSystem(system.profile) !== previous) {
+        return refuse('no-trial-boot', `a trial boot needs the running system to be the boot default: ${system.profile} points at ${readCurrentSystem(system.profile) ?? 'nothing'}, not the running ${previous}`);
+      }
+      reboot = { loader };
+    }
     try {
       this.dir.probeWritable();
     } catch (err) {
@@ -606,8 +668,14 @@ export class Agent {
           previous,
           bootId: this.bootId(),
           by: req.by,
+          ...(reboot ? { reboot } : {}),
         }),
-      (p) => (p.type === 'phase' && p.phase === 'trial' ? { ok: true, id, deadline: p.deadline!, toplevel: p.toplevel! } : undefined),
+      (p) => {
+        if (p.type === 'phase' && p.phase === 'activating' && p.reboot) {
+          return { ok: true, id, toplevel: p.toplevel!, rebooting: p.reboot, ...(p.kernel ? { kernel: p.kernel } : {}) };
+        }
+        return p.type === 'phase' && p.phase === 'trial' ? { ok: true, id, deadline: p.deadline!, toplevel: p.toplevel!, ...(kernelOf(this.state) ? { kernel: kernelOf(this.state)! } : {}) } : undefined;
+      },
       onProgress,
     );
   }
@@ -628,7 +696,8 @@ export class Agent {
       const toplevel = await this.nix.obtain(req.target, root, system.profile, onLine);
       const { exit } = await this.runner.run(`dry-activate-${id}`, toplevel, 'dry-activate', onLine);
       this.log.info({ deployment: id, by: req.by.who, exit }, `dry run of ${toplevel}: dry-activate exited ${exit ?? 'without a status'}`);
-      return { ok: true, id, toplevel, dryRun: { exit } };
+      const kernel = kernelChanges(system.bootedSystem, toplevel);
+      return { ok: true, id, toplevel, dryRun: { exit }, ...(kernel ? { kernel } : {}) };
     } catch (err) {
       const e = asSnapbackError(err);
       return refuse(e.code, e.message, id);
@@ -694,7 +763,7 @@ export class Agent {
 
   status(): Status {
     const facts = this.facts?.();
-    return { ...statusOf(this.state, this.bootId(), readCurrentSystem(this.config.system.currentSystem)), ...(facts ? { metrics: facts } : {}) };
+    return { ...statusOf(this.state, this.bootId(), readCurrentSystem(this.config.system.currentSystem), this.config.system), ...(facts ? { metrics: facts } : {}) };
   }
 
   history(limit?: number): HistoryEntry[] {
@@ -711,7 +780,7 @@ export class Agent {
 }
 
 /** The `status` answer for a state, as the daemon or (when it is down) the state directory has it. */
-export function statusOf(state: State, bootId: string, currentSystem: string | null): Status {
+export function statusOf(state: State, bootId: string, currentSystem: string | null, boot?: { bootedSystem: string; profile: string }): Status {
   const d = state.deployment;
   const t = now();
   const sameBoot = d?.bootId === bootId;
@@ -735,13 +804,42 @@ export function statusOf(state: State, bootId: string, currentSystem: string | n
             ...(deadline ? { deadline } : {}),
             ...(left !== undefined ? { secondsLeft: left } : {}),
             ...(unhealthy ? { unhealthy } : {}),
+            ...(d.kernel ? { kernel: d.kernel } : {}),
+            ...(d.reboot ? { reboot: { loader: d.reboot.loader, stage: d.reboot.stage, ...(d.reboot.entry ? { entry: d.reboot.entry } : {}) } } : {}),
           },
         }
       : {}),
-    ...(state.last
-      ? { last: { id: state.last.id, target: describeTarget(state.last.target), outcome: state.last.outcome, finishedAt: state.last.finishedAt, by: state.last.by } }
-      : {}),
+    ...(state.last ? lastOf(state.last, boot?.bootedSystem) : {}),
+    ...(boot ? bootPending(boot) : {}),
   };
+}
+
+/**
+ * The boot default's kernel side, where it differs from the booted system's: what the next boot
+ * will change, whichever deployment (or operator) made that system the default.
+ */
+function bootPending(boot: { bootedSystem: string; profile: string }): Pick<Status, 'bootPending'> {
+  const next = readCurrentSystem(boot.profile);
+  const parts = next ? kernelChanges(boot.bootedSystem, next) : undefined;
+  return parts?.length ? { bootPending: parts } : {};
+}
+
+/**
+ * The last outcome for `status`. A commit whose kernel side differed from the booted system stays
+ * `confirmed (kernel not yet booted)` until a boot of a system with that kernel side succeeded:
+ * `/run/booted-system` tells, at every asking.
+ */
+function lastOf(last: NonNullable<State['last']>, bootedSystem: string | undefined): Pick<Status, 'last'> {
+  let outcome = last.outcome;
+  if (outcome.outcome === 'confirmed' && outcome.kernelNotYetBooted) {
+    const now = bootedSystem && last.toplevel ? kernelChanges(bootedSystem, last.toplevel) : undefined;
+    if (now && now.length === 0) outcome = { outcome: 'confirmed' };
+  }
+  return { last: { id: last.id, target: describeTarget(last.target), ...(last.toplevel ? { toplevel: last.toplevel } : {}), outcome, finishedAt: last.finishedAt, by: last.by } };
+}
+
+function kernelOf(state: State): string[] | undefined {
+  return state.deployment?.kernel;
 }
 
 function refuse(code: ErrorCode, message: string, id?: string): Result {

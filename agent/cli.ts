@@ -17,7 +17,7 @@ import { createLogger, type Logger } from './log.ts';
 import { tryOnTerminal } from './try.ts';
 import { readCurrentSystem } from './nix.ts';
 import { StateDir } from './state-dir.ts';
-import { describeStatus, duration } from '../shared/text.ts';
+import { describeStatus, duration, kernelNote } from '../shared/text.ts';
 import { WireServer } from './server.ts';
 import { keyFileSigner } from '../shared/ssh.ts';
 import { createNotifier, ownUnit, unitText, type Notifier } from './systemd.ts';
@@ -31,9 +31,10 @@ usage: snapback-agent <command> [options]      (snapback-agent help COMMAND: tha
   serve                               run the agent (the systemd unit does this)
   try STORE_PATH | --flake REF#HOST | --generation N  [--timeout S]
                                       activate as a trial, then ask on this terminal: keep it? [y/N]
-  activate STORE_PATH | --flake REF#HOST | --generation N  [--timeout S] [--dry-run]
+  activate STORE_PATH | --flake REF#HOST | --generation N  [--timeout S] [--dry-run] [--reboot]
                                       build or fetch, activate as a trial, print the deadline
-                                      (--dry-run: only show what dry-activate would change)
+                                      (--dry-run: only show what dry-activate would change;
+                                      --reboot: a trial boot, the host reboots into it once)
   status                              the running trial and its countdown, or the last outcome
   confirm [--id ID]                   commit the trial (profile + boot default)
   rollback [--id ID]                  revert the trial now
@@ -63,7 +64,7 @@ ${TARGET}
   --timeout S             the confirm window in seconds (default: confirm.defaultTimeoutSec)
 
 ${COMMON}`,
-  activate: `usage: snapback-agent activate TARGET [--timeout S] [--dry-run]
+  activate: `usage: snapback-agent activate TARGET [--timeout S] [--dry-run] [--reboot]
 
 Build or fetch TARGET, activate it as a trial and print the deadline; it reverts at the deadline
 unless confirmed (snapback-agent confirm).
@@ -71,6 +72,11 @@ unless confirmed (snapback-agent confirm).
 ${TARGET}
   --timeout S             the confirm window in seconds (default: confirm.defaultTimeoutSec)
   --dry-run               only show what switch-to-configuration dry-activate would change
+  --reboot                a trial boot (kernel, initrd, kernel modules or parameters changed): the next boot
+                          only starts TARGET, the boot default stays the running system; the host reboots now,
+                          and the window counts from the new boot. Confirm moves the boot default; rollback or
+                          the deadline reboot into the previous system; a boot that never comes up falls back
+                          at the next power cycle (reverted: boot-failed)
 
 ${COMMON}`,
   status: `usage: snapback-agent status\n\nThe running trial and its countdown, or the last outcome (read from the state directory when the agent is down).\n\n${COMMON}`,
@@ -92,6 +98,7 @@ const OPTIONS = {
   id: { type: 'string' },
   limit: { type: 'string' },
   'dry-run': { type: 'boolean', default: false },
+  reboot: { type: 'boolean', default: false },
   help: { type: 'boolean', short: 'h', default: false },
   version: { type: 'boolean', default: false },
 } as const;
@@ -137,7 +144,9 @@ export async function main(argv: string[]): Promise<number> {
         const target = parseTarget(rest, o.flake, o.generation);
         const timeoutSec = o.timeout ? positiveInt(o.timeout, '--timeout', MAX_SECONDS) : undefined;
         const dryRun = o['dry-run'] ? { dryRun: true } : {};
-        return await ask(config, { cmd: 'activate', target, ...(timeoutSec ? { timeoutSec } : {}), ...dryRun, ...user() }, o.json);
+        if (o.reboot && o['dry-run']) throw new UsageError('--dry-run changes nothing, so there is nothing to boot: one or the other');
+        const reboot = o.reboot ? { reboot: true } : {};
+        return await ask(config, { cmd: 'activate', target, ...(timeoutSec ? { timeoutSec } : {}), ...dryRun, ...reboot, ...user() }, o.json);
       }
       case 'try': {
         const target = parseTarget(rest, o.flake, o.generation);
@@ -351,12 +360,16 @@ function showProgress(p: Progress): void {
 
 function describeResult(cmd: string, r: Result): string {
   if (!r.ok) return `${cmd} refused (${r.code}): ${r.message}`;
-  if (r.dryRun) return `dry run of ${r.toplevel}: switch-to-configuration dry-activate exited ${r.dryRun.exit ?? 'without a status'}; nothing was changed`;
+  if (r.dryRun) return `dry run of ${r.toplevel}: switch-to-configuration dry-activate exited ${r.dryRun.exit ?? 'without a status'}; nothing was changed${r.kernel ? `; ${kernelNote(r.kernel)}` : ''}`;
+  if (r.rebooting) {
+    return `trial boot of ${r.toplevel}: rebooting into it once (${r.rebooting.loader} entry ${r.rebooting.entry}); the boot default stays the running system. Once it is up: snapback-agent status, then confirm (deployment ${r.id})`;
+  }
   if (r.outcome) return `deployment ${r.id}: ${describeOutcome(r.outcome)}`;
   if (r.deadline) {
     const left = Math.max(0, Math.round((Date.parse(r.deadline) - Date.now()) / 1000));
     const what = cmd === 'extend' ? 'deadline moved' : `trial of ${r.toplevel ?? r.id} running`;
-    return `${what}: deployment ${r.id} reverts at ${r.deadline} (in ${duration(left)}) unless confirmed (snapback-agent confirm)`;
+    const kernel = r.kernel ? `; ${kernelNote(r.kernel)}` : '';
+    return `${what}: deployment ${r.id} reverts at ${r.deadline} (in ${duration(left)}) unless confirmed (snapback-agent confirm)${kernel}`;
   }
   return `${cmd}: ok${r.id ? ` (${r.id})` : ''}`;
 }
@@ -382,7 +395,7 @@ async function status(config: AgentConfig, json: boolean): Promise<number> {
   } catch (err) {
     if (!(err instanceof SnapbackError) || err.code !== 'unreachable') throw err;
     const state = new StateDir(config.stateDir).load();
-    s = { ...statusOf(state, readBootId(config.system.bootIdFile), readCurrentSystem(config.system.currentSystem)), offline: true };
+    s = { ...statusOf(state, readBootId(config.system.bootIdFile), readCurrentSystem(config.system.currentSystem), config.system), offline: true };
   }
   if (json) printResult(EXIT.ok, { ok: true, ...s });
   else print(describeStatus(s));
@@ -404,7 +417,7 @@ async function history(config: AgentConfig, json: boolean, limit?: number): Prom
   else if (!entries.length) print('no history yet');
   else
     for (const e of entries) {
-      print(`${e.at} ${e.id} ${e.from} → ${e.to} (${e.event}) by ${e.by.who} via ${e.by.channel}${e.outcome ? `: ${describeOutcome(e.outcome)}` : ''}${e.detail ? ` — ${e.detail}` : ''}`);
+      print(`${e.at} ${e.id} ${e.from} → ${e.to} (${e.event}) by ${e.by.who} via ${e.by.channel}${e.bootId ? ` in boot ${e.bootId.slice(0, 8)}` : ''}${e.outcome ? `: ${describeOutcome(e.outcome)}` : ''}${e.detail ? ` — ${e.detail}` : ''}`);
     }
   return EXIT.ok;
 }

@@ -18,6 +18,8 @@ export const controlRequestSchema = z.discriminatedUnion('cmd', [
     target: targetSchema,
     timeoutSec: secondsSchema.optional(),
     dryRun: z.boolean().optional(),
+    /** a trial boot (DESIGN §11) */
+    reboot: z.boolean().optional(),
     user: z.string().optional(),
   }),
   z.strictObject({ cmd: z.literal('confirm'), id: z.string().optional(), user: z.string().optional() }),
@@ -142,7 +144,7 @@ async function handle(line: string, agent: Agent, progress: (p: Progress) => voi
       return { ok: true, history: agent.history(req.limit) };
     case 'activate':
       if (req.dryRun) return agent.dryRun({ target: req.target, by }, progress);
-      return agent.activate({ target: req.target, ...(req.timeoutSec ? { timeoutSec: req.timeoutSec } : {}), by }, progress);
+      return agent.activate({ target: req.target, ...(req.timeoutSec ? { timeoutSec: req.timeoutSec } : {}), ...(req.reboot ? { reboot: true } : {}), by }, progress);
     case 'confirm':
       // Root on the box needs no token: the token proves a fresh network path, not identity.
       return agent.confirm({ ...(req.id ? { id: req.id } : {}), requireToken: false, by }, progress);

@@ -6,6 +6,12 @@
 //        → committing (`nix-env --set X`, `X boot`) → idle: confirmed
 //   activating | trial → reverting (`PREV test`) → idle: reverted (reason)
 // and every deployment ends with exactly one outcome, recorded in `last` and in the history.
+//
+// A trial boot (`--reboot`, DESIGN §11) replaces `X test` by a boot of X, once:
+//   activating (arming: X gets its boot entry, the next boot only is pointed at it; rebooting)
+//        → [new boot, X runs] trial (window counted from the boot) → committing → idle: confirmed
+//        → [new boot, the previous system runs] reverting → idle: reverted (boot-failed)
+//   trial → reverting (reboot into the default, which never stopped being the previous system)
 
 import { z } from 'zod';
 import { actorSchema, outcomeSchema, phaseSchema, revertReasonSchema, targetSchema, type Actor, type HistoryEntry, type Outcome, type Phase, type RevertReason, type Target } from '../shared/model.ts';
@@ -65,6 +71,20 @@ const deploymentSchema = z.object({
     })
     .optional(),
   revert: z.object({ by: actorSchema, reason: revertReasonSchema, force: z.boolean() }).optional(),
+  /** the kernel-side parts that differ from the booted system (`[]`: userland only); absent: unknown */
+  kernel: z.array(z.string()).optional(),
+  /** a trial boot: X is booted once instead of `test`-activated */
+  reboot: z
+    .object({
+      loader: z.enum(['systemd-boot', 'grub']),
+      /** arming: X's boot entry and the one-shot are being set; rebooting: the reboot was asked for */
+      stage: z.enum(['arming', 'rebooting']),
+      /** the profile before arming: what forgetting the boot entry puts back */
+      profile: z.object({ generation: z.number().int().nullable(), path: z.string().nullable(), newest: z.number().int().nullable() }),
+      entry: z.string().optional(),
+      generation: z.number().int().optional(),
+    })
+    .optional(),
 });
 export type Deployment = z.infer<typeof deploymentSchema>;
 
@@ -76,6 +96,8 @@ const finishedSchema = z.object({
   outcome: outcomeSchema,
   by: actorSchema,
   finishedAt: z.string(),
+  /** kernel-side parts that differed from the booted system when it was committed */
+  kernel: z.array(z.string()).optional(),
 });
 export type Finished = z.infer<typeof finishedSchema>;
 
@@ -119,7 +141,15 @@ export type RevertResult =
   | { result: 'failed'; error: string };
 
 export type Event =
-  | { type: 'start'; bootId: string; current: string | null }
+  | {
+      type: 'start';
+      bootId: string;
+      current: string | null;
+      /** a confirm token, should a trial boot's trial start now */
+      token?: string;
+      /** when this boot's userspace started (monotonic ms): a trial boot's window counts from there */
+      bootStartedMono?: number;
+    }
   | {
       type: 'activate';
       id: string;
@@ -129,8 +159,14 @@ export type Event =
       previous: string;
       bootId: string;
       by: Actor;
+      /** a trial boot with this bootloader */
+      reboot?: { loader: 'systemd-boot' | 'grub' };
     }
-  | { type: 'prepared'; id: string; toplevel: string }
+  | { type: 'prepared'; id: string; toplevel: string; kernel?: string[]; profile?: ProfileBefore }
+  /** a trial boot's entry and one-shot are set: reboot now */
+  | { type: 'boot-armed'; id: string; entry: string; generation: number }
+  /** arming failed and was undone (`unrestored`: the undo failed too) */
+  | { type: 'boot-arm-failed'; id: string; error: string; unrestored?: string }
   | { type: 'prepare-failed'; id: string; code: ErrorCode; message: string; /** the command's whole output, for the history */ detail?: string }
   | {
       type: 'activation-finished';
@@ -160,7 +196,13 @@ export type Event =
     }
   | { type: 'rollback'; id?: string; by: Actor; reason: 'requested' | 'fallback-timer' }
   | { type: 'extend'; id?: string; seconds: number; by: Actor }
-  | ({ type: 'revert-finished'; id: string } & RevertResult);
+  | ({ type: 'revert-finished'; id: string; detail?: string } & RevertResult);
+
+/** What a trial boot's revert needs: the bootloader, and the profile before X got its entry. */
+export interface BootUndo {
+  loader: 'systemd-boot' | 'grub';
+  profile: ProfileBefore;
+}
 
 /** The system profile before a commit: what a failed commit puts back, and what it may delete. */
 export interface ProfileBefore {
@@ -170,7 +212,7 @@ export interface ProfileBefore {
 }
 
 export type Announcement =
-  | { type: 'phase'; id: string; phase: Phase; deadline?: string; toplevel?: string }
+  | { type: 'phase'; id: string; phase: Phase; deadline?: string; toplevel?: string; kernel?: string[]; reboot?: { loader: string; entry: string } }
   | { type: 'outcome'; id: string; outcome: Outcome }
   | { type: 'confirm-refused'; id: string; problems: string[]; code?: ErrorCode };
 
@@ -181,7 +223,10 @@ export type Effect =
   | { kind: 'arm'; atMono: number }
   | { kind: 'prepare-commit'; id: string; unitsFailed: boolean }
   | { kind: 'commit'; id: string; toplevel: string; previous: string; profile: ProfileBefore; resume: boolean; reason: RevertReason }
-  | { kind: 'revert'; id: string; previous: string; toplevel?: string; force: boolean }
+  | { kind: 'revert'; id: string; previous: string; toplevel?: string; force: boolean; boot?: BootUndo }
+  /** a trial boot: give X a boot entry and point the next boot only at it; the default stays */
+  | { kind: 'arm-boot'; id: string; toplevel: string; previous: string; loader: 'systemd-boot' | 'grub'; profile: ProfileBefore }
+  | { kind: 'reboot'; id: string }
   | { kind: 'release'; id: string }
   /** (re-)arm the independent fallback timer for the deadline, or cancel it (systemd only) */
   | { kind: 'fallback'; id: string; atMono: number }
@@ -232,6 +277,7 @@ function move(
     previous: d.previous,
     ...(extra.detail ? { detail: extra.detail } : {}),
     ...(extra.announce?.deadline ? { deadline: extra.announce.deadline } : {}),
+    ...(d.reboot ? { bootId: d.bootId } : {}),
   };
   return {
     state: next,
@@ -252,6 +298,7 @@ function finish(state: State, d: Deployment, outcome: Outcome, event: string, by
     outcome,
     by,
     finishedAt: now.wall,
+    ...(d.kernel?.length ? { kernel: d.kernel } : {}),
   };
   const entry: Omit<HistoryEntry, 'at'> = {
     id: d.id,
@@ -264,6 +311,7 @@ function finish(state: State, d: Deployment, outcome: Outcome, event: string, by
     previous: d.previous,
     outcome,
     ...(detail ? { detail } : {}),
+    ...(d.reboot ? { bootId: d.bootId } : {}),
   };
   const level = outcome.outcome === 'confirmed' ? 'info' : outcome.outcome === 'stuck' ? 'error' : 'warn';
   return {
@@ -286,8 +334,19 @@ function startRevert(state: State, d: Deployment, reason: RevertReason, by: Acto
     effects: [
       ...moved.effects,
       { kind: 'log', level: 'warn', msg: `reverting deployment ${d.id} to ${d.previous} (${reason})${detail ? `: ${detail}` : ''}` },
-      { kind: 'revert', id: d.id, previous: d.previous, ...(d.toplevel ? { toplevel: d.toplevel } : {}), force },
+      revertEffect(next, force),
     ],
+  };
+}
+
+function revertEffect(d: Deployment, force: boolean): Effect {
+  return {
+    kind: 'revert',
+    id: d.id,
+    previous: d.previous,
+    ...(d.toplevel ? { toplevel: d.toplevel } : {}),
+    force,
+    ...(d.reboot ? { boot: { loader: d.reboot.loader, profile: d.reboot.profile } } : {}),
   };
 }
 
@@ -346,6 +405,7 @@ export function step(state: State, event: Event, now: Now): Step {
         bootId: event.bootId,
         previous: event.previous,
         activationTimeoutSec: event.activationTimeoutSec,
+        ...(event.reboot ? { reboot: { loader: event.reboot.loader, stage: 'arming' as const, profile: { generation: null, path: null, newest: null } } } : {}),
       };
       const moved = move(state, deployment, 'preparing', 'activate', event.by);
       return {
@@ -366,16 +426,51 @@ export function step(state: State, event: Event, now: Now): Step {
         ...d,
         toplevel: event.toplevel,
         activation: { startedAt: now.wall, deadlineMono: now.mono + d.activationTimeoutSec * 1000 },
+        ...(event.kernel ? { kernel: event.kernel } : {}),
+        ...(d.reboot && event.profile ? { reboot: { ...d.reboot, profile: event.profile } } : {}),
       };
-      const moved = move(state, next, 'activating', 'prepared', AGENT, { announce: { toplevel: event.toplevel } });
+      const moved = move(state, next, 'activating', 'prepared', AGENT, {
+        announce: { toplevel: event.toplevel, ...(event.kernel ? { kernel: event.kernel } : {}) },
+        ...(event.kernel ? { detail: kernelDetail(event.kernel) } : {}),
+      });
+      const r = next.reboot;
       return {
         state: moved.state,
         effects: [
           ...moved.effects,
           { kind: 'arm', atMono: next.activation!.deadlineMono },
-          { kind: 'activate', id: d.id, toplevel: event.toplevel, resume: false },
+          r
+            ? { kind: 'arm-boot', id: d.id, toplevel: event.toplevel, previous: d.previous, loader: r.loader, profile: r.profile }
+            : { kind: 'activate', id: d.id, toplevel: event.toplevel, resume: false },
         ],
       };
+    }
+
+    case 'boot-armed': {
+      if (state.phase !== 'activating' || !d?.reboot || d.id !== event.id) return { state, effects: [] };
+      const next: Deployment = { ...d, reboot: { ...d.reboot, stage: 'rebooting', entry: event.entry, generation: event.generation } };
+      const requested = d.activation?.revertRequested;
+      if (requested) return startRevert(state, next, requested.reason, requested.by, 'rollback', false);
+      const moved = move(state, next, 'activating', 'rebooting', AGENT, {
+        detail: `the next boot only starts ${d.toplevel} (${d.reboot.loader} entry ${event.entry}); the default stays ${d.previous}`,
+        announce: { toplevel: d.toplevel!, reboot: { loader: d.reboot.loader, entry: event.entry }, ...(d.kernel ? { kernel: d.kernel } : {}) },
+      });
+      return {
+        state: moved.state,
+        effects: [
+          ...moved.effects,
+          { kind: 'log', level: 'warn', msg: `trial boot of ${d.toplevel}: rebooting into it once (${event.entry}); the boot default stays ${d.previous}` },
+          { kind: 'reboot', id: d.id },
+        ],
+      };
+    }
+
+    case 'boot-arm-failed': {
+      if (state.phase !== 'activating' || !d?.reboot || d.id !== event.id) return { state, effects: [] };
+      if (event.unrestored) {
+        return finish(state, d, { outcome: 'stuck', reason: `the trial boot could not be prepared (${event.error}), nor undone: ${event.unrestored}` }, 'boot-arm-failed', AGENT, now);
+      }
+      return finish(state, d, { outcome: 'failed', code: 'internal', message: `the trial boot could not be prepared: ${event.error}; nothing was changed` }, 'boot-arm-failed', AGENT, now);
     }
 
     case 'prepare-failed': {
@@ -423,6 +518,10 @@ export function step(state: State, event: Event, now: Now): Step {
     }
 
     case 'tick': {
+      if (state.phase === 'activating' && d?.reboot && d.activation && now.mono >= d.activation.deadlineMono) {
+        const why = d.reboot.stage === 'rebooting' ? 'the host did not reboot' : 'the trial boot was not ready';
+        return startRevert(state, d, 'activation-failed', AGENT, 'activation-failed', true, `${why} within confirm.activationTimeoutSec`);
+      }
       if (state.phase === 'activating' && d?.activation && now.mono >= d.activation.deadlineMono && !d.activation.stopping) {
         const next: Deployment = { ...d, activation: { ...d.activation, stopping: true } };
         return {
@@ -515,7 +614,11 @@ export function step(state: State, event: Event, now: Now): Step {
 
     case 'commit-finished': {
       if (state.phase !== 'committing' || !d?.commit || d.id !== event.id) return { state, effects: [] };
-      if (event.ok) return finish(state, d, { outcome: 'confirmed' }, 'committed', d.commit.by, now);
+      if (event.ok) {
+        // A trial boot has booted X; a `test` trial ran X's userland on the booted kernel.
+        const notBooted = !d.reboot && (d.kernel?.length ?? 0) > 0;
+        return finish(state, d, notBooted ? { outcome: 'confirmed', kernelNotYetBooted: true } : { outcome: 'confirmed' }, 'committed', d.commit.by, now, notBooted ? kernelDetail(d.kernel!) : undefined);
+      }
       if (event.conflict !== undefined) return finish(state, d, conflict(event.conflict, 'left alone'), 'commit-conflict', d.commit.by, now);
       if (event.abandoned) {
         const outcome: Outcome = event.unrestored
@@ -585,7 +688,7 @@ export function step(state: State, event: Event, now: Now): Step {
         case 'reverted':
           return finish(state, d, { outcome: 'reverted', reason }, 'reverted', by, now);
         case 'already-previous':
-          return finish(state, d, { outcome: 'reverted', reason }, 'reverted', by, now, 'the previous system was already running');
+          return finish(state, d, { outcome: 'reverted', reason }, 'reverted', by, now, event.detail ?? 'the previous system was already running');
         case 'conflict':
           return finish(state, d, conflict(event.current, 'left alone'), 'revert-conflict', by, now);
         case 'failed':
@@ -600,6 +703,10 @@ function resume(state: State, event: Extract<Event, { type: 'start' }>, now: Now
   const d = state.deployment;
   if (!d || state.phase === 'idle') return { state, effects: [] };
   const rebooted = d.bootId !== event.bootId;
+  if (d.reboot) {
+    const booted = resumeBoot(state, d, event, now);
+    if (booted) return booted;
+  }
 
   if (state.phase === 'preparing') {
     return finish(
@@ -652,12 +759,76 @@ function resume(state: State, event: Extract<Event, { type: 'start' }>, now: Now
       };
     }
     case 'reverting':
-      return {
-        state,
-        effects: [{ kind: 'revert', id: d.id, previous: d.previous, ...(d.toplevel ? { toplevel: d.toplevel } : {}), force: d.revert!.force }],
-      };
+      return { state, effects: [revertEffect(d, d.revert!.force)] };
   }
   return { state, effects: [] };
+}
+
+/**
+ * A trial boot found by a (re)started agent, or undefined where the ordinary resume applies (a
+ * trial or revert resumed in the same boot). In a new boot, what runs tells what happened: X runs →
+ * the one-shot boot worked and the trial starts, its window counted from the boot; the previous
+ * system runs → X never came up (or the power went before the reboot) and the bootloader's default
+ * took over: the revert only tidies up.
+ */
+function resumeBoot(state: State, d: Deployment, event: Extract<Event, { type: 'start' }>, now: Now): Step | undefined {
+  const r = d.reboot!;
+  const rebooted = d.bootId !== event.bootId;
+  if (!rebooted) {
+    if (state.phase !== 'activating') return undefined;
+    const arm: Effect = { kind: 'arm', atMono: d.activation!.deadlineMono };
+    if (r.stage === 'rebooting') return { state, effects: [arm, { kind: 'log', level: 'warn', msg: `deployment ${d.id}: the reboot into ${d.toplevel} was asked for and has not happened; asking again` }, { kind: 'reboot', id: d.id }] };
+    return { state, effects: [arm, { kind: 'arm-boot', id: d.id, toplevel: d.toplevel!, previous: d.previous, loader: r.loader, profile: r.profile }] };
+  }
+  const here: Deployment = { ...d, bootId: event.bootId };
+  const running = event.current ?? 'an unknown system';
+  if (state.phase === 'activating') {
+    if (event.current === d.toplevel) {
+      const requested = d.activation?.revertRequested;
+      if (requested) return startRevert(state, here, requested.reason, requested.by, 'rollback', false);
+      return startBootTrial(state, here, event, now);
+    }
+    if (event.current === d.previous) {
+      const failed = r.stage === 'rebooting';
+      const detail = failed
+        ? `${d.toplevel} never came up; the bootloader started the default, ${d.previous}`
+        : `the host restarted before the trial boot began; running ${d.previous}`;
+      return startRevert(state, here, failed ? 'boot-failed' : 'reboot', AGENT, failed ? 'boot-failed' : 'reboot', false, detail);
+    }
+    return finish(state, here, conflict(event.current, 'the trial boot was abandoned'), 'boot-conflict', AGENT, now);
+  }
+  if (state.phase === 'trial') return startRevert(state, here, 'reboot', AGENT, 'reboot', false, `the host restarted during the trial boot; running ${running}`);
+  if (state.phase === 'reverting') return { state: { ...state, deployment: here }, effects: [revertEffect(here, here.revert!.force)] };
+  return undefined;
+}
+
+/** X is running in a new boot: its trial starts, with the window counted from the boot. */
+function startBootTrial(state: State, d: Deployment, event: Extract<Event, { type: 'start' }>, now: Now): Step {
+  const from = Math.min(event.bootStartedMono ?? now.mono, now.mono);
+  const deadlineMono = from + d.timeoutSec * 1000;
+  const deadlineWall = new Date(Date.parse(now.wall) + (deadlineMono - now.mono)).toISOString();
+  const next: Deployment = {
+    ...d,
+    trial: { startedAt: now.wall, startedMono: now.mono, deadlineMono, deadlineWall, token: event.token ?? `boot-${d.bootId}` },
+  };
+  const moved = move(state, next, 'trial', 'booted', AGENT, {
+    detail: `booted ${d.toplevel} (boot ${d.bootId}); the boot default is still ${d.previous}`,
+    announce: { deadline: deadlineWall, toplevel: d.toplevel! },
+  });
+  return {
+    state: moved.state,
+    effects: [
+      ...moved.effects,
+      { kind: 'arm', atMono: deadlineMono },
+      { kind: 'fallback', id: d.id, atMono: deadlineMono },
+      { kind: 'log', level: 'warn', msg: `trial boot of ${d.toplevel} started: rebooting into ${d.previous} in ${inSeconds(now.mono, deadlineMono)}s unless confirmed` },
+    ],
+  };
+}
+
+/** `kernel, initrd differ from the booted system` or `userland only`. */
+export function kernelDetail(parts: readonly string[]): string {
+  return parts.length ? `${parts.join(', ')} differ${parts.length === 1 ? 's' : ''} from the booted system: a reboot is needed to run them` : 'userland only: no reboot needed';
 }
 
 /** Seconds until the running deployment's deadline, for `status`. */

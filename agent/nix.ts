@@ -227,6 +227,9 @@ export const profiles = {
   /** `nix-env -p P --set X`: a new generation, unless X is already the newest one. */
   set: (profile: string, path: string) => nixEnv(profile, '--set', [path]),
 
+  /** `nix-env -p P --switch-generation N`: the profile points at generation N again. */
+  switchTo: (profile: string, generation: number) => nixEnv(profile, '--switch-generation', [String(generation)]),
+
   /**
    * Puts the profile back to what `before` recorded, by the system's path (its generation may be
    * gone), and deletes what the commit created: generations newer than every one before it that

@@ -431,7 +431,7 @@ export class WireServer {
       }
       case 'activate':
         if (msg.dryRun) return this.reply(s, msg.seq, await this.agent.dryRun({ target: msg.target, by }, progress));
-        return this.reply(s, msg.seq, await this.agent.activate({ target: msg.target, ...(msg.timeoutSec ? { timeoutSec: msg.timeoutSec } : {}), by }, progress));
+        return this.reply(s, msg.seq, await this.agent.activate({ target: msg.target, ...(msg.timeoutSec ? { timeoutSec: msg.timeoutSec } : {}), ...(msg.reboot ? { reboot: true } : {}), by }, progress));
       case 'confirm': {
         // Promise 5, enforced twice: the token is handed out only on fresh connections, and a
         // connection that predates the trial cannot confirm even with a token learnt elsewhere.
@@ -520,7 +520,15 @@ export class WireServer {
   private progress(s: Session, p: Progress): void {
     if (p.type === 'output') this.send(s, { type: 'progress', id: p.id, line: p.line.slice(0, 4096) });
     else if (p.type === 'phase') {
-      this.send(s, { type: 'progress', id: p.id, phase: p.phase, ...(p.deadline ? { deadline: p.deadline } : {}), ...(p.toplevel ? { toplevel: p.toplevel } : {}) });
+      this.send(s, {
+        type: 'progress',
+        id: p.id,
+        phase: p.phase,
+        ...(p.deadline ? { deadline: p.deadline } : {}),
+        ...(p.toplevel ? { toplevel: p.toplevel } : {}),
+        ...(p.kernel ? { kernel: p.kernel } : {}),
+        ...(p.reboot ? { reboot: p.reboot } : {}),
+      });
     } else if (p.type === 'confirm-refused') this.send(s, { type: 'progress', id: p.id, problems: p.problems });
   }
 
@@ -528,7 +536,8 @@ export class WireServer {
     if (!r.ok) {
       return this.send(s, { type: 'error', code: r.code, message: r.message, retryable: retryable(r.code), re, ...(r.id ? { id: r.id } : {}), ...(r.outcome ? { outcome: r.outcome } : {}) });
     }
-    if (r.dryRun) return this.send(s, { type: 'dry-run', id: r.id!, toplevel: r.toplevel!, exit: r.dryRun.exit, re });
+    if (r.dryRun) return this.send(s, { type: 'dry-run', id: r.id!, toplevel: r.toplevel!, exit: r.dryRun.exit, ...(r.kernel ? { kernel: r.kernel } : {}), re });
+    if (r.rebooting) return this.send(s, { type: 'rebooting', id: r.id!, toplevel: r.toplevel!, ...r.rebooting, ...(r.kernel ? { kernel: r.kernel } : {}), re });
     if (r.outcome) return this.send(s, { type: 'outcome', id: r.id!, outcome: r.outcome, re });
     if (r.deadline) {
       const secondsLeft = Math.max(0, Math.floor((Date.parse(r.deadline) - Date.now()) / 1000));

@@ -34,6 +34,8 @@ usage: snapback <command> [options]      (snapback help COMMAND: that command's 
          [--atomic]               confirm nobody until every host passed its probes, else roll all back
          [--dry-run]              build or fetch, then only show what dry-activate would change
          [--hold]                 probe, then leave the trial running: print its deadline and the commands
+         [--reboot]               a trial boot: boot the new system once (kernel, initrd, kernel parameters);
+                                  the boot default moves only on confirm
          [--url U] [--host-key K] [--probe P]   one host without a fleet file (see: snapback help deploy)
   status [HOST…]                 state, countdown and last outcome of each host (default: all)
   confirm HOST                   confirm HOST's running trial (over a fresh connection)
@@ -69,6 +71,10 @@ confirm — or roll back when a probe fails. Hosts run in parallel, respecting d
   --parallel N             hosts at once (default: defaults.parallel, 10)
   --atomic                 confirm nobody until every host passed its probes, else roll all back
   --dry-run                build or fetch, then only show what dry-activate would change
+  --reboot                 a trial boot, for changes switch-to-configuration test cannot apply (kernel, initrd,
+                           kernel modules or parameters): the host reboots into the new system once while its boot
+                           default stays the previous one; reconnect, probe, confirm → the default moves; a failed
+                           probe, rollback or the deadline reboot it into the previous system (systemd-boot or GRUB)
   --hold                   probe, then neither confirm nor roll back: leave the trial running and print its
                            deadline and the commands that confirm, extend or roll it back (status "held", exit 0)
 
@@ -102,6 +108,7 @@ const OPTIONS = {
   'dry-run': { type: 'boolean', default: false },
   atomic: { type: 'boolean', default: false },
   hold: { type: 'boolean', default: false },
+  reboot: { type: 'boolean', default: false },
   url: { type: 'string' },
   'host-key': { type: 'string' },
   probe: { type: 'string', multiple: true },
@@ -137,12 +144,15 @@ export async function main(argv: string[]): Promise<number> {
         if (buildOn !== undefined && buildOn !== 'local' && buildOn !== 'host') throw new UsageError(`--build-on must be "local" or "host", not "${buildOn}"`);
         if (o.hold && o.atomic) throw new UsageError('--hold leaves every trial to you; --atomic decides them all at once: one or the other');
         if (o.hold && o['dry-run']) throw new UsageError('--dry-run starts no trial to hold: one or the other');
+        if (o.reboot && o['dry-run']) throw new UsageError('--dry-run changes nothing, so there is nothing to boot: one or the other');
+        if (o.reboot && o.atomic) throw new UsageError('--reboot with --atomic is not supported: a trial boot reverts by rebooting, one host at a time');
         return await deploy(fleet, hosts, {
           json: o.json,
           parallel,
           dryRun: o['dry-run'],
           atomic: o.atomic,
           hold: o.hold,
+          reboot: o.reboot,
           fleetArgs,
           plan: {
             // Without a fleet file the flake is the host's target already (REF#NAME).
@@ -258,7 +268,7 @@ function knownHostKey(name: string, host: FleetHost): void {
 async function deploy(
   fleet: Fleet,
   names: string[],
-  opts: { json: boolean; parallel: number; dryRun: boolean; atomic: boolean; hold: boolean; fleetArgs: string[]; plan: Omit<PlanOptions, 'emit'>; timeoutSec?: number },
+  opts: { json: boolean; parallel: number; dryRun: boolean; atomic: boolean; hold: boolean; reboot: boolean; fleetArgs: string[]; plan: Omit<PlanOptions, 'emit'>; timeoutSec?: number },
 ): Promise<number> {
   checkAcyclic(fleet, names);
   const signers = await resolveSigners(fleet);
@@ -272,6 +282,7 @@ async function deploy(
     atomic: opts.atomic,
     dryRun: opts.dryRun,
     hold: opts.hold,
+    reboot: opts.reboot,
     fleetArgs: opts.fleetArgs,
     ...(opts.timeoutSec ? { timeoutSec: opts.timeoutSec } : {}),
     signers,
@@ -377,7 +388,7 @@ async function history(fleet: Fleet, name: string, json: boolean, limit?: number
     else if (!r.entries.length) process.stdout.write(`${name}: no history yet\n`);
     else
       for (const e of r.entries) {
-        process.stdout.write(oneLine(`${e.at} ${e.id} ${e.from} → ${e.to} (${e.event}) by ${e.by.who} via ${e.by.channel}${e.outcome ? `: ${describeOutcome(e.outcome)}` : ''}`) + '\n');
+        process.stdout.write(oneLine(`${e.at} ${e.id} ${e.from} → ${e.to} (${e.event}) by ${e.by.who} via ${e.by.channel}${e.bootId ? ` in boot ${e.bootId.slice(0, 8)}` : ''}${e.outcome ? `: ${describeOutcome(e.outcome)}` : ''}`) + '\n');
       }
     return EXIT.ok;
   });

@@ -12,7 +12,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { EXIT, SnapbackError, exitCodeFor, type ExitCode } from '../shared/errors.ts';
 import type { FleetHost, Probe } from '../shared/fleet.ts';
 import { MAX_TIMER_MS, describeOutcome, type Outcome, type Target } from '../shared/model.ts';
-import { duration } from '../shared/text.ts';
+import { duration, kernelNote } from '../shared/text.ts';
 import type { ServerMessage } from '../shared/protocol.ts';
 import type { Signer } from '../shared/ssh.ts';
 import { probeName, runProbes, type ProbeResult } from './probes.ts';
@@ -42,7 +42,10 @@ export type DeployEvent =
   | { type: 'queued'; host: string; why: string }
   | { type: 'connecting'; host: string }
   | { type: 'connected'; host: string; as: string }
-  | { type: 'phase'; host: string; id: string; phase: string; toplevel?: string }
+  /** `kernel`: the kernel-side parts that differ from the host's booted system ([]: userland only) */
+  | { type: 'phase'; host: string; id: string; phase: string; toplevel?: string; kernel?: string[] }
+  /** a trial boot (`--reboot`): the host reboots into the target once; the trial starts when it is up */
+  | { type: 'rebooting'; host: string; id: string; toplevel: string; loader: string; entry: string }
   | { type: 'line'; host: string; id: string; line: string }
   | { type: 'trial'; host: string; id: string; secondsLeft: number; deadline: string }
   | { type: 'reconnecting'; host: string; attempt: number; error: string }
@@ -154,7 +157,12 @@ export interface DeployHostOptions {
   interruption?: Interruption;
   /** `--hold`: once the probes passed, neither confirm nor roll back; report the trial as `held` */
   hold?: boolean;
+  /** `--reboot`: a trial boot (DESIGN §11) instead of `switch-to-configuration test` */
+  reboot?: boolean;
 }
+
+/** How long a trial boot's host may take to come back before its window starts. */
+export const BOOT_WAIT_SEC = 600;
 
 const mono = () => performance.now();
 
@@ -230,10 +238,10 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
   let id: string | undefined;
   // From here the host may change: an interruption must wait for the answer and then say so.
   x?.live.set(name, {});
-  const answer = await first.command({ type: 'activate', target: o.target, ...(o.timeoutSec ? { timeoutSec: o.timeoutSec } : {}) }, (m) => {
+  const answer = await first.command({ type: 'activate', target: o.target, ...(o.timeoutSec ? { timeoutSec: o.timeoutSec } : {}), ...(o.reboot ? { reboot: true } : {}) }, (m) => {
     if (m.type !== 'progress') return;
     id ??= m.id;
-    if (m.phase) o.emit({ type: 'phase', host: name, id: m.id, phase: m.phase, ...(m.toplevel ? { toplevel: m.toplevel } : {}) });
+    if (m.phase && !m.reboot) o.emit({ type: 'phase', host: name, id: m.id, phase: m.phase, ...(m.toplevel ? { toplevel: m.toplevel } : {}), ...(m.kernel ? { kernel: m.kernel } : {}) });
     if (m.line !== undefined) o.emit({ type: 'line', host: name, id: m.id, line: m.line });
   });
   // The connection that carried the activation may have survived the switch only thanks to
@@ -254,6 +262,12 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
       o.emit(x.event(name, 1, false));
       return follow(o, id, deadline);
     }
+  } else if (answer.type === 'rebooting') {
+    // The window starts once the new system is up: wait for the host to come back first.
+    id = answer.id;
+    deadline = mono() + (BOOT_WAIT_SEC + windowSec) * 1000;
+    x?.live.set(name, { id });
+    o.emit({ type: 'rebooting', host: name, id, toplevel: answer.toplevel, loader: answer.loader, entry: answer.entry });
   } else if (answer.type === 'outcome') {
     const r = fromOutcome(name, answer.id, answer.outcome);
     return answer.outcome.outcome === 'failed' ? { ...r, message: r.message + hintFor(o, answer.outcome.code) } : r;
@@ -285,7 +299,9 @@ async function trialFlow(o: DeployHostOptions): Promise<Passed | HostResult> {
   // The host's own countdown is the truth (our estimate is rough if the first connection was lost).
   if (fresh.secondsLeft !== undefined) deadline = mono() + fresh.secondsLeft * 1000;
   wall = fresh.deadline ?? wall;
-  x?.live.set(name, { ...x.live.get(name), id, deadline });
+  x?.live.set(name, { ...x.live.get(name), id, deadline, ...(wall ? { wall } : {}) });
+  // A trial boot's trial began in the new boot: this is the first the controller hears of its window.
+  if (o.reboot && fresh.secondsLeft !== undefined && wall) o.emit({ type: 'trial', host: name, id, secondsLeft: fresh.secondsLeft, deadline: wall });
 
   const budget = deadline - margin - mono();
   o.emit({ type: 'probing', host: name, id, names: o.probes.map(probeName) });
@@ -420,7 +436,8 @@ async function dryRun(o: DeployHostOptions, session: Session): Promise<HostResul
   session.close();
   if (answer.type === 'dry-run') {
     const ok = answer.exit === 0;
-    return { host: o.name, status: ok ? 'dry-run' : 'failed', id: answer.id, message: `dry-activate of ${answer.toplevel} exited ${answer.exit ?? 'without a status'}; nothing was changed` };
+    const kernel = answer.kernel ? `; ${kernelNote(answer.kernel)}` : '';
+    return { host: o.name, status: ok ? 'dry-run' : 'failed', id: answer.id, message: `dry-activate of ${answer.toplevel} exited ${answer.exit ?? 'without a status'}; nothing was changed${kernel}` };
   }
   if (answer.type === 'error') return { host: o.name, status: 'failed', message: `dry run refused (${answer.code}): ${answer.message}` };
   return { host: o.name, status: 'unknown', message: `unexpected answer "${answer.type}" to a dry run` };
@@ -430,6 +447,11 @@ async function dryRun(o: DeployHostOptions, session: Session): Promise<HostResul
 async function settle(o: DeployHostOptions, id: string, deadline: number, m: ServerMessage): Promise<HostResult> {
   if (m.type === 'outcome') return fromOutcome(o.name, id, m.outcome);
   if (m.type === 'error' && m.outcome) return fromOutcome(o.name, id, m.outcome);
+  if (m.type === 'error' && m.code === 'unreachable' && o.reboot) {
+    // A trial boot reverts by rebooting: the outcome is told once the host is back.
+    const until = Math.max(deadline, mono()) + (BOOT_WAIT_SEC + (o.graceSec ?? 120)) * 1000;
+    return askOutcome(o, id, () => until, 'outcome unknown after the trial boot');
+  }
   if (m.type === 'error' && m.code === 'unreachable') return learnOutcome(o, id, deadline);
   if (m.type === 'error') return { host: o.name, status: 'unknown', id, message: `${m.code}: ${m.message}` };
   return { host: o.name, status: 'unknown', id, message: `unexpected answer "${m.type}"` };

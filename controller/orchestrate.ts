@@ -26,6 +26,8 @@ export interface FleetDeployOptions {
   interruption?: Interruption;
   /** leave every host in its trial once its probes passed (`--hold`); not with `atomic` or `dryRun` */
   hold?: boolean;
+  /** a trial boot per host (`--reboot`) */
+  reboot?: boolean;
   /** the options that find this fleet again, for the commands shown (default: fleetArgs(process.argv)) */
   fleetArgs?: string[];
 }
@@ -103,6 +105,7 @@ async function deployAll(fleet: Fleet, names: string[], opts: FleetDeployOptions
       graceSec: fleet.defaults.outcomeGraceSec,
       dryRun: opts.dryRun,
       hold: opts.hold ?? false,
+      reboot: opts.reboot ?? false,
       signers: opts.signers,
       emit: opts.emit,
       interruption: opts.interruption,

@@ -4,6 +4,7 @@
 // characters (shared/terminal.ts), in every mode.
 
 import { eventLine, resultLine } from '../shared/output.ts';
+import { kernelNote } from '../shared/text.ts';
 import { clean, oneLine } from '../shared/terminal.ts';
 import { duration } from '../shared/text.ts';
 import type { DeployEvent, HostResult } from './deploy.ts';
@@ -73,7 +74,10 @@ function describe(e: DeployEvent): string | undefined {
     case 'connected':
       return `authenticated as ${e.as}`;
     case 'phase':
-      return e.phase === 'activating' ? `activating ${e.toplevel ?? ''} (deployment ${e.id})` : e.phase === 'trial' ? undefined : e.phase;
+      if (e.phase === 'activating') return `activating ${e.toplevel ?? ''} (deployment ${e.id})${e.kernel ? `; ${kernelNote(e.kernel)}` : ''}`;
+      return e.phase === 'trial' ? undefined : e.phase;
+    case 'rebooting':
+      return `trial boot: rebooting into ${e.toplevel} once (${e.loader} entry ${e.entry}); the boot default stays the previous system — waiting for the host to come back`;
     case 'line':
       return `  | ${e.line}`;
     case 'trial':
@@ -101,7 +105,7 @@ function describe(e: DeployEvent): string | undefined {
     case 'interrupted':
       return describeInterrupted(e);
     case 'done':
-      if (e.result.status === 'confirmed') return 'confirmed';
+      if (e.result.status === 'confirmed') return e.result.message.startsWith('confirmed') ? e.result.message.split(' — ')[0]! : 'confirmed';
       if (e.result.status === 'dry-run' || e.result.status === 'held') return e.result.message;
       return e.result.outcome ? e.result.message : `${e.result.status}: ${e.result.message}`;
   }

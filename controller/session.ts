@@ -227,7 +227,7 @@ export class Session {
     const seq = ++this.seq;
     const unsigned = { ...cmd, seq } as Omit<SignedCommand, 'sig'>;
     const sig = await this.signer.sign(commandPayload(this.agentNonce, this.controllerNonce, unsigned));
-    const final = (m: ServerMessage) => (m.type === 'outcome' || m.type === 'error' || m.type === 'trial' || m.type === 'dry-run' || m.type === 'push-done') && (m.re === seq || m.re === undefined);
+    const final = (m: ServerMessage) => (m.type === 'outcome' || m.type === 'error' || m.type === 'trial' || m.type === 'dry-run' || m.type === 'rebooting' || m.type === 'push-done') && (m.re === seq || m.re === undefined);
     return this.ask({ ...unsigned, sig }, final, onProgress);
   }
 

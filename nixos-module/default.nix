@@ -113,6 +113,19 @@ in
       };
     };
 
+    hardwareWatchdog = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "30s";
+      description = ''
+        Sets {option}`systemd.watchdog.runtimeTime`: systemd pings the machine's hardware watchdog,
+        which resets a hung kernel after this long. A trial boot (`snapback deploy --reboot`) of a
+        kernel that panics or hangs then falls back to the previous system by itself (the one-shot
+        boot entry is used up) instead of waiting for someone to power-cycle the host; the agent
+        records it as `reverted: boot-failed`. Needs a watchdog device (`/dev/watchdog`).
+      '';
+    };
+
     openFirewall = lib.mkOption {
       type = lib.types.bool;
       default = false;
@@ -221,6 +234,7 @@ in
     services.prometheus.exporters.node.extraFlags = lib.mkIf (
       cfg.metrics.textfile.enable && cfg.metrics.textfile.directory == null && nodeExporter.enable
     ) [ "--collector.textfile.directory=${defaultTextfileDirectory}" ];
+    systemd.watchdog.runtimeTime = lib.mkIf (cfg.hardwareWatchdog != null) cfg.hardwareWatchdog;
 
     systemd.services.snapback-agent = {
       description = "Snapback agent: commit-confirmed activation of NixOS systems";

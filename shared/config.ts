@@ -56,6 +56,14 @@ export const agentConfigSchema = z
         switchLock: absolutePath.default('/run/nixos/switch-to-configuration.lock'),
         /** where the boot id is read; a test points it at a file to simulate a reboot */
         bootIdFile: absolutePath.default('/proc/sys/kernel/random/boot_id'),
+        /** the system the running kernel booted: a target's kernel side is compared with it */
+        bootedSystem: absolutePath.default('/run/booted-system'),
+        /** for trial boots (--reboot); detected when absent */
+        bootloader: z.enum(['systemd-boot', 'grub', 'none']).optional(),
+        /** where NixOS's GRUB menu is read to name a generation's entry */
+        grubConfig: absolutePath.default('/boot/grub/grub.cfg'),
+        /** how a trial boot reboots the host */
+        rebootCommand: z.array(z.string().min(1)).min(1).default(['systemctl', 'reboot']),
       })
       .prefault({}),
     nix: z

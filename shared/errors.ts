@@ -38,6 +38,7 @@ export const ERROR_CODES = {
   'bad-nar': [EXIT.failed, false, 'a pushed NAR does not match its signed hash or size; nothing of it was imported'],
   'no-space': [EXIT.failed, false, "the pushed closure would not fit in the host's store; nothing was sent"],
   'push-failed': [EXIT.failed, true, 'importing pushed paths into the host store failed'],
+  'no-trial-boot': [EXIT.failed, false, 'a trial boot (--reboot) is not possible here: no supported bootloader, or the running system is not the boot default'],
   unauthorized: [EXIT.unreachable, false, 'the key is not authorized or a signature is wrong'],
   unreachable: [EXIT.unreachable, true, 'the agent cannot be reached'],
   'rate-limited': [EXIT.failed, true, 'too many messages on this connection'],

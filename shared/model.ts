@@ -70,12 +70,15 @@ export const revertReasons = [
   'commit-failed',
   'reboot',
   'fallback-timer',
+  /** a trial boot whose new system never came up: the bootloader fell back to the default */
+  'boot-failed',
 ] as const;
 export const revertReasonSchema = z.enum(revertReasons);
 export type RevertReason = z.infer<typeof revertReasonSchema>;
 
 export const outcomeSchema = z.discriminatedUnion('outcome', [
-  z.strictObject({ outcome: z.literal('confirmed') }),
+  /** `kernelNotYetBooted`: committed, but its kernel side differs from the booted system (DESIGN §11) */
+  z.strictObject({ outcome: z.literal('confirmed'), kernelNotYetBooted: z.literal(true).optional() }),
   z.strictObject({ outcome: z.literal('reverted'), reason: revertReasonSchema, detail: z.string().optional() }),
   z.strictObject({ outcome: z.literal('failed'), code: z.string(), message: z.string() }),
   z.strictObject({ outcome: z.literal('stuck'), reason: z.string() }),
@@ -85,7 +88,7 @@ export type Outcome = z.infer<typeof outcomeSchema>;
 export function describeOutcome(o: Outcome): string {
   switch (o.outcome) {
     case 'confirmed':
-      return 'confirmed';
+      return o.kernelNotYetBooted ? 'confirmed (kernel not yet booted)' : 'confirmed';
     case 'reverted':
       return `reverted: ${o.reason}${o.detail ? ` (${o.detail})` : ''}`;
     case 'failed':
@@ -110,5 +113,7 @@ export const historyEntrySchema = z.object({
   detail: z.string().optional(),
   /** the trial's deadline (ISO 8601), on the entries that set it: the trial's start and every extend */
   deadline: z.string().optional(),
+  /** the boot the transition happened in (trial boots: the history shows both boots) */
+  bootId: z.string().optional(),
 });
 export type HistoryEntry = z.infer<typeof historyEntrySchema>;

@@ -65,7 +65,8 @@ export const deployEventSchema = z.discriminatedUnion('event', [
   z.object({ event: z.literal('queued'), host, why: z.string() }),
   z.object({ event: z.literal('connecting'), host }),
   z.object({ event: z.literal('connected'), host, as: z.string() }),
-  z.object({ event: z.literal('phase'), host, id, phase: z.string(), toplevel: z.string().optional() }),
+  z.object({ event: z.literal('phase'), host, id, phase: z.string(), toplevel: z.string().optional(), kernel: z.array(z.string()).optional() }),
+  z.object({ event: z.literal('rebooting'), host, id, toplevel: z.string(), loader: z.string(), entry: z.string() }),
   z.object({ event: z.literal('line'), host, id, line: z.string() }),
   z.object({ event: z.literal('trial'), host, id, secondsLeft: z.number(), deadline: z.string() }),
   z.object({ event: z.literal('reconnecting'), host, attempt: z.number().int(), error: z.string() }),
@@ -141,7 +142,16 @@ export const controllerResults = {
 
 /** What the agent says while a console request runs (`activate`, `confirm`, …). */
 export const consoleEventSchema = z.discriminatedUnion('event', [
-  z.strictObject({ type: z.literal('event'), event: z.literal('phase'), id, phase: phaseSchema, deadline: z.string().optional(), toplevel: z.string().optional() }),
+  z.strictObject({
+    type: z.literal('event'),
+    event: z.literal('phase'),
+    id,
+    phase: phaseSchema,
+    deadline: z.string().optional(),
+    toplevel: z.string().optional(),
+    kernel: z.array(z.string()).optional(),
+    reboot: z.strictObject({ loader: z.string(), entry: z.string() }).optional(),
+  }),
   z.strictObject({ type: z.literal('event'), event: z.literal('line'), id, line: z.string() }),
   z.strictObject({ type: z.literal('event'), event: z.literal('outcome'), id, outcome: outcomeSchema }),
   z.strictObject({ type: z.literal('event'), event: z.literal('confirm-refused'), id, problems: z.array(z.string()), code: errorCode.optional() }),
@@ -155,6 +165,8 @@ const answer = result({
   deadline: z.string().optional(),
   toplevel: z.string().optional(),
   dryRun: z.strictObject({ exit: z.number().int().nullable() }).optional(),
+  kernel: z.array(z.string()).optional(),
+  rebooting: z.strictObject({ loader: z.string(), entry: z.string() }).optional(),
 });
 
 export const consoleResults = {

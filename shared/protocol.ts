@@ -47,6 +47,8 @@ export const activateSchema = z.strictObject({
   timeoutSec: secondsSchema.optional(),
   /** build or fetch, then only `switch-to-configuration dry-activate`: nothing changes */
   dryRun: z.boolean().optional(),
+  /** a trial boot (DESIGN §11): boot the target once instead of `switch-to-configuration test` */
+  reboot: z.boolean().optional(),
   sig: signature,
 });
 export const confirmSchema = z.strictObject({ type: z.literal('confirm'), seq, id, token: z.string().min(1).max(256), sig: signature });
@@ -126,7 +128,9 @@ export const challengeSchema = z.strictObject({
 /** Every agent message after `hello` carries the next counter and a MAC under the session key. */
 const sealed = { ctr: z.number().int().positive().optional(), mac: z.string().max(64).optional() };
 
-const lastSchema = z.object({ id, target: z.string(), outcome: outcomeSchema, finishedAt: z.string(), by: actorSchema });
+const lastSchema = z.object({ id, target: z.string(), toplevel: z.string().optional(), outcome: outcomeSchema, finishedAt: z.string(), by: actorSchema });
+/** the kernel-side parts (`kernel`, `initrd`, `kernel-modules`, `kernel-params`) that differ from the booted system */
+const kernelParts = z.array(z.string()).max(8);
 
 const durations = z.object({ count: z.number().int().nonnegative(), sumSeconds: z.number().nonnegative() });
 
@@ -165,9 +169,14 @@ export const hostStatusSchema = z.object({
       deadline: z.string().optional(),
       secondsLeft: z.number().optional(),
       unhealthy: z.string().optional(),
+      kernel: kernelParts.optional(),
+      /** a trial boot: arming its entry, or rebooting into it */
+      reboot: z.object({ loader: z.string(), stage: z.string(), entry: z.string().optional() }).optional(),
     })
     .optional(),
   last: lastSchema.optional(),
+  /** the boot default's kernel side differs from the booted system's in these parts: the next boot changes them */
+  bootPending: kernelParts.optional(),
   offline: z.boolean().optional(),
   metrics: hostMetricsSchema.optional(),
 });
@@ -198,6 +207,8 @@ export const progressSchema = z.strictObject({
   toplevel: z.string().optional(),
   line: z.string().optional(),
   problems: z.array(z.string()).optional(),
+  kernel: kernelParts.optional(),
+  reboot: z.strictObject({ loader: z.string(), entry: z.string() }).optional(),
 });
 export const outcomeMessageSchema = z.strictObject({ ...sealed, type: z.literal('outcome'), id, outcome: outcomeSchema, re: seq.optional() });
 export const errorSchema = z.strictObject({
@@ -231,6 +242,19 @@ export const dryRunSchema = z.strictObject({
   id,
   toplevel: z.string(),
   exit: z.number().int().nullable(),
+  kernel: kernelParts.optional(),
+  re: seq.optional(),
+});
+
+/** the answer to a trial boot's `activate`: the host reboots into the target once; reconnect when it is back */
+export const rebootingSchema = z.strictObject({
+  ...sealed,
+  type: z.literal('rebooting'),
+  id,
+  toplevel: z.string(),
+  loader: z.string(),
+  entry: z.string(),
+  kernel: kernelParts.optional(),
   re: seq.optional(),
 });
 
@@ -253,6 +277,7 @@ export const serverMessageSchema = z.discriminatedUnion('type', [
   pushAckSchema,
   pushDoneSchema,
   dryRunSchema,
+  rebootingSchema,
   challengeSchema,
   welcomeSchema,
   progressSchema,

@@ -94,6 +94,9 @@ describe("the flake's NixOS module, evaluated with nixpkgs' lib", { skip }, () =
     assert.deepEqual(evaluate('warnings'), []);
     assert.deepEqual(evaluate('allowedTCPPorts'), [7731], 'the example opens the port');
     assert.deepEqual(evaluate('allowedTCPPorts', '{ lib, ... }: { services.snapback.openFirewall = lib.mkForce false; }'), []);
+    // The hardware watchdog (trial boots, DESIGN §11) is the operator's choice: off unless set.
+    assert.equal(evaluate('watchdogRuntimeTime'), null);
+    assert.equal(evaluate('watchdogRuntimeTime', '{ services.snapback.hardwareWatchdog = "30s"; }'), '30s');
   });
 
   it('writes to /etc/snapback/agent.json what the agent accepts, with root\'s SSH keys', () => {

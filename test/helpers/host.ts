@@ -50,7 +50,8 @@ export class ScratchHost {
       stateDir: this.stateDir,
       controlSocket: join(this.dir, 'control.sock'),
       hostKey: join(this.dir, 'ssh_host_ed25519_key'),
-      system: { profile: this.profile, currentSystem: this.current, runner: 'direct', bootIdFile: this.bootIdFile, switchLock: join(this.dir, 'stc.lock') },
+      // bootedSystem: the machine's own /run/booted-system (on NixOS) is not this host's.
+      system: { profile: this.profile, currentSystem: this.current, runner: 'direct', bootIdFile: this.bootIdFile, switchLock: join(this.dir, 'stc.lock'), bootedSystem: join(this.dir, 'booted-system') },
       confirm: { defaultTimeoutSec: 30, minTimeoutSec: 1, maxTimeoutSec: 600, activationTimeoutSec: 30 },
       log: { level: 'debug' },
       ...config,

@@ -34,6 +34,13 @@ export interface Behaviour {
   notToplevel?: boolean;
   /** a real closure to push: the toplevel references this many dependency paths (see closureExpr) */
   closure?: Closure;
+  /**
+   * The kernel side (DESIGN §11): the toplevel gets `kernel`, `initrd` and `kernel-params` files
+   * whose contents derive from this; toplevels with the same value have the same kernel side.
+   */
+  kernel?: string;
+  /** the simulated bootloader of the test bed starts this system but never its agent (a boot that hangs) */
+  hangsAtBoot?: boolean;
 }
 
 /**
@@ -71,12 +78,17 @@ exit 0
 }
 
 /** The Nix expression of a fake toplevel (pure: usable from a flake). */
-export function toplevelExpr(name: string, scriptFile: string | null, closure?: Closure): string {
+export function toplevelExpr(name: string, scriptFile: string | null, closure?: Closure, boot: Pick<Behaviour, 'kernel' | 'hangsAtBoot'> = {}): string {
   let install = scriptFile
     ? '/bin/mkdir -p $out/bin && printf "%s" "$script" > $out/bin/switch-to-configuration && /bin/chmod +x $out/bin/switch-to-configuration'
     : '/bin/mkdir -p $out/share && echo not-a-toplevel > $out/share/readme';
   // Writing the dependencies' paths into $out is what makes them references of the toplevel.
   if (closure) install += ' && /bin/mkdir -p $out/share && for d in $deps; do echo $d; done > $out/share/closure';
+  if (boot.kernel !== undefined) {
+    const k = boot.kernel.replace(/[^\w.-]/g, '_');
+    install += ` && echo kernel-${k} > $out/kernel && echo initrd-${k} > $out/initrd && echo 'quiet kernel=${k}' > $out/kernel-params`;
+  }
+  if (boot.hangsAtBoot) install += ' && echo hangs > $out/testbed-hang';
   return `${closure ? `let
 ${closureExpr(closure.seed ?? name, closure)}
 in ` : ''}derivation {
@@ -124,7 +136,7 @@ export function buildToplevel(dir: string, name: string, calls: string, current:
   mkdirSync(dir, { recursive: true });
   const script = `${name}.sh`;
   writeFileSync(join(dir, script), switchScript(calls, current, b));
-  writeFileSync(join(dir, `${name}.nix`), toplevelExpr(name, b.notToplevel ? null : script, b.closure));
+  writeFileSync(join(dir, `${name}.nix`), toplevelExpr(name, b.notToplevel ? null : script, b.closure, b));
   return run('nix-build', [join(dir, `${name}.nix`), '--no-out-link']);
 }
 

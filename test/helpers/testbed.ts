@@ -2,9 +2,12 @@
 // machine with debootstrap, an overlay per host (so hosts share nothing and the pristine tree stays
 // pristine), its own PID, mount, UTS, IPC and network namespaces, the project bind-mounted read-only.
 // Power loss is `kill -9` of the host's PID 1; booting again reuses the overlay's upper layer, so
-// /var persists and /run is new — a reboot. Simulated, and only this: the bootloader (a boot-time
-// unit points /run/current-system at the profile's generation) and the boot id (a fresh uuid per
-// boot, because the kernel's does not change).
+// /var persists and /run is new — a reboot. `systemctl reboot` inside a host is a real reboot too:
+// PID 1 exits on SIGHUP (reboot(2) in a PID namespace) and the host boots again. Simulated, and
+// only this: the bootloader (a boot-time unit points /run/current-system and /run/booted-system at
+// the profile's generation, or with `loader` at what the simulated systemd-boot picks: the one-shot
+// entry, consumed, else the default; helpers/loader.ts) and the boot id (a fresh uuid per boot,
+// because the kernel's does not change).
 
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, rmdirSync, writeFileSync, chmodSync } from 'node:fs';
@@ -12,6 +15,11 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ROOT } from './host.ts';
 import { switchScript, toplevelExpr, type Behaviour } from './nix.ts';
+import { bootctlScript, builderScript } from './loader.ts';
+
+/** The simulated systemd-boot's files inside a host with `loader` (entries, default, oneshot). */
+export const LOADER_DIR = '/boot/snapback-testbed';
+const PROFILE = '/nix/var/nix/profiles/system';
 
 /** Where the machine's cgroup2 hierarchy is mounted (hybrid or unified layout). */
 const CGROUP2 = existsSync('/sys/fs/cgroup/unified/cgroup.procs') ? '/sys/fs/cgroup/unified' : '/sys/fs/cgroup';
@@ -97,10 +105,37 @@ Before=snapback-agent.service
 [Service]
 Type=oneshot
 RemainAfterExit=yes
-ExecStart=/bin/sh -c 'mkdir -p /run/snapback-testbed && cat /proc/sys/kernel/random/uuid > /run/snapback-testbed/boot_id && if [ -e /nix/var/nix/profiles/system ]; then ln -sfn "$(readlink -f /nix/var/nix/profiles/system)" /run/current-system; fi'
+ExecStart=/bin/sh /etc/snapback-testbed/boot.sh
 
 [Install]
 WantedBy=multi-user.target
+`;
+
+/**
+ * What the firmware and the bootloader would do: the boot id, then the system to run — with the
+ * simulated systemd-boot, its one-shot entry (consumed on use) or else its default; without it, the
+ * profile's generation. A system marked `testbed-hang` boots but never starts the agent.
+ */
+const BOOT_SCRIPT = `set -e
+mkdir -p /run/snapback-testbed
+cat /proc/sys/kernel/random/uuid > /run/snapback-testbed/boot_id
+D=${LOADER_DIR}
+system=
+if [ -d $D/entries ]; then
+  if [ -s $D/oneshot ]; then
+    entry=$(cat $D/oneshot); rm -f $D/oneshot
+    [ -s "$D/entries/$entry" ] && system=$(cat "$D/entries/$entry")
+  fi
+  if [ -z "$system" ] && [ -s $D/default ]; then system=$(cat "$D/entries/$(cat $D/default)"); fi
+elif [ -e ${PROFILE} ]; then
+  system=$(readlink -f ${PROFILE})
+fi
+if [ -n "$system" ]; then
+  ln -sfn "$system" /run/current-system
+  ln -sfn "$system" /run/booted-system
+  echo "$system" >> /var/lib/testbed-boots.log
+  if [ -e "$system/testbed-hang" ]; then touch /run/snapback-testbed/hang; fi
+fi
 `;
 
 export const AGENT_CONFIG = {
@@ -123,6 +158,12 @@ export class TestHost {
   /** n: a veth pair, 10.231.n.1 on the machine, 10.231.n.2 in the host (re-created at every boot) */
   network: number | undefined;
   pid1 = 0;
+  /** the simulated systemd-boot is installed (create's `loader`) */
+  loader = false;
+  /** completed boots; a reboot asked for inside the host (PID 1 exits on SIGHUP) boots it again */
+  boots = 0;
+  private rebooting: Promise<void> | undefined;
+  private rebootError: Error | undefined;
 
   private constructor(name: string, lower: string) {
     this.name = name;
@@ -137,10 +178,18 @@ export class TestHost {
   /** A new host: the shipped unit file, the agent's config, Nix config, then the first boot. */
   static async create(
     name: string,
-    opts: { dropIn?: string; config?: Record<string, unknown>; files?: Record<string, { text: string; mode?: number }>; network?: number } = {},
+    opts: {
+      dropIn?: string;
+      config?: Record<string, unknown>;
+      files?: Record<string, { text: string; mode?: number }>;
+      network?: number;
+      /** the simulated systemd-boot: a stand-in bootctl, and boots that start what it picks */
+      loader?: boolean;
+    } = {},
   ): Promise<TestHost> {
     const h = new TestHost(name, ensureRootfs());
     h.network = opts.network;
+    h.loader = opts.loader ?? false;
     const put = (path: string, text: string, mode = 0o644) => {
       const full = join(h.upper, path);
       mkdirSync(join(full, '..'), { recursive: true });
@@ -151,8 +200,17 @@ export class TestHost {
     // The plain unit file we ship for non-NixOS hosts, unchanged; the test's settings are a drop-in.
     put('usr/lib/systemd/system/snapback-agent.service', readFileSync(join(ROOT, 'systemd', 'snapback-agent.service'), 'utf8'));
     // Debian's Nix here is single-user, without a daemon: the agent opens the store itself.
-    put('etc/systemd/system/snapback-agent.service.d/testbed.conf', `[Service]\nEnvironment=SNAPBACK_DEBUG_FREEZE=1\nUnsetEnvironment=NIX_REMOTE\n${opts.dropIn ?? ''}`);
+    // A boot that "hangs" (the simulated loader started a system marked testbed-hang) never starts the agent.
+    put(
+      'etc/systemd/system/snapback-agent.service.d/testbed.conf',
+      `[Unit]\nConditionPathExists=!/run/snapback-testbed/hang\n[Service]\nEnvironment=SNAPBACK_DEBUG_FREEZE=1\nUnsetEnvironment=NIX_REMOTE\n${opts.dropIn ?? ''}`,
+    );
     put('etc/systemd/system/snapback-testbed-boot.service', TESTBED_BOOT_UNIT);
+    put('etc/snapback-testbed/boot.sh', BOOT_SCRIPT);
+    if (h.loader) {
+      put('usr/local/bin/bootctl', bootctlScript(LOADER_DIR), 0o755);
+      mkdirSync(join(h.upper, LOADER_DIR.slice(1), 'entries'), { recursive: true });
+    }
     const wants = join(h.upper, 'etc/systemd/system/multi-user.target.wants');
     mkdirSync(wants, { recursive: true });
     execFileSync('ln', ['-s', '/etc/systemd/system/snapback-testbed-boot.service', join(wants, 'snapback-testbed-boot.service')]);
@@ -183,6 +241,18 @@ export class TestHost {
       { stdio: ['ignore', 'ignore', 'pipe'] },
     );
     this.unshare = child;
+    // reboot(2) inside a PID namespace ends its PID 1 with SIGHUP (power-off: SIGINT), and unshare
+    // passes that on: the machine "restarts" — the harness boots the host again.
+    child.once('exit', (_code, signal) => {
+      if (this.unshare !== child || signal !== 'SIGHUP') return;
+      this.unshare = undefined;
+      const again: Promise<void> = this.boot()
+        .catch((err: Error) => void (this.rebootError = err))
+        .finally(() => {
+          if (this.rebooting === again) this.rebooting = undefined;
+        });
+      this.rebooting = again;
+    });
     let stderr = '';
     child.stderr!.on('data', (c) => (stderr += c));
     // PID 1 of the host is the child of `unshare`.
@@ -200,6 +270,32 @@ export class TestHost {
       const r = this.sh('systemctl is-system-running 2>/dev/null || true');
       return /^(running|degraded)/.test(r);
     }, 60_000, 'systemd to finish booting');
+    this.boots++;
+  }
+
+  /** Waits until the host has booted more than `count` times in all (a reboot from inside it). */
+  async booted(count: number, timeoutMs = 120_000): Promise<void> {
+    const start = Date.now();
+    while (this.boots <= count) {
+      if (this.rebootError) throw this.rebootError;
+      if (Date.now() - start > timeoutMs) throw new Error(`the host did not boot a ${count + 1}th time in ${timeoutMs} ms`);
+      if (this.rebooting) await this.rebooting;
+      else await sleep(100);
+    }
+  }
+
+  /** The systems the host booted, in order (the simulated loader's log). */
+  bootLog(): string[] {
+    return this.sh('cat /var/lib/testbed-boots.log 2>/dev/null || true').split('\n').filter(Boolean);
+  }
+
+  /** The simulated loader's state: its default and one-shot entries. */
+  loaderState(): { default?: string; oneShot?: string; entries: string[] } {
+    const read = (f: string) => this.sh(`cat ${LOADER_DIR}/${f} 2>/dev/null || true`).trim() || undefined;
+    const entries = this.sh(`ls ${LOADER_DIR}/entries 2>/dev/null || true`).split('\n').filter(Boolean);
+    const d = read('default');
+    const o = read('oneshot');
+    return { ...(d ? { default: d } : {}), ...(o ? { oneShot: o } : {}), entries };
   }
 
   /** The host's address on its veth link (TESTBED.md: network namespaces). */
@@ -260,8 +356,9 @@ export class TestHost {
     const dir = '/var/lib/testbed/nix';
     const calls = '/var/lib/testbed/calls.log';
     this.sh(`mkdir -p ${dir} && touch ${calls}`);
-    writeFileSync(join(this.upper, 'var/lib/testbed/nix', `${name}.sh`), switchScript(calls, '/run/current-system', b));
-    writeFileSync(join(this.upper, 'var/lib/testbed/nix', `${name}.nix`), toplevelExpr(name, b.notToplevel ? null : `${name}.sh`));
+    const boot = this.loader && b.boot === undefined ? { boot: builderScript(LOADER_DIR, PROFILE) } : {};
+    writeFileSync(join(this.upper, 'var/lib/testbed/nix', `${name}.sh`), switchScript(calls, '/run/current-system', { ...b, ...boot }));
+    writeFileSync(join(this.upper, 'var/lib/testbed/nix', `${name}.nix`), toplevelExpr(name, b.notToplevel ? null : `${name}.sh`, undefined, b));
     return this.sh(`nix-build ${dir}/${name}.nix --no-out-link 2>/dev/null`, { timeoutMs: 120_000 }).trim();
   }
 
@@ -279,7 +376,9 @@ export class TestHost {
   /** The "installed" system: generation 1 of the profile, running. */
   install(b: Behaviour = {}): string {
     const gen1 = this.toplevel('gen1', b);
-    this.sh(`nix-env -p /nix/var/nix/profiles/system --set ${gen1} && ln -sfn ${gen1} /run/current-system`);
+    this.sh(`nix-env -p /nix/var/nix/profiles/system --set ${gen1} && ln -sfn ${gen1} /run/current-system && ln -sfn ${gen1} /run/booted-system`);
+    // As at installation: the bootloader's entries and default (the calls log starts empty).
+    if (this.loader) this.sh(`${gen1}/bin/switch-to-configuration boot && : > /var/lib/testbed/calls.log`);
     return gen1;
   }
 
@@ -319,6 +418,7 @@ export class TestHost {
 
   /** Power loss: PID 1 dies with everything in the host. */
   async powerOff(): Promise<void> {
+    if (this.rebooting) await this.rebooting;
     const child = this.unshare;
     if (!child || child.exitCode !== null) return;
     const gone = new Promise((r) => child.once('exit', r));
