@@ -1,8 +1,6 @@
 // `snapback-agent`: the daemon (`serve`) and the console commands, a thin skin over agent.ts and
 // control.ts. Exit codes: 0 ok, 1 refused/reverted/failed, 2 usage or config, 3 agent unreachable, 4 unknown.
 
-import { realpathSync } from 'node:fs';
-import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { UsageError, parseCommandLine, positiveInt, reportError, wantsJson } from '../shared/cli.ts';
 import { DEFAULT_CONFIG_PATH, loadAgentConfig, type AgentConfig } from '../shared/config.ts';
@@ -131,7 +129,7 @@ export async function main(argv: string[]): Promise<number> {
   try {
     switch (command) {
       case 'serve':
-        return await serve(config, configPath);
+        return await (await import('./serve.ts')).serve(config, configPath);
       case 'check-config':
         if (o.json) printResult(EXIT.ok, { ok: true, config });
         else print(`${configPath}: ok`);
@@ -190,6 +188,7 @@ function printEvent(p: Progress): void {
 
 /** `try`: the trial, then the question on the terminal; exit 0 only when the new system was kept. */
 async function tryIt(config: AgentConfig, req: Extract<ControlRequest, { cmd: 'activate' }>, json: boolean): Promise<number> {
+  const { tryOnTerminal } = await import('./try.ts');
   const { cmd, result } = await tryOnTerminal(config.controlSocket, req, json ? process.stderr : process.stdout, showProgress, user());
   const exit = !result.ok ? exitCodeFor(result.code) : result.outcome?.outcome === 'confirmed' ? EXIT.ok : EXIT.failed;
   if (json) printResult(exit, result);
@@ -211,135 +210,6 @@ function parseTarget(rest: string[], flake: string | undefined, generation: stri
 function user(): { user?: string } {
   const name = process.env.SUDO_USER ?? process.env.USER;
   return name && name !== 'root' ? { user: name } : {};
-}
-
-// ---- serve ----------------------------------------------------------------------------------------
-
-async function serve(config: AgentConfig, configPath: string): Promise<number> {
-  const log = createLogger(config.log.level);
-  // Every known source of errors has its handler; a promise nobody awaited that still fails is
-  // logged, not allowed to end a process that holds a deadline.
-  process.on('unhandledRejection', (err) => log.error({ err: (err as Error)?.stack ?? String(err) }, 'unhandled rejection'));
-  const notifier = createNotifier(log);
-  // The fallback timer runs this very agent (the known-good one) again: absolute paths only.
-  const reinvoke = [process.execPath, realpathSync(process.argv[1]!), '--config', resolve(configPath)];
-  let agent: Agent;
-  try {
-    agent = await openWhenFree(config, log, notifier, { reinvoke });
-  } catch (err) {
-    log.fatal({ code: (err as SnapbackError).code }, (err as Error).message);
-    notifier.status(`not started: ${(err as Error).message}`);
-    return err instanceof SnapbackError ? err.exitCode : EXIT.usage;
-  }
-  // Both watch the history from before the start: an outcome recorded while starting counts too.
-  const metrics = new Metrics(agent, config.metrics, log);
-  const hooks = OutcomeHooks.attach(agent, config.hooks.onOutcome, log);
-  const control = await ControlServer.listen(config.controlSocket, agent, log);
-  await agent.start();
-  const wire = await listenWire(config, agent, log);
-  if (wire) metrics.connections = () => wire.connections();
-  await metrics.start();
-  log.info({ version: VERSION, stateDir: config.stateDir, controlSocket: config.controlSocket, phase: agent.phase, runner: agent.runnerName, notify: notifier.via }, 'snapback-agent serving');
-  notifier.ready();
-  const showStatus = () => {
-    try {
-      notifier.status(describeStatus(agent.status()).split('\n')[0]!);
-    } catch (err) {
-      log.debug({ err: (err as Error).message }, 'cannot tell systemd the status');
-    }
-  };
-  showStatus();
-  const statusTimer = setInterval(showStatus, 1000);
-
-  // After a commit that changed this agent's own unit (or the package its ExecStart names),
-  // exit cleanly: systemd (Restart=always) starts the new agent.
-  const unit = ownUnit();
-  const unitBefore = unit ? await unitText(unit) : undefined;
-
-  if (process.env.SNAPBACK_DEBUG_FREEZE === '1') {
-    // Test-only: a frozen event loop, to prove the systemd watchdog restarts the agent.
-    process.on('SIGUSR2', () => {
-      log.warn('SNAPBACK_DEBUG_FREEZE: freezing the event loop');
-      for (;;);
-    });
-  }
-
-  return new Promise<number>((resolve) => {
-    let stopping = false;
-    const stop = (why: string) => {
-      if (stopping) return;
-      stopping = true;
-      log.info({ why }, 'stopping; a running trial keeps its deadline and resumes on the next start');
-      notifier.stopping();
-      clearInterval(statusTimer);
-      void Promise.all([control.close(), wire?.close(), metrics.close()])
-        .then(() => agent.close())
-        // A hook of the last outcome (the confirm that restarts this agent) still gets to finish.
-        .then(() => hooks.settled())
-        .then(() => {
-          notifier.close();
-          resolve(EXIT.ok);
-        });
-    };
-    agent.subscribe((p) => {
-      if (p.type !== 'outcome' || p.outcome.outcome !== 'confirmed' || !unit) return;
-      void unitText(unit).then((now) => {
-        if (now !== undefined && now !== unitBefore) stop(`the commit changed ${unit}; restarting into the new agent`);
-      });
-    });
-    process.once('SIGTERM', () => stop('SIGTERM'));
-    process.once('SIGINT', () => stop('SIGINT'));
-  });
-}
-
-/**
- * Agent.open, waiting while another live process holds the state directory (a fallback revert that
- * ran while the daemon was down): exiting instead would only have systemd restart us into the same
- * refusal. Retries until the kernel releases the lock, however long the holder takes.
- */
-async function openWhenFree(config: AgentConfig, log: Logger, notifier: Notifier, options: AgentOptions): Promise<Agent> {
-  let waited = false;
-  for (;;) {
-    try {
-      const agent = Agent.open(config, log, options);
-      if (waited) log.info(`${config.stateDir} is free; starting`);
-      return agent;
-    } catch (err) {
-      if (!(err instanceof SnapbackError) || err.code !== 'busy') throw err;
-      const pid = err.details?.pid;
-      if (!waited) log.warn({ pid }, `${err.message}; waiting until it lets go`);
-      waited = true;
-      notifier.waiting(`waiting for the state directory, held by ${pid ? `pid ${pid}` : 'another process'}`);
-      await new Promise((r) => setTimeout(r, 500));
-    }
-  }
-}
-
-/**
- * The network side. Without authorized keys nobody could deploy, so the port stays closed; without
- * a readable host key the agent cannot prove itself. Either way the console keeps working.
- */
-async function listenWire(config: AgentConfig, agent: Agent, log: ReturnType<typeof createLogger>): Promise<WireServer | undefined> {
-  if (config.authorizedKeys.length === 0) {
-    log.info('no authorizedKeys configured: not listening for controllers (the console works)');
-    return undefined;
-  }
-  let host;
-  try {
-    host = keyFileSigner(config.hostKey);
-  } catch (err) {
-    log.error({ hostKey: config.hostKey }, `cannot use the host key, not listening for controllers: ${(err as Error).message}`);
-    return undefined;
-  }
-  const authorized = WireServer.authorizedKeys(config.authorizedKeys, log);
-  if (authorized.length === 0) {
-    log.warn('no usable authorizedKeys line (see the warnings above): not listening for controllers (the console works)');
-    return undefined;
-  }
-  const wire = await WireServer.listen(config, agent, log, host, authorized);
-  const { address, port } = wire.address();
-  log.info({ address, port, tls: Boolean(config.listen.tls), hostKey: host.publicKey.fingerprint }, `listening for controllers on port ${port}`);
-  return wire;
 }
 
 // ---- console commands -----------------------------------------------------------------------------
@@ -394,6 +264,7 @@ async function status(config: AgentConfig, json: boolean): Promise<number> {
     s = ((await request(config.controlSocket, { cmd: 'status', ...user() })) as unknown as { status: Status }).status;
   } catch (err) {
     if (!(err instanceof SnapbackError) || err.code !== 'unreachable') throw err;
+    const [{ StateDir }, { statusOf }, { readBootId }, { readCurrentSystem }] = await Promise.all([import('./state-dir.ts'), import('./agent.ts'), import('./clock.ts'), import('./nix.ts')]);
     const state = new StateDir(config.stateDir).load();
     s = { ...statusOf(state, readBootId(config.system.bootIdFile), readCurrentSystem(config.system.currentSystem), config.system), offline: true };
   }
@@ -409,6 +280,7 @@ async function history(config: AgentConfig, json: boolean, limit?: number): Prom
     entries = ((await request(config.controlSocket, { cmd: 'history', ...(limit ? { limit } : {}) })) as unknown as { history: HistoryEntry[] }).history;
   } catch (err) {
     if (!(err instanceof SnapbackError) || err.code !== 'unreachable') throw err;
+    const { StateDir } = await import('./state-dir.ts');
     entries = new StateDir(config.stateDir).readHistory();
     if (limit) entries = entries.slice(-limit);
   }
@@ -436,6 +308,7 @@ async function revert(config: AgentConfig, id: string, json: boolean): Promise<n
     } catch (err) {
       if (!(err instanceof SnapbackError) || err.code !== 'unreachable') throw err;
     }
+    const [{ createLogger }, { Agent }, { Metrics }, { OutcomeHooks }] = await Promise.all([import('./log.ts'), import('./agent.ts'), import('./metrics.ts'), import('./hooks.ts')]);
     const log = createLogger(config.log.level, 2);
     let agent: Agent;
     try {

@@ -3,7 +3,7 @@
 // read-only on `metrics.listen` (GET /metrics and nothing else) and/or written to `metrics.textfile`.
 
 import { chmodSync, renameSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer, type Server } from 'node:http';
+import type { Server } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { basename, dirname, join } from 'node:path';
 import type { AgentConfig } from '../shared/config.ts';
@@ -346,7 +346,9 @@ const LIMITS = { maxHeaderSize: 4096, headersTimeoutMs: 5000, requestTimeoutMs: 
  * (405), other paths and any query (404), a request with a body (400) — and a client that is slow
  * to send its headers is cut off. Nothing it receives reaches the agent.
  */
-export function listenMetrics(host: string, port: number, render: () => string, log: Logger): Promise<Server> {
+export async function listenMetrics(host: string, port: number, render: () => string, log: Logger): Promise<Server> {
+  // Loaded only where the listener is configured.
+  const { createServer } = await import('node:http');
   const server = createServer(
     { maxHeaderSize: LIMITS.maxHeaderSize, headersTimeout: LIMITS.headersTimeoutMs, requestTimeout: LIMITS.requestTimeoutMs, connectionsCheckingInterval: 1000, keepAlive: false },
     (req, res) => {

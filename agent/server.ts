@@ -5,10 +5,10 @@
 
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { createServer as createHttpServer, type IncomingMessage, type Server as HttpServer } from 'node:http';
+import type { IncomingMessage, Server as HttpServer } from 'node:http';
 import { createServer as createTcpServer, type AddressInfo, type Server as TcpServer, type Socket } from 'node:net';
-import { TLSSocket, createSecureContext, type SecureContext } from 'node:tls';
-import { WebSocketServer, type WebSocket } from 'ws';
+import type { SecureContext, TLSSocket } from 'node:tls';
+import type { WebSocket, WebSocketServer } from 'ws';
 import { KeyExchange, seal } from '../shared/channel.ts';
 import type { AgentConfig } from '../shared/config.ts';
 import { SnapbackError, describeIssues, retryable, type ErrorCode } from '../shared/errors.ts';
@@ -78,15 +78,17 @@ interface Session {
 
 export class WireServer {
   private readonly tcp: TcpServer;
-  private readonly http: HttpServer;
-  private readonly wss: WebSocketServer;
+  /** HTTP and WebSocket, loaded with the first connection: an agent nobody calls does without them */
+  private layers: Promise<{ http: HttpServer; wss: WebSocketServer }> | undefined;
+  private wss: WebSocketServer | undefined;
   private readonly authorized: AuthorizedKey[];
   private readonly agent: Agent;
   private readonly log: Logger;
   private readonly host: Signer;
   private readonly hostKeyLine: string;
   private readonly limits: AgentConfig['listen'];
-  private readonly tls: SecureContext | undefined;
+  /** wss://: Node's TLS and the context, loaded only then */
+  private tls: { context: SecureContext; TLSSocket: typeof TLSSocket } | undefined;
   /** keyed by the socket HTTP sees (the TLS wrapper on wss://) */
   private readonly conns = new Map<Socket, Conn>();
   private pending = 0;
@@ -100,22 +102,36 @@ export class WireServer {
     this.hostKeyLine = formatPublicKey({ ...host.publicKey, comment: '' });
     this.authorized = authorized;
     this.limits = config.listen;
-    const tls = config.listen.tls;
-    this.tls = tls ? createSecureContext({ cert: readFileSync(tls.cert), key: readFileSync(tls.key) }) : undefined;
     // We accept TCP ourselves and hand the socket to HTTP, so that every limit and the freshness of
     // a connection count from the accept, not from a request or an upgrade that may come much later.
     this.tcp = createTcpServer((raw) => this.accepted(raw));
     // Accepting fails with EMFILE and the like when descriptors run out: log it, never die of it.
     this.tcp.on('error', (err) => this.log.error({ err: err.message }, 'accepting a connection failed'));
-    this.http = createHttpServer();
-    this.http.on('request', (_req, res) => {
-      res.shouldKeepAlive = false;
-      res.writeHead(426, { 'content-type': 'text/plain', connection: 'close' }).end(`snapback agent: use a WebSocket with subprotocol ${SUBPROTOCOL}\n`);
-    });
-    this.http.on('clientError', (_err, socket) => socket.destroy());
-    this.wss = new WebSocketServer({ noServer: true, perMessageDeflate: false, maxPayload: MAX_PAYLOAD, clientTracking: true });
-    this.wss.on('error', (err) => this.log.error({ err: err.message }, 'WebSocket server error'));
-    this.http.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => this.upgrade(req, socket, head));
+  }
+
+  /** The HTTP server that reads the upgrade request, and the WebSocket server; made once. */
+  private protocolLayers(): Promise<{ http: HttpServer; wss: WebSocketServer }> {
+    this.layers ??= Promise.all([import('node:http'), import('ws')]).then(
+      ([{ createServer }, { WebSocketServer }]) => {
+        const http = createServer();
+        http.on('request', (_req, res) => {
+          res.shouldKeepAlive = false;
+          res.writeHead(426, { 'content-type': 'text/plain', connection: 'close' }).end(`snapback agent: use a WebSocket with subprotocol ${SUBPROTOCOL}\n`);
+        });
+        http.on('clientError', (_err, socket) => socket.destroy());
+        const wss = new WebSocketServer({ noServer: true, perMessageDeflate: false, maxPayload: MAX_PAYLOAD, clientTracking: true });
+        wss.on('error', (err) => this.log.error({ err: err.message }, 'WebSocket server error'));
+        http.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => this.upgrade(wss, req, socket, head));
+        this.wss = wss;
+        return { http, wss };
+      },
+      (err: Error) => {
+        // Out of descriptors, say: the next connection tries again.
+        this.layers = undefined;
+        throw err;
+      },
+    );
+    return this.layers;
   }
 
   /** Parses `authorizedKeys`; lines that cannot be honoured exactly are reported and skipped. */
@@ -125,6 +141,11 @@ export class WireServer {
 
   static async listen(config: AgentConfig, agent: Agent, log: Logger, host: Signer, authorized: AuthorizedKey[]): Promise<WireServer> {
     const server = new WireServer(config, agent, log, host, authorized);
+    const tls = config.listen.tls;
+    if (tls) {
+      const { TLSSocket, createSecureContext } = await import('node:tls');
+      server.tls = { context: createSecureContext({ cert: readFileSync(tls.cert), key: readFileSync(tls.key) }), TLSSocket };
+    }
     await new Promise<void>((resolve, reject) => {
       const failed = (err: Error) => reject(err);
       server.tcp.once('error', failed);
@@ -146,8 +167,8 @@ export class WireServer {
   }
 
   async close(): Promise<void> {
-    for (const ws of this.wss.clients) ws.terminate();
-    this.wss.close();
+    for (const ws of this.wss?.clients ?? []) ws.terminate();
+    this.wss?.close();
     const closed = new Promise<void>((resolve) => this.tcp.close(() => resolve()));
     for (const c of this.conns.values()) c.raw.destroy();
     await closed;
@@ -168,7 +189,7 @@ export class WireServer {
       }
       return;
     }
-    const sock = this.tls ? new TLSSocket(raw, { isServer: true, secureContext: this.tls }) : raw;
+    const sock = this.tls ? new this.tls.TLSSocket(raw, { isServer: true, secureContext: this.tls.context }) : raw;
     const conn: Conn = {
       raw,
       sock,
@@ -184,11 +205,21 @@ export class WireServer {
     this.pending++;
     this.pendingBySource.set(source, (this.pendingBySource.get(source) ?? 0) + 1);
     raw.once('close', () => this.release(conn));
-    if (sock instanceof TLSSocket) {
+    const handOver = () =>
+      this.protocolLayers().then(
+        ({ http }) => {
+          if (!conn.released) http.emit('connection', sock);
+        },
+        (err: Error) => {
+          this.log.error({ err: err.message }, 'cannot load the protocol for a connection');
+          this.drop(conn);
+        },
+      );
+    if (sock !== raw) {
       sock.on('error', () => raw.destroy());
-      sock.once('secure', () => this.http.emit('connection', sock));
+      sock.once('secure', () => void handOver());
     } else {
-      this.http.emit('connection', sock);
+      void handOver();
     }
   }
 
@@ -247,7 +278,7 @@ export class WireServer {
     this.unpend(conn);
   }
 
-  private upgrade(req: IncomingMessage, socket: Socket, head: Buffer): void {
+  private upgrade(wss: WebSocketServer, req: IncomingMessage, socket: Socket, head: Buffer): void {
     const conn = this.conns.get(socket);
     const offered = String(req.headers['sec-websocket-protocol'] ?? '')
       .split(',')
@@ -261,7 +292,7 @@ export class WireServer {
       return;
     }
     if (!offered.includes(SUBPROTOCOL)) return reject('400 Bad Request');
-    this.wss.handleUpgrade(req, socket, head, (ws) => this.accept(ws, conn));
+    wss.handleUpgrade(req, socket, head, (ws) => this.accept(ws, conn));
   }
 
   private accept(ws: WebSocket, conn: Conn): void {
