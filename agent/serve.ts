@@ -54,10 +54,11 @@ export async function serve(config: AgentConfig, configPath: string): Promise<nu
     }
   };
   showStatus();
-  // systemd's status line: at every change, and each second while a deadline counts down. Idle,
-  // and outside systemd, nothing wakes the agent.
+  // systemd's status line: at every change, each second while a deadline counts down, and every
+  // few seconds when idle (the running system can change beside us). Outside systemd, nothing.
   agent.subscribe(() => showStatus());
-  const statusTimer = notifier.via === 'none' ? undefined : setInterval(() => agent.phase !== 'idle' && showStatus(), 1000);
+  let tick = 0;
+  const statusTimer = notifier.via === 'none' ? undefined : setInterval(() => (agent.phase !== 'idle' || ++tick % 5 === 0) && showStatus(), 1000);
 
   // After a commit that changed this agent's own unit (or the package its ExecStart names),
   // exit cleanly: systemd (Restart=always) starts the new agent.
