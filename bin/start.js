@@ -2,6 +2,8 @@
 // the TypeScript sources, which Node runs directly from 22.18 on. An older Node gets a sentence
 // saying what to do, not a stack trace. Plain JavaScript that any Node can parse.
 import { existsSync } from 'node:fs';
+import nodeModule from 'node:module';
+import { join } from 'node:path';
 
 /** `name`: the command; `module`: its path under dist/ and the source tree, without extension. */
 export async function start(name, module) {
@@ -19,6 +21,20 @@ export async function start(name, module) {
     );
     process.exit(2);
   }
+  enableCompileCache();
   const { main } = await import(compiled ? built.href : new URL(`../${module}.ts`, import.meta.url).href);
   process.exit(await main(process.argv.slice(2)));
+}
+
+/**
+ * V8's compiled code of our modules, kept between runs (Node 22.1+): every command starts about
+ * 50 ms sooner. In the user's own cache directory, never a shared one such as /tmp, where another
+ * user could plant code that a root command would run. Without a home, nothing is cached.
+ */
+function enableCompileCache() {
+  const home = process.env.XDG_CACHE_HOME || (process.env.HOME ? join(process.env.HOME, '.cache') : undefined);
+  if (!home || typeof nodeModule.enableCompileCache !== 'function' || process.env.NODE_DISABLE_COMPILE_CACHE) return;
+  try {
+    nodeModule.enableCompileCache(join(home, 'snapback', 'node-compile-cache'));
+  } catch {}
 }
