@@ -220,6 +220,15 @@ async function hostRows(rows: Row[]): Promise<void> {
     phase('confirm → committed', 'nix-env -p PROFILE --set T; T/…/switch-to-configuration boot', agent.confirm, plain.confirm);
     phase('rollback → reverted', 'PREV/…/switch-to-configuration test', agent.rollback, plain.rollback);
 
+    // Where console time goes: the same node starting and ending, and the cheapest console command.
+    const startNode: number[] = [];
+    const startConsole: number[] = [];
+    for (let i = 0; i < phaseN; i++) {
+      startNode.push(await timed([process.execPath, '-e', '']));
+      startConsole.push((await console0(h, ['status'])).ms);
+    }
+    rows.push(ratioRow(`console start-up: snapback-agent status (median of ${phaseN}, no goal)`, median(startConsole), 'ms', "bare: node -e ''", median(startNode)));
+
     // After the deployments, controller sessions (connect + authenticate), then the agent's RSS.
     progress(`${sessionsN} controller sessions`);
     const signer = keyFileSigner(join(h.dir, 'op'));
@@ -356,6 +365,14 @@ async function fleetRows(rows: Row[]): Promise<void> {
     if (wrong.length) throw new Error(`after deploy --all, ${wrong.length} hosts do not run and boot their target`);
     rows.push(ratioRow(`snapback deploy --all, ${n} hosts, no probes`, fleetMs, 'ms', `one host alone (median of ${one.length})`, median(one), 3));
     rows.push({ name: `controller RSS during deploy --all to ${n} hosts (max, 50 ms samples)`, value: peak, unit: 'MiB', goal: { max: 200 } });
+
+    // For the record: all hosts at once (back to each host's first generation, built already).
+    const back: Record<string, unknown> = {};
+    for (let i = 0; i < n; i++) back[`h${String(i).padStart(2, '0')}`] = await hostEntry(fleet[i]!, fleet[i]!.gen1);
+    const backFile = writeFleet(join(single.dir, 'fleet-back.json'), back);
+    t0 = performance.now();
+    check(`deploy --all --parallel ${n}`, await runController(['deploy', '--all', '--parallel', String(n), '--fleet', backFile]));
+    rows.push(ratioRow(`  the same with --parallel ${n} (no goal)`, performance.now() - t0, 'ms', `one host alone (median of ${one.length})`, median(one)));
 
     // Status of all of them.
     const status: number[] = [];
