@@ -15,7 +15,9 @@
 //   toplevels, interleaved round by round: activate = `nix-store --realise T` then
 //   `T/bin/switch-to-configuration test`; confirm = `nix-env -p PROFILE --set T` then
 //   `T/bin/switch-to-configuration boot`; rollback = `PREV/bin/switch-to-configuration test` (a
-//   trial never touches the profile, so the agent's revert is that switch alone). Medians.
+//   trial never touches the profile, so the agent's revert is that switch alone). Medians. For the
+//   record (no goal): `snapback-agent status` against `node -e ''`, both spawn to exit: the part of
+//   every console command that is the CLI's own start-up.
 // - Revert lateness: a trial with the shortest window (confirm.minTimeoutSec, 1 s here) left to
 //   run out; lateness = the `at` of the history's outcome entry minus the `deadline` of its trial
 //   entry (both the agent's wall clock, ms). "Killed": `kill -9` of the agent 150 ms before the
@@ -24,7 +26,10 @@
 // - Fleet: BENCH_FLEET_HOSTS (50) scratch agents on loopback, one fleet file; `snapback deploy
 //   --all` (default parallelism, no probes) from spawn to exit, against `snapback deploy` of one
 //   host of another fleet file (median of 3) in the same run; the controller's VmRSS sampled every
-//   50 ms during the fleet deploy; `snapback status --all` from spawn to exit (median of 3).
+//   50 ms during the fleet deploy; `snapback status --all` from spawn to exit (median of 3). For the
+//   record (no goal): the same deploy back to each host's first generation with --parallel N. A fake
+//   toplevel's switch script names its own host's links, so each host has toplevels of its own.
+// Idle CPU is read in clock ticks (10 ms): short BENCH_IDLE_SEC runs give coarse figures.
 // Progress goes to stderr; figures only into the rows.
 
 import './compiled.ts';
