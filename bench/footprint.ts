@@ -27,7 +27,8 @@
 //   --all` (default parallelism, no probes) from spawn to exit, against `snapback deploy` of one
 //   host of another fleet file (median of 3) in the same run; the controller's VmRSS sampled every
 //   50 ms during the fleet deploy; `snapback status --all` from spawn to exit (median of 3). For the
-//   record (no goal): the same deploy back to each host's first generation with --parallel N. A fake
+//   record (no goal): the CPU the agents (utime+stime with reaped children, /proc/PID/stat) and the
+//   controller used during it; the same deploy back to each host's first generation with --parallel N. A fake
 //   toplevel's switch script names its own host's links, so each host has toplevels of its own.
 // Idle CPU is read in clock ticks (10 ms): short BENCH_IDLE_SEC runs give coarse figures.
 // Progress goes to stderr; figures only into the rows.
@@ -90,6 +91,14 @@ function cpuSec(pid: number): number {
   // Fields after "PID (COMM) ": state is field 3; utime and stime are fields 14 and 15.
   const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   return (Number(f[11]) + Number(f[12])) / clkTck;
+}
+
+/** CPU seconds of the process and of the children it has reaped (Nix, the switch, their shells). */
+function cpuWithChildrenSec(pid: number): number {
+  cpuSec(pid);
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) / clkTck!;
 }
 
 /** Spawns argv (no shell) and resolves with its wall time in ms; throws on failure. */
@@ -356,7 +365,15 @@ async function fleetRows(rows: Row[]): Promise<void> {
     progress(`fleet: deploy --all to ${n} hosts`);
     let controllerPid: number | undefined;
     let peak = 0;
-    const sampler = setInterval(() => (peak = Math.max(peak, rssOrZero(controllerPid))), 50);
+    let controllerCpu = 0;
+    const sampler = setInterval(() => {
+      peak = Math.max(peak, rssOrZero(controllerPid));
+      try {
+        if (controllerPid) controllerCpu = cpuSec(controllerPid);
+      } catch {}
+    }, 50);
+    const agentCpu = () => fleet.reduce((sum, h) => sum + cpuWithChildrenSec(h.agent!.pid!), 0);
+    const agentCpu0 = agentCpu();
     let t0 = performance.now();
     let r: ControllerRun;
     try {
@@ -365,11 +382,14 @@ async function fleetRows(rows: Row[]): Promise<void> {
       clearInterval(sampler);
     }
     const fleetMs = performance.now() - t0;
+    const agentCpu1 = agentCpu();
     check(`deploy --all to ${n} hosts`, r);
     const wrong = fleet.filter((h, i) => realpathSync(h.current) !== targets[i] || realpathSync(h.profile) !== targets[i]);
     if (wrong.length) throw new Error(`after deploy --all, ${wrong.length} hosts do not run and boot their target`);
     rows.push(ratioRow(`snapback deploy --all, ${n} hosts, no probes`, fleetMs, 'ms', `one host alone (median of ${one.length})`, median(one), 3));
     rows.push({ name: `controller RSS during deploy --all to ${n} hosts (max, 50 ms samples)`, value: peak, unit: 'MiB', goal: { max: 200 } });
+    rows.push({ name: `  CPU of the ${n} agents during it, with their children, per host (no goal)`, value: (agentCpu1 - agentCpu0) / n, unit: 's' });
+    rows.push({ name: `  CPU of the controller during it (last 50 ms sample, no goal)`, value: controllerCpu, unit: 's' });
 
     // For the record: all hosts at once (back to each host's first generation, built already).
     const back: Record<string, unknown> = {};
@@ -413,7 +433,7 @@ export async function footprintRows(): Promise<Row[]> {
 export function formatRows(rows: Row[]): string {
   const width = Math.max(7, ...rows.map((r) => r.name.length));
   const bw = Math.max(8, ...rows.map((r) => (r.baseline ? r.baseline.name.length : 0)));
-  const num = (v: number, unit: string) => v.toFixed(unit === '×' || unit === 's/min' ? 2 : 1);
+  const num = (v: number, unit: string) => v.toFixed(unit === '×' || unit === 's/min' || unit === 's' ? 2 : 1);
   const lines = [`${'measure'.padEnd(width)}  ${'value'.padStart(9)} unit   ${'baseline'.padEnd(bw)}  ${'value'.padStart(9)}  ratio  goal`];
   for (const r of rows) {
     const b = r.baseline ? `${r.baseline.name.padEnd(bw)}  ${num(r.baseline.value, r.unit).padStart(9)}` : ' '.repeat(bw + 11);
