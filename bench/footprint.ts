@@ -161,6 +161,37 @@ function lateness(h: ScratchHost, id: string): { ms: number; outcome: any } {
   return { ms: Date.parse(end.at) - Date.parse(deadline), outcome: end.outcome };
 }
 
+/**
+ * Hosts with an agent that may be running: on Ctrl-C or SIGTERM their agents (and the bare node)
+ * are killed by PID, so an interrupted run leaves no 50 agents behind. Their directories stay.
+ */
+const live = new Set<{ agent?: ChildProcess | undefined }>();
+function onSignal(signal: NodeJS.Signals): void {
+  for (const h of live) h.agent?.kill('SIGKILL');
+  process.stderr.write(`footprint: ${signal}: killed ${live.size} agents and controllers\n`);
+  process.exit(130);
+}
+function track<T extends { agent?: ChildProcess | undefined }>(h: T): T {
+  live.add(h);
+  return h;
+}
+
+/** `snapback ARGS`, its process killed too on Ctrl-C. */
+async function controller(args: string[], onSpawn?: (c: ChildProcess) => void): Promise<ControllerRun> {
+  const holder: { agent?: ChildProcess } = {};
+  track(holder);
+  try {
+    return await runController(args, {
+      onSpawn: (c) => {
+        holder.agent = c;
+        onSpawn?.(c);
+      },
+    });
+  } finally {
+    live.delete(holder);
+  }
+}
+
 // ---- 1–3: one scratch host ------------------------------------------------------------------------
 
 async function hostRows(rows: Row[]): Promise<void> {
@@ -171,7 +202,7 @@ async function hostRows(rows: Row[]): Promise<void> {
   const killN = envInt('BENCH_KILL_N', 5);
 
   // Production's log level: debug lines would be work an installed agent does not do.
-  const h = new ScratchHost('footprint').enableWire();
+  const h = track(new ScratchHost('footprint').enableWire());
   h.writeConfig({ log: { level: 'info' } });
   h.install();
   let bare: ChildProcess | undefined;
@@ -181,6 +212,7 @@ async function hostRows(rows: Row[]): Promise<void> {
 
     // 1. Idle: the bare node and the agent side by side.
     bare = bareNode();
+    const bareHolder = track({ agent: bare as ChildProcess | undefined });
     const barePid = bare.pid!;
     await h.start();
     const pid = h.agent!.pid!;
@@ -252,6 +284,7 @@ async function hostRows(rows: Row[]): Promise<void> {
       ratioRow(`agent RSS after ${2 * phaseN} deployments and ${sessionsN} sessions`, rssMiB(pid), 'MiB', 'bare node, read at the same instant', rssMiB(barePid), 1.8),
     );
     await endChild(bare);
+    live.delete(bareHolder);
     bare = undefined;
 
     // 3. Revert lateness: windows left to run out, the agent alive.
@@ -291,6 +324,7 @@ async function hostRows(rows: Row[]): Promise<void> {
   } finally {
     await endChild(bare);
     await h.cleanup();
+    live.clear();
   }
 }
 
@@ -318,7 +352,7 @@ async function fleetRows(rows: Row[]): Promise<void> {
   const hosts: ScratchHost[] = [];
   try {
     // One operator key, authorized on every host; each host has its own key, state and links.
-    const single = new ScratchHost('fp-one').enableWire();
+    const single = track(new ScratchHost('fp-one').enableWire());
     hosts.push(single);
     const opKey = join(single.dir, 'op');
     const opPub = single.publicKey('op');
@@ -329,7 +363,7 @@ async function fleetRows(rows: Row[]): Promise<void> {
     const fleet: ScratchHost[] = [];
     const targets: string[] = [];
     for (let i = 0; i < n; i++) {
-      const h = new ScratchHost(`fp-fleet${i}`).enableWire({ authorizedKeys: [opPub], log: { level: 'info' } });
+      const h = track(new ScratchHost(`fp-fleet${i}`).enableWire({ authorizedKeys: [opPub], log: { level: 'info' } }));
       hosts.push(h);
       fleet.push(h);
       h.install();
@@ -354,7 +388,7 @@ async function fleetRows(rows: Row[]): Promise<void> {
     for (const t of singleTargets) {
       const file = writeFleet(join(single.dir, `one-${one.length}.json`), { one: await hostEntry(single, t) });
       const t0 = performance.now();
-      check('one-host deploy', await runController(['deploy', '--all', '--fleet', file]));
+      check('one-host deploy', await controller(['deploy', '--all', '--fleet', file]));
       one.push(performance.now() - t0);
     }
 
@@ -377,7 +411,7 @@ async function fleetRows(rows: Row[]): Promise<void> {
     let t0 = performance.now();
     let r: ControllerRun;
     try {
-      r = await runController(['deploy', '--all', '--fleet', file], { onSpawn: (c) => (controllerPid = c.pid) });
+      r = await controller(['deploy', '--all', '--fleet', file], (c) => (controllerPid = c.pid));
     } finally {
       clearInterval(sampler);
     }
@@ -396,14 +430,14 @@ async function fleetRows(rows: Row[]): Promise<void> {
     for (let i = 0; i < n; i++) back[`h${String(i).padStart(2, '0')}`] = await hostEntry(fleet[i]!, fleet[i]!.gen1);
     const backFile = writeFleet(join(single.dir, 'fleet-back.json'), back);
     t0 = performance.now();
-    check(`deploy --all --parallel ${n}`, await runController(['deploy', '--all', '--parallel', String(n), '--fleet', backFile]));
+    check(`deploy --all --parallel ${n}`, await controller(['deploy', '--all', '--parallel', String(n), '--fleet', backFile]));
     rows.push(ratioRow(`  the same with --parallel ${n} (no goal)`, performance.now() - t0, 'ms', `one host alone (median of ${one.length})`, median(one)));
 
     // Status of all of them.
     const status: number[] = [];
     for (let i = 0; i < 3; i++) {
       t0 = performance.now();
-      const s = await runController(['status', '--all', '--fleet', file]);
+      const s = await controller(['status', '--all', '--fleet', file]);
       status.push(performance.now() - t0);
       check('status --all', s);
     }
@@ -411,6 +445,7 @@ async function fleetRows(rows: Row[]): Promise<void> {
   } finally {
     progress(`fleet: cleaning up ${hosts.length} hosts`);
     for (const h of hosts) await h.cleanup();
+    live.clear();
   }
 }
 
@@ -424,8 +459,13 @@ export async function footprintRows(): Promise<Row[]> {
   if (missing) throw new Error(missing);
   const only = process.env.BENCH_FOOTPRINT ?? '';
   const rows: Row[] = [];
-  if (only !== 'fleet') await hostRows(rows);
-  if (only !== 'host') await fleetRows(rows);
+  process.on('SIGINT', onSignal).on('SIGTERM', onSignal);
+  try {
+    if (only !== 'fleet') await hostRows(rows);
+    if (only !== 'host') await fleetRows(rows);
+  } finally {
+    process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
+  }
   return rows;
 }
 
@@ -447,6 +487,7 @@ export function formatRows(rows: Row[]): string {
 if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
   const rows = await footprintRows();
   console.log(formatRows(rows));
-  console.log(JSON.stringify({ bench: 'snapback-footprint', node: process.version, rows, missed: rows.filter((r) => !goalMet(r)).map((r) => r.name) }));
-  process.exit(0);
+  const missed = rows.filter((r) => !goalMet(r)).map((r) => r.name);
+  console.log(JSON.stringify({ bench: 'snapback-footprint', node: process.version, rows, missed }));
+  process.exit(missed.length ? 1 : 0);
 }
