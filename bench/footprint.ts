@@ -18,7 +18,7 @@
 //   trial never touches the profile, so the agent's revert is that switch alone). Medians. For the
 //   record (no goal): `snapback-agent status` against `node -e ''`, both spawn to exit: the part of
 //   every console command that is the CLI's own start-up.
-// - Revert lateness: a trial with the shortest window (confirm.minTimeoutSec, 1 s here) left to
+// - Revert lateness: a trial with the shortest window (confirm.minTimeoutSec = 1 s) left to
 //   run out; lateness = the `at` of the history's outcome entry minus the `deadline` of its trial
 //   entry (both the agent's wall clock, ms). "Killed": `kill -9` of the agent 150 ms before the
 //   deadline and an immediate restart (the harness is the supervisor: systemd's RestartSec=1s is
@@ -28,8 +28,9 @@
 //   host of another fleet file (median of 3) in the same run; the controller's VmRSS sampled every
 //   50 ms during the fleet deploy; `snapback status --all` from spawn to exit (median of 3). For the
 //   record (no goal): the CPU the agents (utime+stime with reaped children, /proc/PID/stat) and the
-//   controller used during it; the same deploy back to each host's first generation with --parallel N. A fake
-//   toplevel's switch script names its own host's links, so each host has toplevels of its own.
+//   controller used during it; the same deploy back to each host's first generation with
+//   --parallel N. A fake toplevel's switch script names its own host's links, so each host has
+//   toplevels of its own.
 // Idle CPU is read in clock ticks (10 ms): short BENCH_IDLE_SEC runs give coarse figures.
 // Progress goes to stderr; figures only into the rows.
 
@@ -203,7 +204,8 @@ async function hostRows(rows: Row[]): Promise<void> {
 
   // Production's log level: debug lines would be work an installed agent does not do.
   const h = track(new ScratchHost('footprint').enableWire());
-  h.writeConfig({ log: { level: 'info' } });
+  // 1 s: the shortest window the configuration allows (whole seconds, positive).
+  h.writeConfig({ log: { level: 'info' }, confirm: { ...(h.config.confirm as object), minTimeoutSec: 1 } });
   h.install();
   let bare: ChildProcess | undefined;
   try {
