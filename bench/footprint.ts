@@ -24,8 +24,9 @@
 //   deadline and an immediate restart (the harness is the supervisor: systemd's RestartSec=1s is
 //   not included), so the restarted agent finds the deadline passed and reverts at start.
 // - Fleet: BENCH_FLEET_HOSTS (50) scratch agents on loopback, one fleet file; `snapback deploy
-//   --all` (default parallelism, no probes) from spawn to exit, against `snapback deploy` of one
-//   host of another fleet file (median of 3) in the same run; the controller's VmRSS sampled every
+//   --all` (default parallelism, no probes) from spawn to exit, against `snapback deploy --all` of
+//   a one-host fleet file, on each of 3 other hosts (median) in the same run — each agent, there
+//   and in the fleet, on its first deployment since it started; the controller's VmRSS sampled every
 //   50 ms during the fleet deploy; `snapback status --all` from spawn to exit (median of 3). For the
 //   record (no goal): the CPU the agents (utime+stime with reaped children, /proc/PID/stat) and the
 //   controller used during it; the same deploy back to each host's first generation with
@@ -354,14 +355,22 @@ async function fleetRows(rows: Row[]): Promise<void> {
   const hosts: ScratchHost[] = [];
   try {
     // One operator key, authorized on every host; each host has its own key, state and links.
-    const single = track(new ScratchHost('fp-one').enableWire());
+    // The baseline's hosts are like the fleet's: a fresh agent, deployed once (its first deployment
+    // loads what an idle agent left out), each alone.
+    const ONE = 3;
+    const single = track(new ScratchHost('fp-one0').enableWire());
     hosts.push(single);
     const opKey = join(single.dir, 'op');
     const opPub = single.publicKey('op');
     single.writeConfig({ log: { level: 'info' } });
-    single.install();
-    progress(`fleet: building toplevels for ${n + 1} hosts`);
-    const singleTargets = [0, 1, 2].map((i) => single.toplevel(`one${i}`));
+    const singles = [single];
+    for (let i = 1; i < ONE; i++) {
+      const h = track(new ScratchHost(`fp-one${i}`).enableWire({ authorizedKeys: [opPub], log: { level: 'info' } }));
+      hosts.push(h);
+      singles.push(h);
+    }
+    progress(`fleet: building toplevels for ${n + ONE} hosts`);
+    const singleTargets = singles.map((h) => h.install().toplevel('one'));
     const fleet: ScratchHost[] = [];
     const targets: string[] = [];
     for (let i = 0; i < n; i++) {
@@ -372,8 +381,8 @@ async function fleetRows(rows: Row[]): Promise<void> {
       // A fake toplevel names its host's links: one per host, built before anything is timed.
       targets.push(h.toplevel('fleet'));
     }
-    progress(`fleet: starting ${n + 1} agents`);
-    const all = [single, ...fleet];
+    progress(`fleet: starting ${n + ONE} agents`);
+    const all = [...singles, ...fleet];
     for (let i = 0; i < all.length; i += 4) await Promise.all(all.slice(i, i + 4).map((h) => h.start()));
 
     const hostEntry = async (h: ScratchHost, t: string) => ({ url: `ws://127.0.0.1:${await h.port()}`, hostKey: h.hostPublicKey, target: { storePath: t }, confirmTimeoutSec: 60 });
@@ -385,10 +394,10 @@ async function fleetRows(rows: Row[]): Promise<void> {
       if (r.code !== 0) throw new Error(`${what} failed (exit ${r.code}): ${r.stdout.slice(-2000)}${r.stderr.slice(-2000)}`);
     };
 
-    // One host alone: median of 3.
+    // One host alone, three times: a host each.
     const one: number[] = [];
-    for (const t of singleTargets) {
-      const file = writeFleet(join(single.dir, `one-${one.length}.json`), { one: await hostEntry(single, t) });
+    for (const [i, h] of singles.entries()) {
+      const file = writeFleet(join(h.dir, 'one.json'), { one: await hostEntry(h, singleTargets[i]!) });
       const t0 = performance.now();
       check('one-host deploy', await controller(['deploy', '--all', '--fleet', file]));
       one.push(performance.now() - t0);
@@ -422,18 +431,19 @@ async function fleetRows(rows: Row[]): Promise<void> {
     check(`deploy --all to ${n} hosts`, r);
     const wrong = fleet.filter((h, i) => realpathSync(h.current) !== targets[i] || realpathSync(h.profile) !== targets[i]);
     if (wrong.length) throw new Error(`after deploy --all, ${wrong.length} hosts do not run and boot their target`);
-    rows.push(ratioRow(`snapback deploy --all, ${n} hosts, no probes`, fleetMs, 'ms', `one host alone (median of ${one.length})`, median(one), 3));
+    rows.push(ratioRow(`snapback deploy --all, ${n} hosts, no probes`, fleetMs, 'ms', `one host alone (median of ${one.length} hosts)`, median(one), 3));
     rows.push({ name: `controller RSS during deploy --all to ${n} hosts (max, 50 ms samples)`, value: peak, unit: 'MiB', goal: { max: 200 } });
     rows.push({ name: `  CPU of the ${n} agents during it, with their children, per host (no goal)`, value: (agentCpu1 - agentCpu0) / n, unit: 's' });
     rows.push({ name: `  CPU of the controller during it (last 50 ms sample, no goal)`, value: controllerCpu, unit: 's' });
 
-    // For the record: all hosts at once (back to each host's first generation, built already).
+    // For the record: all hosts at once (back to each host's first generation, built already); each
+    // agent's second deployment, against the same cold baseline.
     const back: Record<string, unknown> = {};
     for (let i = 0; i < n; i++) back[`h${String(i).padStart(2, '0')}`] = await hostEntry(fleet[i]!, fleet[i]!.gen1);
     const backFile = writeFleet(join(single.dir, 'fleet-back.json'), back);
     t0 = performance.now();
     check(`deploy --all --parallel ${n}`, await controller(['deploy', '--all', '--parallel', String(n), '--fleet', backFile]));
-    rows.push(ratioRow(`  the same with --parallel ${n} (no goal)`, performance.now() - t0, 'ms', `one host alone (median of ${one.length})`, median(one)));
+    rows.push(ratioRow(`  the same with --parallel ${n}, each agent's 2nd deployment (no goal)`, performance.now() - t0, 'ms', `one host alone (median of ${one.length} hosts)`, median(one)));
 
     // Status of all of them.
     const status: number[] = [];
