@@ -3,25 +3,19 @@
 // Prints a table and, last, one JSON line. Goals are checked here, never in a timed test.
 
 import './compiled.ts';
-import { spawn } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { haveNix, nixStore } from '../test/helpers/nix.ts';
 import { ScratchHost, haveOwnStore, runController } from '../test/helpers/host.ts';
-import { Session } from '../controller/session.ts';
+import { footprintRows, formatRows, goalMet, type Row } from './footprint.ts';
 import { keyFileSigner, verifySignature } from '../shared/ssh.ts';
 
 const missing = haveNix();
 if (missing) {
   console.error(`bench: ${missing}`);
   process.exit(2);
-}
-
-interface Row {
-  name: string;
-  value: number;
-  unit: string;
-  goal?: { max: number };
 }
 
 const rows: Row[] = [];
@@ -36,56 +30,15 @@ const rssOrZero = (pid: number | undefined) => {
   }
 };
 
-// BENCH_ONLY=push runs only the push benchmark below.
+// BENCH_ONLY=push: only the push below; BENCH_ONLY=footprint: only this part (bench/footprint.ts:
+// the agent's memory, idle CPU, the time it adds to each phase, revert lateness, a fleet of 50).
 if (process.env.BENCH_ONLY !== 'push') {
-  const h = new ScratchHost('bench').enableWire().install();
+  rows.push(...(await footprintRows()));
+  // Signatures: the per-command cost on both sides (for the record).
+  const dir = mkdtempSync(join(tmpdir(), 'snapback-bench-key-'));
   try {
-    const targets = Array.from({ length: 12 }, (_, i) => h.toplevel(`t${i}`));
-    await h.start();
-    const pid = h.agent!.pid!;
-    const port = await h.port();
-    rows.push({ name: 'agent RSS, idle after start', value: rssMiB(pid), unit: 'MiB', goal: { max: 120 } });
-
-    // Console: activate → trial, then confirm (commit = nix-env --set + boot), per deployment.
-    const activate: number[] = [];
-    const confirm: number[] = [];
-    for (const t of targets.slice(0, 6)) {
-      let t0 = performance.now();
-      const a = await h.cli(['activate', t, '--timeout', '60']);
-      if (a.code !== 0) throw new Error(`activate failed: ${a.stdout}${a.stderr}`);
-      activate.push(performance.now() - t0);
-      t0 = performance.now();
-      await h.cli(['confirm']);
-      confirm.push(performance.now() - t0);
-    }
-    rows.push({ name: 'console activate → trial running (median of 6)', value: median(activate), unit: 'ms', goal: { max: 2000 } });
-    rows.push({ name: 'console confirm → committed (median of 6)', value: median(confirm), unit: 'ms', goal: { max: 2000 } });
-
-    // Wire: connect + mutual authentication.
-    const signer = keyFileSigner(join(h.dir, 'op'));
-    const host = { url: `ws://127.0.0.1:${port}`, hostKey: h.hostPublicKey, tags: [], dependsOn: [] };
-    const handshakes: number[] = [];
-    for (let i = 0; i < 50; i++) {
-      const t0 = performance.now();
-      const s = await Session.open('bench', host, [signer]);
-      handshakes.push(performance.now() - t0);
-      s.close();
-    }
-    rows.push({ name: 'controller connect + authenticate (median of 50)', value: median(handshakes), unit: 'ms', goal: { max: 50 } });
-
-    // A whole `snapback deploy` (process start included), no probes.
-    const deploys: number[] = [];
-    for (const t of targets.slice(6, 10)) {
-      const fleet = await h.fleet({ target: { storePath: t }, confirmTimeoutSec: 60 });
-      const t0 = performance.now();
-      const r = await runController(['deploy', 'web1', '--fleet', fleet]);
-      if (r.code !== 0) throw new Error(`deploy failed: ${r.stdout}${r.stderr}`);
-      deploys.push(performance.now() - t0);
-    }
-    rows.push({ name: 'snapback deploy, one host, no probes (median of 4)', value: median(deploys), unit: 'ms', goal: { max: 5000 } });
-    rows.push({ name: 'agent RSS after 10 deployments and 50 sessions', value: rssMiB(pid), unit: 'MiB', goal: { max: 160 } });
-
-    // Signatures: the per-command cost on both sides.
+    execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', join(dir, 'op')]);
+    const signer = keyFileSigner(join(dir, 'op'));
     const n = 2000;
     let t0 = performance.now();
     const sigs: string[] = [];
@@ -95,7 +48,7 @@ if (process.env.BENCH_ONLY !== 'push') {
     for (let i = 0; i < n; i++) if (!verifySignature(signer.publicKey, `message ${i}`, sigs[i]!)) throw new Error('verify failed');
     rows.push({ name: 'SSHSIG ed25519 verify', value: n / ((performance.now() - t0) / 1000), unit: 'ops/s' });
   } finally {
-    await h.cleanup();
+    rmSync(dir, { recursive: true, force: true });
   }
 }
 
@@ -106,7 +59,7 @@ if (process.env.BENCH_ONLY !== 'push') {
 // arrival of its `push` event with `done` (process start, authentication, closure query, the
 // manifest, the transfer and the import: everything before activation); the limit's from spawning
 // the pipeline (with its `nix-store -qR`) to its end. Medians of 3, measurements interleaved.
-const ownStoreMissing = haveOwnStore();
+const ownStoreMissing = process.env.BENCH_ONLY === 'footprint' ? 'BENCH_ONLY=footprint' : haveOwnStore();
 if (ownStoreMissing) {
   console.error(`bench: push benchmark skipped: ${ownStoreMissing}`);
 } else {
@@ -205,7 +158,7 @@ if (ownStoreMissing) {
     rows.push({ name: `  of which the push phase (first push event → done)`, value: median(transfers), unit: 'ms' });
     rows.push({ name: `  whole deploy (push, activate, confirm)`, value: median(deploys), unit: 'ms' });
     rows.push({ name: `limit: nix-store --export | --import, same paths (median of ${ROUNDS})`, value: limit, unit: 'ms' });
-    rows.push({ name: 'push time / limit', value: push / limit, unit: '×', goal: { max: 1.25 } });
+    rows.push({ name: 'push time / limit', value: push, unit: 'ms', baseline: { name: 'export | import', value: limit }, ratio: push / limit, goal: { max: 1.25 } });
     rows.push({ name: 'push throughput (whole push time)', value: narBytes / 2 ** 20 / (push / 1000), unit: 'MiB/s' });
     rows.push({ name: 'controller RSS during a push (max, 100 ms samples)', value: controllerRss, unit: 'MiB', goal: { max: 150 } });
     rows.push({ name: 'agent RSS during a push (max, 100 ms samples)', value: agentRss, unit: 'MiB', goal: { max: 150 } });
@@ -224,12 +177,7 @@ function sh(cmd: string): Promise<void> {
   });
 }
 
-const width = Math.max(...rows.map((r) => r.name.length));
-console.log(`${'measure'.padEnd(width)}  ${'value'.padStart(10)}  unit    goal`);
-for (const r of rows) {
-  const goal = r.goal ? `≤ ${r.goal.max} ${r.unit} ${r.value <= r.goal.max ? 'met' : 'MISSED'}` : '';
-  console.log(`${r.name.padEnd(width)}  ${r.value.toFixed(r.unit === '×' ? 2 : 1).padStart(10)}  ${r.unit.padEnd(6)}  ${goal}`);
-}
-const missed = rows.filter((r) => r.goal && r.value > r.goal.max);
+console.log(formatRows(rows));
+const missed = rows.filter((r) => !goalMet(r));
 console.log(JSON.stringify({ bench: 'snapback', node: process.version, rows, missed: missed.map((r) => r.name) }));
 process.exit(missed.length ? 1 : 0);
