@@ -2,7 +2,7 @@
 // and its files exist before it starts, so an agent killed at any instant still finds it and its result.
 
 import { spawn } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, readdirSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, readdirSync, watch, writeFileSync, writeSync, type FSWatcher } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { loadExeca } from '../shared/exec.ts';
@@ -106,9 +106,21 @@ abstract class StatusFileRunner implements Runner {
     return { exit: parseStatus(exit) };
   }
 
-  /** Polls the status file (and streams new output lines) until the run has ended. */
+  /**
+   * Reads the status file (and streams new output lines) until the run has ended: at once when the
+   * run directory changes (inotify), else every POLL_MS.
+   */
   private async watch(key: string, onLine?: (line: string) => void, timeoutSec?: number): Promise<RunResult> {
     const p = this.paths(key);
+    const changes = new Changes(p.dir);
+    try {
+      return await this.watchRun(key, p, changes, onLine, timeoutSec);
+    } finally {
+      changes.close();
+    }
+  }
+
+  private async watchRun(key: string, p: ReturnType<StatusFileRunner['paths']>, changes: Changes, onLine?: (line: string) => void, timeoutSec?: number): Promise<RunResult> {
     const tail = new LogTail(p.log, onLine);
     const deadline = timeoutSec === undefined ? Infinity : Date.now() + timeoutSec * 1000;
     let stopping: Promise<void> | undefined;
@@ -134,8 +146,53 @@ abstract class StatusFileRunner implements Runner {
         tail.poll(true);
         return { exit: null };
       }
-      await sleep(POLL_MS);
+      // The status is written just before the run's process ends: look again very soon.
+      await changes.next(status !== undefined ? 2 : POLL_MS);
     }
+  }
+}
+
+/** Changes in a directory (inotify), to wait on; without inotify (out of watches), plain timeouts. */
+class Changes {
+  private watcher: FSWatcher | undefined;
+  private wake: (() => void) | undefined;
+  private changed = false;
+
+  constructor(dir: string) {
+    try {
+      this.watcher = watch(dir, () => {
+        this.changed = true;
+        this.wake?.();
+      });
+      this.watcher.on('error', () => this.close());
+    } catch {
+      this.watcher = undefined;
+    }
+  }
+
+  /** Resolves at the next change (or one since the last call), or after `ms`. */
+  next(ms: number): Promise<void> {
+    if (this.changed) {
+      this.changed = false;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => {
+      const finish = () => {
+        clearTimeout(timer);
+        this.wake = undefined;
+        resolve();
+      };
+      const timer = setTimeout(finish, ms);
+      this.wake = () => {
+        this.changed = false;
+        finish();
+      };
+    });
+  }
+
+  close(): void {
+    this.watcher?.close();
+    this.watcher = undefined;
   }
 }
 
