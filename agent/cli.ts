@@ -8,19 +8,11 @@ import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
 import { errorResult, eventLine, resultLine } from '../shared/output.ts';
 import { MAX_SECONDS, describeOutcome, type HistoryEntry, type Outcome, type Target } from '../shared/model.ts';
 import { VERSION } from '../shared/version.ts';
-import { Agent, statusOf, type AgentOptions, type Progress, type Result, type Status } from './agent.ts';
-import { readBootId } from './clock.ts';
-import { ControlServer, request, type ControlRequest } from './control.ts';
-import { createLogger, type Logger } from './log.ts';
-import { tryOnTerminal } from './try.ts';
-import { readCurrentSystem } from './nix.ts';
-import { StateDir } from './state-dir.ts';
+// Only what every console command needs is imported here; the daemon (agent/serve.ts), the engine
+// and the state directory are imported by the commands that use them.
+import type { Agent, Progress, Result, Status } from './agent.ts';
+import { request, type ControlRequest } from './control.ts';
 import { describeStatus, duration, kernelNote } from '../shared/text.ts';
-import { WireServer } from './server.ts';
-import { keyFileSigner } from '../shared/ssh.ts';
-import { createNotifier, ownUnit, unitText, type Notifier } from './systemd.ts';
-import { Metrics } from './metrics.ts';
-import { OutcomeHooks } from './hooks.ts';
 
 const USAGE = `snapback-agent ${VERSION} — commit-confirmed activation of NixOS systems
 
