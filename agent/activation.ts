@@ -5,7 +5,7 @@ import { spawn } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, readdirSync, watch, writeFileSync, writeSync, type FSWatcher } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { loadExeca } from '../shared/exec.ts';
+import { run } from '../shared/exec.ts';
 import { failpoint } from './failpoint.ts';
 
 export type SwitchMode = 'test' | 'boot' | 'switch' | 'dry-activate';
@@ -319,14 +319,14 @@ export class SystemdRunner extends StatusFileRunner {
     const p = this.paths(key);
     const unit = SystemdRunner.unit(key);
     // A unit of the same name from an earlier attempt (a resumed revert) must not block this one.
-    await (await loadExeca())('systemctl', ['reset-failed', unit], { reject: false });
+    await run('systemctl', ['reset-failed', unit]);
     // Nothing but words in the property: systemd re-parses transient units on daemon-reload (which a
     // switch does), and neither its escaping of "$$" nor a ";" survives that. printenv needs no "$",
     // and prints the `end` marker from the unit's environment last. `1<>` writes in place.
     const record = `/bin/sh -c 'printenv SERVICE_RESULT EXIT_CODE EXIT_STATUS SNAPBACK_RECORD_END 1<> ${p.status}'`;
     // Without the log (a full state directory), the output goes to the journal.
     const output = options.discardOutput ? [] : ['-p', `StandardOutput=append:${p.log}`, '-p', `StandardError=append:${p.log}`];
-    const r = await (await loadExeca())(
+    const r = await run(
       'systemd-run',
       [
         `--unit=${unit}`,
@@ -345,10 +345,9 @@ export class SystemdRunner extends StatusFileRunner {
         switchBin,
         mode,
       ],
-      { reject: false, stdin: 'ignore' },
     );
     // systemd-run itself did not start (EMFILE, EAGAIN…): retryable, unlike systemd refusing the unit.
-    if (r.exitCode === undefined) throw new Error(r.message);
+    if (r.exitCode === undefined) throw new Error(`systemd-run: ${r.signal ? `killed by ${r.signal}` : r.stderr.trim()}`);
     if (r.exitCode !== 0) {
       try {
         writeFileSync(p.log, `systemd-run failed: ${String(r.stderr).trim()}\n`, { flag: 'a' });
@@ -364,7 +363,7 @@ export class SystemdRunner extends StatusFileRunner {
    */
   protected async alive(key: string): Promise<boolean> {
     for (let i = 0; i < 10; i++) {
-      const r = await (await loadExeca())('systemctl', ['is-active', SystemdRunner.unit(key)], { reject: false });
+      const r = await run('systemctl', ['is-active', SystemdRunner.unit(key)]);
       const state = String(r.stdout).trim();
       if (state === 'inactive' || state === 'failed') return false;
       if (['active', 'activating', 'deactivating', 'reloading', 'refreshing'].includes(state)) return true;
@@ -374,7 +373,7 @@ export class SystemdRunner extends StatusFileRunner {
   }
 
   async stop(key: string): Promise<void> {
-    await (await loadExeca())('systemctl', ['stop', SystemdRunner.unit(key)], { reject: false });
+    await run('systemctl', ['stop', SystemdRunner.unit(key)]);
   }
 }
 

@@ -7,7 +7,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { existsSync, rmSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { dirname, join } from 'node:path';
-import { loadExeca } from '../shared/exec.ts';
+import { loadExeca, run } from '../shared/exec.ts';
 import type { AgentConfig } from '../shared/config.ts';
 import { SnapbackError, type ErrorCode } from '../shared/errors.ts';
 import type { Actor, HistoryEntry, Outcome, Phase, Target } from '../shared/model.ts';
@@ -618,7 +618,7 @@ export class Agent {
     if (!(await switchLockHeld(lock))) return;
     const limit = this.config.confirm.activationTimeoutSec;
     this.log.warn({ deployment: id, lock }, 'another switch-to-configuration holds the switch lock; waiting for it to finish');
-    const r = await (await loadExeca())('flock', ['--wait', String(limit), '--conflict-exit-code', '75', lock, 'true'], { reject: false });
+    const r = await run('flock', ['--wait', String(limit), '--conflict-exit-code', '75', lock, 'true']);
     if (r.exitCode === 75) throw new SnapbackError('switch-locked', `${lock} was held for more than ${limit}s by another switch`);
     if (r.exitCode !== 0) throw new Error(`flock ${lock}: ${String(r.stderr).trim() || `exit ${r.exitCode}`}`);
   }
@@ -885,6 +885,6 @@ function insteadOf(event: Event, why: string): Event | undefined {
 /** Held when a non-blocking flock on switch-to-configuration's lock file fails. */
 async function switchLockHeld(lock: string): Promise<boolean> {
   if (!existsSync(lock)) return false;
-  const r = await (await loadExeca())('flock', ['--nonblock', '--conflict-exit-code', '75', lock, 'true'], { reject: false });
+  const r = await run('flock', ['--nonblock', '--conflict-exit-code', '75', lock, 'true']);
   return r.exitCode === 75;
 }

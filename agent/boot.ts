@@ -5,7 +5,7 @@
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync, realpathSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { loadExeca } from '../shared/exec.ts';
+import { run as runCommand } from '../shared/exec.ts';
 import type { AgentConfig } from '../shared/config.ts';
 import { SnapbackError } from '../shared/errors.ts';
 import type { Runner } from './activation.ts';
@@ -79,10 +79,10 @@ export interface BootSettings {
  */
 export async function detectBootloader(s: BootSettings): Promise<Bootloader> {
   if (s.bootloader) return s.bootloader;
-  const sd = await (await loadExeca())('bootctl', ['is-installed'], { reject: false, stdin: 'ignore' });
+  const sd = await runCommand('bootctl', ['is-installed']);
   if (sd.exitCode === 0) return 'systemd-boot';
   if (existsSync(s.grubConfig)) {
-    const grub = await (await loadExeca())('sh', ['-c', 'command -v grub-reboot'], { reject: false, stdin: 'ignore' });
+    const grub = await runCommand('sh', ['-c', 'command -v grub-reboot']);
     if (grub.exitCode === 0) return 'grub';
   }
   return 'none';
@@ -186,7 +186,7 @@ export async function setOneShot(loader: Bootloader, entry: string, exec: Exec =
  * the moment it exists. Undefined when the default is one entry, or loader.conf cannot be found.
  */
 export async function patternDefault(): Promise<string | undefined> {
-  const esp = await (await loadExeca())('bootctl', ['--print-esp-path'], { reject: false, stdin: 'ignore' });
+  const esp = await runCommand('bootctl', ['--print-esp-path']);
   if (esp.exitCode !== 0) return undefined;
   let conf: string;
   try {
@@ -215,8 +215,8 @@ export async function requestReboot(command: string[]): Promise<void> {
 }
 
 async function run(cmd: string, args: string[]): Promise<void> {
-  const r = await (await loadExeca())(cmd, args, { reject: false, stdin: 'ignore' });
-  if (r.exitCode === undefined) throw new Error(r.message);
+  const r = await runCommand(cmd, args);
+  if (r.exitCode === undefined) throw new Error(`${cmd}: ${r.signal ? `killed by ${r.signal}` : r.stderr.trim()}`);
   if (r.exitCode !== 0) throw new Error(`${[cmd, ...args].join(' ')}: ${String(r.stderr).trim() || `exit ${r.exitCode}`}`);
 }
 
@@ -225,7 +225,7 @@ async function run(cmd: string, args: string[]): Promise<void> {
  * UserspaceTimestampMonotonic. A trial boot's window counts from there. Undefined without systemd.
  */
 export async function bootStartedMono(): Promise<number | undefined> {
-  const r = await (await loadExeca())('systemctl', ['show', '-p', 'UserspaceTimestampMonotonic', '--value'], { reject: false, stdin: 'ignore' });
+  const r = await runCommand('systemctl', ['show', '-p', 'UserspaceTimestampMonotonic', '--value']);
   const usec = Number(String(r.stdout).trim());
   return r.exitCode === 0 && usec > 0 ? Math.floor(usec / 1000) : undefined;
 }

@@ -1,7 +1,7 @@
 // The health gate in front of every confirm (promise 11): failed systemd units, the exit-4 mark of
 // the activation, and the operator's own check commands. Returns problems; empty means healthy.
 
-import { loadExeca } from '../shared/exec.ts';
+import { loadExeca, run } from '../shared/exec.ts';
 import type { AgentConfig } from '../shared/config.ts';
 
 /**
@@ -29,7 +29,7 @@ export async function healthProblems(config: AgentConfig, unitsFailedAtActivatio
 
 /** Units systemd reports as failed. */
 async function failedUnits(): Promise<string[]> {
-  const r = await (await loadExeca())('systemctl', ['list-units', '--state=failed', '--plain', '--no-legend', '--no-pager'], { reject: false });
+  const r = await run('systemctl', ['list-units', '--state=failed', '--plain', '--no-legend', '--no-pager']);
   if (r.exitCode !== 0) return [`systemctl list-units failed: ${String(r.stderr).trim()}`];
   const units = String(r.stdout)
     .split('\n')

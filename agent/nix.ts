@@ -3,7 +3,7 @@
 
 import { accessSync, constants, readdirSync, readlinkSync, realpathSync, rmSync, statSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
-import { loadExeca } from '../shared/exec.ts';
+import { loadExeca, run } from '../shared/exec.ts';
 import { SnapbackError } from '../shared/errors.ts';
 import { describeTarget, storePathSchema, type Target } from '../shared/model.ts';
 import type { ProfileBefore } from './lifecycle.ts';
@@ -198,7 +198,7 @@ export function currentGeneration(profile: string): number | null {
 /** `nix-env -p PROFILE OP -- ARGS…`: the profile and every path argument absolute (see storeArg). */
 async function nixEnv(profile: string, op: string, args: string[]): Promise<void> {
   for (const a of args) if (!/^\d+$/.test(a)) storeArg(a);
-  const r = await (await loadExeca())('nix-env', ['-p', storeArg(profile), op, '--', ...args], { reject: false, stdin: 'ignore' });
+  const r = await run('nix-env', ['-p', storeArg(profile), op, '--', ...args]);
   if (r.exitCode !== 0) throw new Error(`nix-env -p ${profile} ${op} ${args.join(' ')}: ${String(r.stderr).trim() || `exit ${r.exitCode}`}`);
 }
 

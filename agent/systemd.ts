@@ -4,7 +4,7 @@
 import { readFileSync, existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { spawn } from 'node:child_process';
-import { loadExeca } from '../shared/exec.ts';
+import { run } from '../shared/exec.ts';
 import type { Logger } from './log.ts';
 
 export function systemdRunning(): boolean {
@@ -119,7 +119,7 @@ export class FallbackTimer {
 
   private async armNow(id: string, inSec: number): Promise<void> {
     const unit = `${FallbackTimer.unitPrefix(id)}-${Date.now().toString(36)}${(this.seq++).toString(36)}`;
-    const r = await (await loadExeca())(
+    const r = await run(
       'systemd-run',
       [
         `--unit=${unit}`,
@@ -136,7 +136,6 @@ export class FallbackTimer {
         '--id',
         id,
       ],
-      { reject: false, stdin: 'ignore' },
     );
     if (r.exitCode !== 0) throw new Error(`systemd-run could not arm the fallback timer: ${String(r.stderr).trim()}`);
     this.log.info({ deployment: id, unit: `${unit}.timer`, inSec: Math.ceil(inSec) }, 'fallback timer armed');
@@ -145,12 +144,12 @@ export class FallbackTimer {
 
   /** Stops every fallback timer of `id` (except `keep`). */
   private async stopAll(id: string, keep?: string): Promise<void> {
-    const r = await (await loadExeca())('systemctl', ['list-units', '--all', '--plain', '--no-legend', '--no-pager', `${FallbackTimer.unitPrefix(id)}-*.timer`], { reject: false });
+    const r = await run('systemctl', ['list-units', '--all', '--plain', '--no-legend', '--no-pager', `${FallbackTimer.unitPrefix(id)}-*.timer`]);
     const units = String(r.stdout)
       .split('\n')
       .map((l) => l.trim().split(/\s+/)[0])
       .filter((u): u is string => !!u && u !== keep);
-    if (units.length) await (await loadExeca())('systemctl', ['stop', ...units], { reject: false });
+    if (units.length) await run('systemctl', ['stop', ...units]);
   }
 }
 
@@ -168,6 +167,6 @@ export function ownUnit(): string | undefined {
 
 /** `systemctl cat UNIT`: the unit file and drop-ins, which name the package in ExecStart. */
 export async function unitText(unit: string): Promise<string | undefined> {
-  const r = await (await loadExeca())('systemctl', ['cat', '--no-pager', unit], { reject: false });
+  const r = await run('systemctl', ['cat', '--no-pager', unit]);
   return r.exitCode === 0 ? String(r.stdout) : undefined;
 }

@@ -27,7 +27,8 @@ export function run(cmd: string, args: string[], opts: { input?: string | Buffer
     if (opts.input !== undefined) child.stdin!.on('error', () => {}).end(opts.input);
     child.on('close', (code, signal) =>
       resolve({
-        exitCode: code ?? undefined,
+        // Not started at all (ENOENT, EMFILE…): no exit status, as with a signal.
+        exitCode: failed ? undefined : (code ?? undefined),
         signal: signal ?? undefined,
         stdout: Buffer.concat(out).toString(),
         stderr: Buffer.concat(err).toString() + (failed ? `${failed.message}\n` : ''),
