@@ -7,7 +7,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { existsSync, rmSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { dirname, join } from 'node:path';
-import { loadExeca, run } from '../shared/exec.ts';
+import { run } from '../shared/exec.ts';
 import type { AgentConfig } from '../shared/config.ts';
 import { SnapbackError, type ErrorCode } from '../shared/errors.ts';
 import type { Actor, HistoryEntry, Outcome, Phase, Target } from '../shared/model.ts';
@@ -139,9 +139,6 @@ export class Agent {
 
   /** Resumes whatever the previous process left: a countdown, a switch, a commit, a revert. */
   async start(): Promise<void> {
-    // A deployment left by the previous process will need execa (a revert, a switch) soon, maybe at
-    // its deadline: loaded now, not then. An idle agent never loads it.
-    if (this.state.deployment) loadExeca().catch(() => {});
     this.recoverOutcome();
     // Leftovers of pushes cut off by a stop: half-received NARs, and roots of pushes a day old that
     // no deployment followed.

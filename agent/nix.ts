@@ -1,9 +1,10 @@
 // Everything the agent asks of Nix: realise a store path from trusted caches, build a flake's
 // toplevel, resolve a generation, hold GC roots, and move the system profile. Only Nix 2.8 features.
 
+import { spawn } from 'node:child_process';
 import { accessSync, constants, readdirSync, readlinkSync, realpathSync, rmSync, statSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
-import { loadExeca, run } from '../shared/exec.ts';
+import { run } from '../shared/exec.ts';
 import { SnapbackError } from '../shared/errors.ts';
 import { describeTarget, storePathSchema, type Target } from '../shared/model.ts';
 import type { ProfileBefore } from './lifecycle.ts';
@@ -91,13 +92,20 @@ export class Nix {
   }
 
   private async run(cmd: string, args: string[], code: 'fetch-failed' | 'build-failed', onLine?: LineSink): Promise<string> {
-    const child = (await loadExeca())(cmd, args, { reject: false, stdin: 'ignore', all: false, env: { NIX_PAGER: '' } });
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NIX_PAGER: '' } });
+    let stdout = '';
+    child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    let spawnError: Error | undefined;
+    const closed = new Promise<number | undefined>((resolve) => {
+      child.on('error', (err) => (spawnError = err));
+      child.on('close', (c) => resolve(spawnError ? undefined : (c ?? undefined)));
+    });
     const tail: string[] = [];
     // Nix's first "error:" line is the cause; what follows is trace and context. It may scroll out of
     // the tail. A fetch fails with a bare "build of … failed": the warning before it says why.
     let firstError: string | undefined;
     const why: string[] = [];
-    child.stderr?.setEncoding('utf8');
+    child.stderr!.setEncoding('utf8');
     let pending = '';
     const keep = (line: string) => {
       tail.push(line);
@@ -106,7 +114,7 @@ export class Nix {
       if (!firstError && plain.startsWith('error:')) firstError = plain;
       if (!firstError && plain.startsWith('warning:') && /signed|signature|substitute|hash mismatch/i.test(plain)) why.push(plain);
     };
-    child.stderr?.on('data', (chunk: string) => {
+    child.stderr!.on('data', (chunk: string) => {
       pending += chunk;
       const lines = pending.split('\n');
       pending = lines.pop() ?? '';
@@ -115,16 +123,16 @@ export class Nix {
         onLine?.(line);
       }
     });
-    const result = await child;
+    const exitCode = await closed;
     if (pending) keep(pending);
-    if (result.exitCode !== 0) {
+    if (exitCode !== 0) {
       // The summary is the error line; the whole tail goes to the history (the prepare-failed entry's detail).
       const said = tail.filter((l) => l.trim());
-      const summary = firstError ? [...why, firstError].join('; ') : (said.at(-1)?.trim() ?? `exit status ${result.exitCode}`);
+      const summary = spawnError ? `could not start: ${spawnError.message}` : firstError ? [...why, firstError].join('; ') : (said.at(-1)?.trim() ?? `exit status ${exitCode}`);
       const output = said.length > 1 ? { output: said.join('\n') } : undefined;
       throw new SnapbackError(code, `${cmd} ${args[0] === '--realise' ? 'could not realise' : 'failed for'} the target: ${summary}`, output);
     }
-    return String(result.stdout);
+    return stdout;
   }
 }
 

@@ -1,7 +1,8 @@
-// Running commands. Quick queries (a `nix-store` that answers in milliseconds) go through `run`, on
-// Node's own child_process; execa serves the commands whose life needs managing (timeouts, process
-// trees, streamed output) and is imported at its first use: loading it costs about 20 MiB and 70 ms
-// (measured, README "Performance"), which an idle agent and a quick CLI command should not pay.
+// Running commands. Commands that simply run to their end (Nix queries, systemctl, systemd-run,
+// flock, nix-env) go through `run`, on Node's own child_process; execa serves the ones with a
+// timeout or a cancellation (health checks, the controller's probes) and is imported at its first
+// use: loading it costs about 20 MiB and 70 ms (measured, README "Performance"), which an idle
+// agent, a deployment and a quick CLI command should not pay.
 
 import { spawn } from 'node:child_process';
 import type { execa as Execa } from 'execa';
