@@ -42,8 +42,9 @@ export async function serve(config: AgentConfig, configPath: string): Promise<nu
   if (wire) metrics.connections = () => wire.connections();
   await metrics.start();
   // What starting needed (the configuration's parsing, the state, the modules' first runs) is
-  // garbage now: collected at once rather than whenever V8 gets to it, so the daemon idles small.
-  collectGarbage('major');
+  // garbage now: one collection of all V8 can free, as when memory runs low (it also gives back the
+  // young generation that loading grew), rather than whenever V8 gets to it: about 4 MiB less idle.
+  collectGarbage('all');
   log.info({ version: VERSION, stateDir: config.stateDir, controlSocket: config.controlSocket, phase: agent.phase, runner: agent.runnerName, notify: notifier.via }, 'snapback-agent serving');
   notifier.ready();
   const showStatus = () => {
