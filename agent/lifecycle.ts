@@ -494,27 +494,8 @@ export function step(state: State, event: Event, now: Now): Step {
       const deadlineMono = now.mono + d.timeoutSec * 1000;
       const deadlineWall = new Date(Date.parse(now.wall) + d.timeoutSec * 1000).toISOString();
       const unhealthy = event.exit === 4 ? 'switch-to-configuration test exited 4: some units failed' : undefined;
-      const next: Deployment = {
-        ...d,
-        trial: { startedAt: now.wall, startedMono: now.mono, deadlineMono, deadlineWall, token: event.token, ...(unhealthy ? { unitsFailed: true } : {}) },
-      };
-      const moved = move(state, next, 'trial', 'activated', AGENT, {
-        ...(unhealthy ? { detail: unhealthy } : {}),
-        announce: { deadline: deadlineWall, toplevel: d.toplevel! },
-      });
-      return {
-        state: moved.state,
-        effects: [
-          ...moved.effects,
-          { kind: 'arm', atMono: deadlineMono },
-          { kind: 'fallback', id: d.id, atMono: deadlineMono },
-          {
-            kind: 'log',
-            level: 'warn',
-            msg: `trial of ${d.toplevel} started: reverting to ${d.previous} in ${d.timeoutSec}s unless confirmed${unhealthy ? ` (unhealthy: ${unhealthy})` : ''}`,
-          },
-        ],
-      };
+      return startTrial(state, d, now, { deadlineMono, deadlineWall, token: event.token, ...(unhealthy ? { unitsFailed: true } : {}) }, 'activated', unhealthy,
+        `trial of ${d.toplevel} started: reverting to ${d.previous} in ${d.timeoutSec}s unless confirmed${unhealthy ? ` (unhealthy: ${unhealthy})` : ''}`);
     }
 
     case 'tick': {
@@ -807,22 +788,26 @@ function startBootTrial(state: State, d: Deployment, event: Extract<Event, { typ
   const from = Math.min(event.bootStartedMono ?? now.mono, now.mono);
   const deadlineMono = from + d.timeoutSec * 1000;
   const deadlineWall = new Date(Date.parse(now.wall) + (deadlineMono - now.mono)).toISOString();
-  const next: Deployment = {
-    ...d,
-    trial: { startedAt: now.wall, startedMono: now.mono, deadlineMono, deadlineWall, token: event.token ?? `boot-${d.bootId}` },
-  };
-  const moved = move(state, next, 'trial', 'booted', AGENT, {
-    detail: `booted ${d.toplevel} (boot ${d.bootId}); the boot default is still ${d.previous}`,
-    announce: { deadline: deadlineWall, toplevel: d.toplevel! },
-  });
+  return startTrial(state, d, now, { deadlineMono, deadlineWall, token: event.token ?? `boot-${d.bootId}` }, 'booted',
+    `booted ${d.toplevel} (boot ${d.bootId}); the boot default is still ${d.previous}`,
+    `trial boot of ${d.toplevel} started: rebooting into ${d.previous} in ${inSeconds(now.mono, deadlineMono)}s unless confirmed`);
+}
+
+/** The trial begins: recorded with its deadline, the timer and the fallback timer armed. */
+function startTrial(
+  state: State,
+  d: Deployment,
+  now: Now,
+  trial: Omit<NonNullable<Deployment['trial']>, 'startedAt' | 'startedMono'>,
+  event: 'activated' | 'booted',
+  detail: string | undefined,
+  msg: string,
+): Step {
+  const next: Deployment = { ...d, trial: { startedAt: now.wall, startedMono: now.mono, ...trial } };
+  const moved = move(state, next, 'trial', event, AGENT, { ...(detail ? { detail } : {}), announce: { deadline: trial.deadlineWall, toplevel: d.toplevel! } });
   return {
     state: moved.state,
-    effects: [
-      ...moved.effects,
-      { kind: 'arm', atMono: deadlineMono },
-      { kind: 'fallback', id: d.id, atMono: deadlineMono },
-      { kind: 'log', level: 'warn', msg: `trial boot of ${d.toplevel} started: rebooting into ${d.previous} in ${inSeconds(now.mono, deadlineMono)}s unless confirmed` },
-    ],
+    effects: [...moved.effects, { kind: 'arm', atMono: trial.deadlineMono }, { kind: 'fallback', id: d.id, atMono: trial.deadlineMono }, { kind: 'log', level: 'warn', msg }],
   };
 }
 

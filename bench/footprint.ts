@@ -72,13 +72,14 @@ const envInt = (name: string, dflt: number) => {
 };
 
 const progress = (msg: string) => process.stderr.write(`footprint: ${msg}\n`);
-const median = (xs: number[]) => {
+export const median = (xs: number[]) => {
   const s = [...xs].sort((a, b) => a - b);
   const m = s.length >> 1;
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 };
-const rssMiB = (pid: number) => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0) / 1024;
-const rssOrZero = (pid: number | undefined) => {
+export const rssMiB = (pid: number) => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0) / 1024;
+/** rssMiB, or 0 once the process is gone (a sampler may outlive it by a tick). */
+export const rssOrZero = (pid: number | undefined) => {
   try {
     return pid ? rssMiB(pid) : 0;
   } catch {

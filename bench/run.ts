@@ -4,12 +4,12 @@
 
 import './compiled.ts';
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { haveNix, nixStore } from '../test/helpers/nix.ts';
 import { ScratchHost, haveOwnStore, runController } from '../test/helpers/host.ts';
-import { footprintRows, formatRows, goalMet, type Row } from './footprint.ts';
+import { footprintRows, formatRows, goalMet, median, rssOrZero, type Row } from './footprint.ts';
 import { keyFileSigner, verifySignature } from '../shared/ssh.ts';
 
 const missing = haveNix();
@@ -19,16 +19,6 @@ if (missing) {
 }
 
 const rows: Row[] = [];
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-const rssMiB = (pid: number) => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0) / 1024;
-/** rssMiB, or 0 once the process is gone (a sampler may outlive it by a tick). */
-const rssOrZero = (pid: number | undefined) => {
-  try {
-    return pid ? rssMiB(pid) : 0;
-  } catch {
-    return 0;
-  }
-};
 
 // BENCH_ONLY=push: only the push below; BENCH_ONLY=footprint: only this part (bench/footprint.ts:
 // the agent's memory, idle CPU, the time it adds to each phase, revert lateness, a fleet of 50).
