@@ -3,15 +3,18 @@
 
 import { parseArgs } from 'node:util';
 import { UsageError, parseCommandLine, positiveInt, reportError, wantsJson } from '../shared/cli.ts';
-import { DEFAULT_CONFIG_PATH, loadAgentConfig, type AgentConfig } from '../shared/config.ts';
+import type { AgentConfig } from '../shared/config.ts';
+import { DEFAULT_CONFIG_PATH, controlSocketOf } from '../shared/console-config.ts';
 import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
 import { errorResult, eventLine, resultLine } from '../shared/output.ts';
-import { MAX_SECONDS, describeOutcome, type HistoryEntry, type Outcome, type Target } from '../shared/model.ts';
+import type { HistoryEntry, Outcome, Target } from '../shared/model.ts';
+import { MAX_SECONDS, describeOutcome } from '../shared/words.ts';
 import { VERSION } from '../shared/version.ts';
 // Only what every console command needs is imported here; the daemon (agent/serve.ts), the engine
 // and the state directory are imported by the commands that use them.
 import type { Agent, Progress, Result, Status } from './agent.ts';
-import { request, type ControlRequest } from './control.ts';
+import { request } from './control-client.ts';
+import type { ControlRequest } from './control.ts';
 import { describeStatus, duration, kernelNote } from '../shared/text.ts';
 
 const USAGE = `snapback-agent ${VERSION} — commit-confirmed activation of NixOS systems
@@ -79,6 +82,13 @@ ${COMMON}`,
   help: `usage: snapback-agent help [COMMAND]\n\nThe commands, or COMMAND's own usage and options.`,
 };
 
+/** What a console command has of the configuration: the control socket, and the rest on demand. */
+interface ConsoleConfig {
+  controlSocket: string;
+  /** the whole configuration, validated (`config-invalid` names every problem) */
+  full: () => Promise<AgentConfig>;
+}
+
 const OPTIONS = {
   config: { type: 'string' },
   json: { type: 'boolean', default: false },
@@ -108,9 +118,17 @@ export async function main(argv: string[]): Promise<number> {
     return EXIT.usage;
   }
   const configPath = o.config ?? process.env.SNAPBACK_CONFIG ?? DEFAULT_CONFIG_PATH;
-  let config: AgentConfig;
+  // serve, check-config and revert read the whole configuration, validated; the other commands only
+  // need the control socket (and the rest when the agent is down): read without loading the schemas.
+  const full = () => import('../shared/config.ts').then((m) => m.loadAgentConfig(configPath));
+  let config: ConsoleConfig;
   try {
-    config = loadAgentConfig(configPath);
+    const socket = ['serve', 'check-config', 'revert'].includes(command) ? undefined : controlSocketOf(configPath);
+    if (socket) config = { controlSocket: socket, full };
+    else {
+      const all = await full();
+      config = { controlSocket: all.controlSocket, full: async () => all };
+    }
   } catch (err) {
     const denied = /EACCES|EPERM/.test((err as Error).message) && process.getuid?.() !== 0;
     const message = `${(err as Error).message}${denied ? ' (snapback-agent must run as root: try sudo)' : ''}`;
@@ -121,9 +139,9 @@ export async function main(argv: string[]): Promise<number> {
   try {
     switch (command) {
       case 'serve':
-        return await (await import('./serve.ts')).serve(config, configPath);
+        return await (await import('./serve.ts')).serve(await config.full(), configPath);
       case 'check-config':
-        if (o.json) printResult(EXIT.ok, { ok: true, config });
+        if (o.json) printResult(EXIT.ok, { ok: true, config: await config.full() });
         else print(`${configPath}: ok`);
         return EXIT.ok;
       case 'status':
@@ -153,7 +171,7 @@ export async function main(argv: string[]): Promise<number> {
       }
       case 'revert': {
         if (!o.id) throw new UsageError('revert needs --id ID');
-        return await revert(config, o.id, o.json);
+        return await revert(await config.full(), o.id, o.json);
       }
       default:
         throw new UsageError(`unknown command "${command}"`);
@@ -179,7 +197,7 @@ function printEvent(p: Progress): void {
 }
 
 /** `try`: the trial, then the question on the terminal; exit 0 only when the new system was kept. */
-async function tryIt(config: AgentConfig, req: Extract<ControlRequest, { cmd: 'activate' }>, json: boolean): Promise<number> {
+async function tryIt(config: { controlSocket: string }, req: Extract<ControlRequest, { cmd: 'activate' }>, json: boolean): Promise<number> {
   const { tryOnTerminal } = await import('./try.ts');
   const { cmd, result } = await tryOnTerminal(config.controlSocket, req, json ? process.stderr : process.stdout, showProgress, user());
   const exit = !result.ok ? exitCodeFor(result.code) : result.outcome?.outcome === 'confirmed' ? EXIT.ok : EXIT.failed;
@@ -206,7 +224,7 @@ function user(): { user?: string } {
 
 // ---- console commands -----------------------------------------------------------------------------
 
-async function ask(config: AgentConfig, req: ControlRequest, json: boolean): Promise<number> {
+async function ask(config: { controlSocket: string }, req: ControlRequest, json: boolean): Promise<number> {
   const result = await request(config.controlSocket, req, json ? printEvent : showProgress);
   const exit = exitFor(req.cmd, result);
   if (json) printResult(exit, result);
@@ -250,15 +268,16 @@ function wanted(cmd: string, o: Outcome): boolean {
 
 
 /** Asks the daemon; when it is down, reads the state directory (DESIGN §5). */
-async function status(config: AgentConfig, json: boolean): Promise<number> {
+async function status(config: ConsoleConfig, json: boolean): Promise<number> {
   let s: Status;
   try {
     s = ((await request(config.controlSocket, { cmd: 'status', ...user() })) as unknown as { status: Status }).status;
   } catch (err) {
     if (!(err instanceof SnapbackError) || err.code !== 'unreachable') throw err;
     const [{ StateDir }, { statusOf }, { readBootId }, { readCurrentSystem }] = await Promise.all([import('./state-dir.ts'), import('./agent.ts'), import('./clock.ts'), import('./nix.ts')]);
-    const state = new StateDir(config.stateDir).load();
-    s = { ...statusOf(state, readBootId(config.system.bootIdFile), readCurrentSystem(config.system.currentSystem), config.system), offline: true };
+    const all = await config.full();
+    const state = new StateDir(all.stateDir).load();
+    s = { ...statusOf(state, readBootId(all.system.bootIdFile), readCurrentSystem(all.system.currentSystem), all.system), offline: true };
   }
   if (json) printResult(EXIT.ok, { ok: true, ...s });
   else print(describeStatus(s));
@@ -266,14 +285,14 @@ async function status(config: AgentConfig, json: boolean): Promise<number> {
 }
 
 
-async function history(config: AgentConfig, json: boolean, limit?: number): Promise<number> {
+async function history(config: ConsoleConfig, json: boolean, limit?: number): Promise<number> {
   let entries: HistoryEntry[];
   try {
     entries = ((await request(config.controlSocket, { cmd: 'history', ...(limit ? { limit } : {}) })) as unknown as { history: HistoryEntry[] }).history;
   } catch (err) {
     if (!(err instanceof SnapbackError) || err.code !== 'unreachable') throw err;
     const { StateDir } = await import('./state-dir.ts');
-    entries = new StateDir(config.stateDir).readHistory();
+    entries = new StateDir((await config.full()).stateDir).readHistory();
     if (limit) entries = entries.slice(-limit);
   }
   // The result line even when there is nothing yet: a script reads `entries`, never an empty output.

@@ -3,6 +3,7 @@
 
 import { z } from 'zod';
 import { parseInput, readInput, validateInput } from './input.ts';
+import { DEFAULT_CONTROL_SOCKET } from './console-config.ts';
 import { secondsSchema } from './model.ts';
 import { DEFAULT_PORT } from './protocol.ts';
 
@@ -43,7 +44,7 @@ export const agentConfigSchema = z
       })
       .prefault({}),
     stateDir: absolutePath.default('/var/lib/snapback'),
-    controlSocket: absolutePath.default('/run/snapback/control.sock'),
+    controlSocket: absolutePath.default(DEFAULT_CONTROL_SOCKET),
     hostKey: absolutePath.default('/etc/ssh/ssh_host_ed25519_key'),
     /** OpenSSH authorized_keys lines allowed to deploy */
     authorizedKeys: z.array(z.string().min(1)).default([]),
@@ -119,7 +120,7 @@ export const agentConfigSchema = z
 
 export type AgentConfig = z.infer<typeof agentConfigSchema>;
 
-export const DEFAULT_CONFIG_PATH = '/etc/snapback/agent.json';
+export { DEFAULT_CONFIG_PATH } from './console-config.ts';
 
 /** Parses a config object; throws `config-invalid` listing every problem. */
 export function parseAgentConfig(raw: unknown, source = 'configuration'): AgentConfig {

@@ -18,13 +18,8 @@ export const flakeRefSchema = z
   .regex(/^[^-]/, 'must not begin with "-" (Nix would read it as an option)')
   .regex(/^[^\s#]+#[A-Za-z0-9_.'-]+$/, 'must look like REF#HOST (no spaces)');
 
-/**
- * The longest time any configured or requested window, timeout or extension may last: 7 days.
- * Node fires a timer of more than 2^31-1 ms (24.8 days) at once, and some timers add two or three
- * of these values (switch limit + confirm window + grace); 7 days keeps every such sum inside, and
- * a trial left unconfirmed for longer than a week is no longer a trial.
- */
-export const MAX_SECONDS = 7 * 24 * 3600;
+import { MAX_SECONDS } from './words.ts';
+export { MAX_SECONDS, describeOutcome } from './words.ts';
 
 /** The longest delay Node's setTimeout honours; it fires a longer one at once. */
 export const MAX_TIMER_MS = 2 ** 31 - 1;
@@ -85,18 +80,6 @@ export const outcomeSchema = z.discriminatedUnion('outcome', [
 ]);
 export type Outcome = z.infer<typeof outcomeSchema>;
 
-export function describeOutcome(o: Outcome): string {
-  switch (o.outcome) {
-    case 'confirmed':
-      return o.kernelNotYetBooted ? 'confirmed (kernel not yet booted)' : 'confirmed';
-    case 'reverted':
-      return `reverted: ${o.reason}${o.detail ? ` (${o.detail})` : ''}`;
-    case 'failed':
-      return `failed: ${o.message}`;
-    case 'stuck':
-      return `stuck: ${o.reason}`;
-  }
-}
 
 /** One line of `history.jsonl`: a transition, who caused it, and the outcome when it ended one. */
 export const historyEntrySchema = z.object({

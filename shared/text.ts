@@ -1,7 +1,7 @@
 // How a host's state reads to a human: the console's `status`, the controller's `status`, and the
 // unit's STATUS= line all use these, so they say the same thing the same way.
 
-import { describeOutcome } from './model.ts';
+import { describeOutcome } from './words.ts';
 import type { HostStatus } from './protocol.ts';
 
 export function duration(seconds: number): string {

@@ -20,7 +20,7 @@ import {
   helpResultSchema,
   lineSchema,
   versionResultSchema,
-} from '../shared/output.ts';
+} from '../shared/output-schemas.ts';
 import { haveNix } from './helpers/nix.ts';
 import { AGENT_BIN, CONTROLLER_BIN, ScratchHost, jsonLines, cleanupsAfterAll } from './helpers/host.ts';
 
