@@ -11,21 +11,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { haveNix, type Behaviour } from './helpers/nix.ts';
 import { runController } from './helpers/host.ts';
-import { TestHost, ensureRootfs, testbedUnavailable } from './helpers/testbed.ts';
+import { TestHost, testbedSkip } from './helpers/testbed.ts';
 
-/** Builds the root file system once per machine (debootstrap, 1-2 minutes) or says why it cannot. */
-function prepare(): string | undefined {
-  const missing = testbedUnavailable() ?? haveNix();
-  if (missing) return missing;
-  try {
-    ensureRootfs();
-  } catch (err) {
-    return `cannot build the test host's root file system: ${(err as Error).message.split('\n')[0]}`;
-  }
-  return undefined;
-}
-
-const skip = prepare();
+const skip = testbedSkip(haveNix);
 if (skip) console.warn(`SKIPPED: systemd test bed: ${skip}`);
 
 // One host at a time: test hosts share the machine's cgroup tree, and two systemd instances as

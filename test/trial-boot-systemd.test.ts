@@ -12,20 +12,9 @@ import { join } from 'node:path';
 import { describe, it, type TestContext } from 'node:test';
 import { haveNix } from './helpers/nix.ts';
 import { runController } from './helpers/host.ts';
-import { TestHost, ensureRootfs, testbedUnavailable } from './helpers/testbed.ts';
+import { TestHost, testbedSkip } from './helpers/testbed.ts';
 
-function prepare(): string | undefined {
-  const missing = testbedUnavailable() ?? haveNix();
-  if (missing) return missing;
-  try {
-    ensureRootfs();
-  } catch (err) {
-    return `cannot build the test host's root file system: ${(err as Error).message.split('\n')[0]}`;
-  }
-  return undefined;
-}
-
-const skip = prepare();
+const skip = testbedSkip(haveNix);
 if (skip) console.warn(`SKIPPED: systemd test bed (trial boots): ${skip}`);
 
 /** A test host with the simulated systemd-boot, gen1 installed (kernel k1) and its agent serving. */

@@ -61,6 +61,18 @@ export function testbedUnavailable(): string | undefined {
   return undefined;
 }
 
+/** Why the test bed cannot run here, after building its root file system once per machine (debootstrap, 1-2 minutes); undefined when it can. */
+export function testbedSkip(haveNix: () => string | undefined): string | undefined {
+  const missing = testbedUnavailable() ?? haveNix();
+  if (missing) return missing;
+  try {
+    ensureRootfs();
+  } catch (err) {
+    return `cannot build the test host's root file system: ${(err as Error).message.split('\n')[0]}`;
+  }
+  return undefined;
+}
+
 /** The pristine Debian tree with systemd and Nix; built once per machine (1-2 minutes), then reused. */
 export function ensureRootfs(): string {
   const rootfs = join(TESTBED_CACHE, 'rootfs');
