@@ -1,0 +1,104 @@
+// Adversarial review of the closure-push rewrite and the footprint work: each test here failed on
+// the code it was written against (branch review). Real agents, real Nix, real processes.
+
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { describe, it } from 'node:test';
+import { ScratchHost, AGENT_BIN, ROOT, cleanupsAfterAll } from './helpers/host.ts';
+import { haveNix } from './helpers/nix.ts';
+import { RawClient } from './helpers/raw.ts';
+
+const skip = haveNix();
+const cleanups = cleanupsAfterAll();
+
+async function wireHost(name: string, start: Parameters<ScratchHost['start']>[0] = {}, extra: Record<string, unknown> = {}): Promise<{ h: ScratchHost; port: number }> {
+  const h = new ScratchHost(name).enableWire(extra).install();
+  cleanups.push(() => h.cleanup());
+  await h.start(start);
+  return { h, port: await h.port() };
+}
+
+/** Children of `pid` whose command line contains `needle`. */
+function childrenOf(pid: number, needle: string): number[] {
+  const out: number[] = [];
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const stat = readFileSync(`/proc/${d}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      if (ppid !== pid) continue;
+      if (readFileSync(`/proc/${d}/cmdline`, 'utf8').split('\0').join(' ').includes(needle)) out.push(Number(d));
+    } catch {}
+  }
+  return out;
+}
+
+describe('review: lazy loading', { skip }, () => {
+  it('one EMFILE while the WebSocket layer loads is survived: a later connection is served', async () => {
+    // The first open of a file that ws's CommonJS index requires fails once with EMFILE (as when
+    // descriptors run out for a moment); every later open succeeds.
+    const file = join(ROOT, 'node_modules', 'ws', 'lib', 'buffer-util.js');
+    const { h, port } = await wireHost('rv-emfile', {
+      wrap: ['strace', '-f', '-qq', '-o', '/dev/null', '-P', file, '-e', 'trace=openat', '-e', 'inject=openat:error=EMFILE:when=1'],
+    });
+    const op = join(h.dir, 'op');
+    // strace 6.1 leaves its tracee running when it is killed: the agent is ended by its PID.
+    const tracer = h.agent!.pid!;
+    const agentPid = childrenOf(tracer, 'snapback-agent')[0];
+    cleanups.push(() => agentPid && process.kill(agentPid, 'SIGKILL'));
+    const first = new RawClient(port);
+    cleanups.push(() => first.ws.terminate());
+    await Promise.race([first.closed, sleep(10_000)]);
+    await h.waitLog((l) => l.msg === 'cannot load the protocol for a connection');
+    // The agent says "the next connection tries again": it must.
+    await sleep(200);
+    const second = new RawClient(port);
+    cleanups.push(() => second.ws.terminate());
+    const welcome = await Promise.race([second.authenticate(op), second.closed.then(() => undefined)]);
+    second.close();
+    assert.equal(welcome?.type, 'welcome', `the agent never served a connection again after one EMFILE: ${JSON.stringify(h.logs().filter((l) => l.level >= 40).map((l) => [l.msg, l.err]))}`);
+  });
+});
+
+describe('review: push', { skip }, () => {
+  it('a controller that disconnects while its push is being prepared leaves no nix-store --serve, thread or temporary directory behind', async () => {
+    const { h, port } = await wireHost('rv-leak', {}, { nix: { substituters: ['http://127.0.0.1:9'], trustedPublicKeys: [] } });
+    const op = join(h.dir, 'op');
+    const pid = h.agent!.pid!;
+    const c = new RawClient(port);
+    cleanups.push(() => c.ws.terminate());
+    assert.equal((await c.authenticate(op)).type, 'welcome');
+    const path = `/nix/store/${'a'.repeat(32)}-rv-leak`;
+    // substitute: the agent asks its caches first (a Nix process: some milliseconds), and the
+    // controller is gone before it has an answer.
+    c.send(await c.signed({ type: 'push', paths: [{ path, narHash: `sha256-${'A'.repeat(43)}=`, narSize: 4096, references: [] }], transfer: 'rvleak0001', remainingBytes: 4096, substitute: true } as never));
+    c.ws.terminate();
+    await h.waitLog((l) => /receiving 1 of 1 paths|left before its push began/.test(l.msg), 20_000);
+    await sleep(1500);
+    const serving = childrenOf(pid, '--serve');
+    const tmp = join(h.stateDir, 'push');
+    const left = existsSync(tmp) ? readdirSync(tmp) : [];
+    assert.deepEqual({ serving, left }, { serving: [], left: [] }, 'a nix-store --serve (and its worker thread) for a push nobody will send, and its directory, are left for the life of the agent');
+  });
+});
+
+describe('review: compile cache', { skip }, () => {
+  it('a command run by root with a HOME that belongs to another user neither writes nor reads its compiled code there', { skip: process.getuid?.() !== 0 ? 'needs root' : false }, () => {
+    const home = mkdtempSync(join(tmpdir(), 'rv-home-'));
+    cleanups.push(() => rmSync(home, { recursive: true, force: true }));
+    mkdirSync(join(home, '.cache'));
+    chownSync(home, 65534, 65534);
+    chownSync(join(home, '.cache'), 65534, 65534);
+    // `sudo -E`, `su` without `-`, a service with the HOME of whoever started it: root, another's home.
+    const env: NodeJS.ProcessEnv = { ...process.env, HOME: home };
+    delete env.XDG_CACHE_HOME;
+    delete env.NODE_DISABLE_COMPILE_CACHE;
+    spawnSync(process.execPath, [AGENT_BIN, 'help'], { env, stdio: 'ignore' });
+    const cache = join(home, '.cache', 'snapback');
+    assert.ok(!existsSync(cache), `root's compiled code went into ${cache}, a directory another user controls (they can replace it with code root will run)`);
+  });
+});
