@@ -64,6 +64,26 @@ describe('review: lazy loading', { skip }, () => {
   });
 });
 
+describe('review: lazy execa', { skip }, () => {
+  it('one EMFILE while execa loads is survived: a later activation works', async () => {
+    // execa is ESM; cross-spawn, which it imports, is CommonJS: the first open of one of its files
+    // fails once with EMFILE, every later open succeeds.
+    const file = join(ROOT, 'node_modules', 'cross-spawn', 'lib', 'parse.js');
+    const h = new ScratchHost('rv-execa').install();
+    cleanups.push(() => h.cleanup());
+    await h.start({ wrap: ['strace', '-f', '-qq', '-o', '/dev/null', '-P', file, '-e', 'trace=openat', '-e', 'inject=openat:error=EMFILE:when=1'] });
+    const agentPid = childrenOf(h.agent!.pid!, 'snapback-agent')[0];
+    cleanups.push(() => agentPid && process.kill(agentPid, 'SIGKILL'));
+    const x = h.toplevel('rv-execa-x');
+    const first = await h.cli(['activate', x, '--timeout', '30']);
+    assert.notEqual(first.code, 0, 'the injected EMFILE makes the first activation fail');
+    // "A failed import (out of file descriptors, say) is tried again at the next use" (shared/exec.ts)
+    const second = await h.cli(['activate', x, '--timeout', '30']);
+    assert.equal(second.code, 0, `every later activation (and build, realise, commit, health check) fails for the life of the agent: ${second.stdout}${second.stderr}`);
+    await h.cli(['rollback']);
+  });
+});
+
 describe('review: push', { skip }, () => {
   it('a controller that disconnects while its push is being prepared leaves no nix-store --serve, thread or temporary directory behind', async () => {
     const { h, port } = await wireHost('rv-leak', {}, { nix: { substituters: ['http://127.0.0.1:9'], trustedPublicKeys: [] } });
