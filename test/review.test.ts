@@ -84,6 +84,25 @@ describe('review: lazy execa', { skip }, () => {
   });
 });
 
+describe('review: run() out of descriptors', () => {
+  it('resolves with the cause, and the process survives (no uncaught "spawn EMFILE")', () => {
+    const script = `
+      import { openSync } from 'node:fs';
+      import { run } from ${JSON.stringify(join(ROOT, 'shared', 'exec.ts'))};
+      const fds = [];
+      try { for (;;) fds.push(openSync('/dev/null', 'r')); } catch {}
+      const r = await Promise.race([run('true', []).then((r) => 'resolved ' + r.stderr.trim(), (e) => 'rejected ' + e.message), new Promise((r) => setTimeout(() => r('hung'), 2000))]);
+      console.log(r);
+      await new Promise((r) => setTimeout(r, 100));
+      console.log('alive');
+    `;
+    const r = spawnSync('sh', ['-c', `ulimit -n 64; exec "$0" --input-type=module -e "$1"`, process.execPath, script], { encoding: 'utf8', timeout: 20_000 });
+    assert.equal(r.status, 0, `the process died: ${r.stdout}${r.stderr}`);
+    assert.match(r.stdout, /^resolved .*EMFILE/m);
+    assert.match(r.stdout, /^alive$/m);
+  });
+});
+
 describe('review: push', { skip }, () => {
   it('a controller that disconnects while its push is being prepared leaves no nix-store --serve, thread or temporary directory behind', async () => {
     const { h, port } = await wireHost('rv-leak', {}, { nix: { substituters: ['http://127.0.0.1:9'], trustedPublicKeys: [] } });
