@@ -103,6 +103,27 @@ describe('review: run() out of descriptors', () => {
   });
 });
 
+describe('review: footprint under systemd', { skip }, () => {
+  it('an idle agent in a .service cgroup (as under systemd) does not load execa', { skip: process.getuid?.() !== 0 ? 'needs root' : false }, async () => {
+    const cgroup = '/sys/fs/cgroup/pids/rv-review.service';
+    try {
+      mkdirSync(cgroup, { recursive: true });
+    } catch (err) {
+      return void console.warn(`SKIPPED: cannot make ${cgroup}: ${(err as Error).message}`);
+    }
+    const h = new ScratchHost('rv-unit').install();
+    cleanups.push(() => h.cleanup());
+    const trace = join(h.dir, 'opens.txt');
+    await h.start({ wrap: ['sh', '-c', `echo $$ > ${cgroup}/cgroup.procs && exec "$@"`, 'sh', 'strace', '-f', '-qq', '-o', trace, '-e', 'trace=openat'] });
+    const agentPid = childrenOf(h.agent!.pid!, 'snapback-agent')[0];
+    cleanups.push(() => agentPid && process.kill(agentPid, 'SIGKILL'));
+    assert.match(readFileSync(`/proc/${agentPid}/cgroup`, 'utf8'), /rv-review\.service/);
+    await sleep(1500);
+    const execa = readFileSync(trace, 'utf8').split('\n').filter((l) => l.includes('node_modules/execa/') && !l.includes('ENOENT'));
+    assert.deepEqual(execa.slice(0, 3), [], 'an idle agent under systemd pays for execa at every start (unitText runs systemctl cat through it)');
+  });
+});
+
 describe('review: push', { skip }, () => {
   it('a controller that disconnects while its push is being prepared leaves no nix-store --serve, thread or temporary directory behind', async () => {
     const { h, port } = await wireHost('rv-leak', {}, { nix: { substituters: ['http://127.0.0.1:9'], trustedPublicKeys: [] } });
