@@ -2,13 +2,13 @@
 // the code it was written against (branch review). Real agents, real Nix, real processes.
 
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { describe, it } from 'node:test';
-import { ScratchHost, AGENT_BIN, ROOT, cleanupsAfterAll } from './helpers/host.ts';
+import { ScratchHost, AGENT_BIN, ROOT, cleanupsAfterAll, haveOwnStore } from './helpers/host.ts';
 import { haveNix } from './helpers/nix.ts';
 import { RawClient } from './helpers/raw.ts';
 
@@ -121,6 +121,31 @@ describe('review: footprint under systemd', { skip }, () => {
     await sleep(1500);
     const execa = readFileSync(trace, 'utf8').split('\n').filter((l) => l.includes('node_modules/execa/') && !l.includes('ENOENT'));
     assert.deepEqual(execa.slice(0, 3), [], 'an idle agent under systemd pays for execa at every start (unitText runs systemctl cat through it)');
+  });
+});
+
+describe('review: push against a garbage collector', { skip: skip ?? haveOwnStore() }, () => {
+  it('nix-store --gc in a loop on the host during the push and up to the confirm: the deploy confirms, the closure stays', async () => {
+    const h = new ScratchHost('rv-gc').ownStore().enableWire().install();
+    cleanups.push(() => h.cleanup());
+    await h.start();
+    const x = h.toplevel('rv-gc-x', { closure: { paths: 40, sizeKiB: 64 } });
+    const [c, ...a] = [...h.hostPrefix(), 'sh', '-c', `while :; do nix-store --gc >/dev/null 2>>${join(h.dir, 'gc.log')} && echo gc >> ${join(h.dir, 'gc.runs')}; done`] as [string, ...string[]];
+    const gc = spawn(c, a, { stdio: 'ignore', detached: true });
+    cleanups.push(() => {
+      try {
+        process.kill(-gc.pid!, 'SIGKILL');
+      } catch {}
+    });
+    const fleet = await h.fleet({ confirmTimeoutSec: 30 });
+    const r = await h.snapback(['deploy', 'web1', x, '--fleet', fleet]);
+    process.kill(-gc.pid!, 'SIGKILL');
+    const runs = existsSync(join(h.dir, 'gc.runs')) ? readFileSync(join(h.dir, 'gc.runs'), 'utf8').split('\n').filter(Boolean).length : 0;
+    assert.ok(runs >= 3, `the collector ran ${runs} times: ${existsSync(join(h.dir, 'gc.log')) ? readFileSync(join(h.dir, 'gc.log'), 'utf8').slice(-500) : ''}`);
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    assert.equal(h.running(), x);
+    const closure = spawnSync('nix-store', ['--query', '--requisites', x], { encoding: 'utf8' }).stdout.split('\n').filter(Boolean);
+    for (const p of closure) assert.ok(h.hostHas(p), `${p} is in the host's store`);
   });
 });
 
