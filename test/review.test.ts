@@ -3,7 +3,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -146,6 +146,37 @@ describe('review: push against a garbage collector', { skip: skip ?? haveOwnStor
     assert.equal(h.running(), x);
     const closure = spawnSync('nix-store', ['--query', '--requisites', x], { encoding: 'utf8' }).stdout.split('\n').filter(Boolean);
     for (const p of closure) assert.ok(h.hostHas(p), `${p} is in the host's store`);
+  });
+});
+
+describe('review: push space accounting', { skip: skip ?? haveOwnStore() }, () => {
+  it('the NARs waiting for Nix on the agent stay within what the space check reserves for them (largest + window)', async () => {
+    const h = new ScratchHost('rv-acc').ownStore().enableWire().install();
+    cleanups.push(() => h.cleanup());
+    await h.start();
+    const x = h.toplevel(`rv-acc-${Date.now()}`, { closure: { paths: 300, sizeKiB: 96 } });
+    const fleet = await h.fleet({ confirmTimeoutSec: 30 });
+    let peak = 0;
+    const tmp = join(h.stateDir, 'push');
+    const sampler = setInterval(() => {
+      let bytes = 0;
+      try {
+        for (const d of readdirSync(tmp)) {
+          for (const f of readdirSync(join(tmp, d))) {
+            try {
+              bytes += statSync(join(tmp, d, f)).size;
+            } catch {}
+          }
+        }
+      } catch {}
+      peak = Math.max(peak, bytes);
+    }, 5);
+    const r = await h.snapback(['deploy', 'web1', x, '--fleet', fleet]);
+    clearInterval(sampler);
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    // agent/push.ts prepare(): required = coming + min(total, largest + PUSH_WINDOW) + 16 MiB.
+    const reserved = 96 * 1024 + 4 * 1024 * 1024;
+    assert.ok(peak <= reserved, `${(peak / 1048576).toFixed(1)} MiB of NARs waited for Nix at once, the check reserves ${(reserved / 1048576).toFixed(1)} MiB: acknowledgements count bytes written to the temporary files, not bytes Nix took, so the controller is never held back by Nix`);
   });
 });
 
