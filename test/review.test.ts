@@ -11,6 +11,7 @@ import { describe, it } from 'node:test';
 import { ScratchHost, AGENT_BIN, ROOT, cleanupsAfterAll, haveOwnStore } from './helpers/host.ts';
 import { haveNix } from './helpers/nix.ts';
 import { RawClient } from './helpers/raw.ts';
+import { Relay } from './helpers/relay.ts';
 
 const skip = haveNix();
 const cleanups = cleanupsAfterAll();
@@ -195,6 +196,49 @@ describe('review: push space check', { skip: skip ?? haveOwnStore() }, () => {
     if (r.code === 0) return; // it fit after all
     assert.ok(lost < 4 * 1024 * 1024, `${r.result?.hosts?.[0]?.message}; yet ${(lost / 1048576).toFixed(1)} MiB of the refused transfer stay in the store, rooted (gcroots/push-*)`);
   });
+});
+
+describe('review: kill -9 during a push', { skip: skip ?? haveOwnStore() }, () => {
+  for (const when of ['mid-NAR', 'at push-done'] as const) {
+    it(`the agent killed ${when}, a garbage collection, a restart: the next deploy confirms and no temporary file or push root is left`, async () => {
+      const h = new ScratchHost(`rv-k9-${when === 'mid-NAR' ? 'nar' : 'done'}`).ownStore().enableWire().install();
+      cleanups.push(() => h.cleanup());
+      await h.start();
+      const x = h.toplevel(`rv-k9-${when.length}-${Date.now()}`, { closure: { paths: 6, sizeKiB: 512 } });
+      let killed = false;
+      const kill = () => {
+        if (killed) return;
+        killed = true;
+        process.kill(h.agent!.pid!, 'SIGKILL');
+      };
+      const r0 = new Relay(await h.port(), {
+        fromControllerBinary: (data) => {
+          if (when === 'mid-NAR' && r0.binaryBytes > 1200 * 1024) kill();
+          return data;
+        },
+        fromAgent: (m) => {
+          if (when === 'at push-done' && m.type === 'push-done') kill();
+          return m;
+        },
+      });
+      cleanups.push(() => r0.close());
+      await r0.listen();
+      const viaRelay = await h.fleet({ url: `ws://127.0.0.1:${r0.port}`, target: { storePath: x }, confirmTimeoutSec: 30 });
+      const r = await h.snapback(['deploy', 'web1', '--fleet', viaRelay]);
+      assert.ok(killed);
+      assert.notEqual(r.code, 0);
+      await h.exited();
+      h.hostRun('nix-store', ['--gc']);
+      await h.start();
+      assert.ok(!existsSync(join(h.stateDir, 'push')) || readdirSync(join(h.stateDir, 'push')).length === 0, 'temporary NARs are gone after the restart');
+      const direct = await h.fleet({ target: { storePath: x }, confirmTimeoutSec: 30 });
+      const again = await h.snapback(['deploy', 'web1', '--fleet', direct]);
+      assert.equal(again.code, 0, again.stdout + again.stderr);
+      assert.equal(h.running(), x);
+      const roots = readdirSync(join(h.stateDir, 'gcroots')).filter((n) => n.startsWith('push-'));
+      assert.deepEqual(roots, [], 'no push root outlives the confirmed deployment');
+    });
+  }
 });
 
 describe('review: push', { skip }, () => {
