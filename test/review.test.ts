@@ -263,6 +263,18 @@ describe('review: push', { skip }, () => {
   });
 });
 
+describe('review: the daemon re-executed with its V8 flags', () => {
+  const nodeExecs = (args: string[]) => {
+    const trace = join(mkdtempSync(join(tmpdir(), 'rv-execve-')), 'trace');
+    spawnSync('strace', ['-f', '-qq', '-o', trace, '-e', 'trace=execve', process.execPath, AGENT_BIN, ...args], { stdio: 'ignore', env: { ...process.env, SNAPBACK_V8: '' } });
+    return readFileSync(trace, 'utf8').split('\n').filter((l) => /execve\(".*\/node",/.test(l) && !l.includes('ENOENT')).length;
+  };
+  it('only for the serve command, not when "serve" is the value of an option', () => {
+    assert.equal(nodeExecs(['serve', '--config', '/nonexistent/agent.json']), 2, 'serve is re-executed once');
+    assert.equal(nodeExecs(['status', '--config', 'serve']), 1, 'a console command whose --config is "serve" was re-executed as the daemon');
+  });
+});
+
 describe('review: compile cache', { skip }, () => {
   it('a command run by root with a HOME that belongs to another user neither writes nor reads its compiled code there', { skip: process.getuid?.() !== 0 ? 'needs root' : false }, () => {
     const home = mkdtempSync(join(tmpdir(), 'rv-home-'));
