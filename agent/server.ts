@@ -5,6 +5,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import type { IncomingMessage, Server as HttpServer } from 'node:http';
 import { createServer as createTcpServer, type AddressInfo, type Server as TcpServer, type Socket } from 'node:net';
 import type { SecureContext, TLSSocket } from 'node:tls';
@@ -72,6 +73,8 @@ interface Session {
   push?: { seq: number; transfer: string; p: Push; acked: number; finishing: boolean };
   /** a `push` is being prepared (substitution may take minutes): a second one is refused meanwhile */
   pushStarting?: boolean;
+  /** the connection has closed */
+  closed?: boolean;
   /** per transfer: its batches so far and the paths they imported (a refusal undoes them all) */
   transfers?: Map<string, { batches: number; imported: string[] }>;
 }
@@ -111,7 +114,9 @@ export class WireServer {
 
   /** The HTTP server that reads the upgrade request, and the WebSocket server; made once. */
   private protocolLayers(): Promise<{ http: HttpServer; wss: WebSocketServer }> {
-    this.layers ??= Promise.all([import('node:http'), import('ws')]).then(
+    // ws through require, not import(): Node's ESM loader keeps a failed load (EMFILE in a file
+    // that ws's CommonJS index requires) for the life of the process, require does not.
+    this.layers ??= Promise.all([import('node:http'), Promise.resolve().then(() => createRequire(import.meta.url)('ws') as typeof import('ws'))]).then(
       ([{ createServer }, { WebSocketServer }]) => {
         const http = createServer();
         http.on('request', (_req, res) => {
@@ -318,6 +323,7 @@ export class WireServer {
     ws.on('pong', () => (answered = true));
     ws.on('close', () => clearInterval(keepalive));
     ws.on('close', () => {
+      s.closed = true;
       // A push cut off half-way keeps what was verified and imported; a retry sends the rest.
       const t = s.push;
       s.push = undefined;
@@ -498,6 +504,12 @@ export class WireServer {
       return error(err instanceof SnapbackError ? (err.code as ErrorCode) : 'push-failed', (err as Error).message);
     } finally {
       s.pushStarting = false;
+    }
+    if (s.closed) {
+      // The controller left while the push was prepared: nobody will send it (nor end it).
+      this.log.info({ peer: s.peer, paths: msg.paths.length }, 'the controller left before its push began');
+      void p.interrupt().catch((err: Error) => this.log.error({ err: err.message }, 'ending an abandoned push failed'));
+      return;
     }
     this.log.info({ peer: s.peer, who: s.auth!.who, paths: msg.paths.length, need: p.need.length, bytes: p.total }, `receiving ${p.need.length} of ${msg.paths.length} paths`);
     if (p.complete) {

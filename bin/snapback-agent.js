@@ -8,7 +8,11 @@ import { start } from './start.js';
 // Node started with them: process.execve keeps the PID, which systemd watches. SNAPBACK_V8=default
 // keeps V8's defaults.
 const DAEMON_FLAGS = ['--no-opt', '--no-maglev', '--max-semi-space-size=1'];
-if (process.argv.slice(2).includes('serve') && !DAEMON_FLAGS.every((f) => process.execArgv.includes(f)) && typeof process.execve === 'function' && process.env.SNAPBACK_V8 !== 'default') {
+// The command is the first positional argument ("serve" may also be the value of an option: the
+// options that take one are those of agent/cli.ts OPTIONS).
+const VALUED = new Set(['--config', '--flake', '--generation', '--timeout', '--id', '--limit']);
+const command = process.argv.slice(2).find((a, i, all) => !a.startsWith('-') && !(i > 0 && VALUED.has(all[i - 1])));
+if (command === 'serve' && !DAEMON_FLAGS.every((f) => process.execArgv.includes(f)) && typeof process.execve === 'function' && process.env.SNAPBACK_V8 !== 'default') {
   process.execve(process.execPath, [process.execPath, ...DAEMON_FLAGS, ...process.execArgv, ...process.argv.slice(1)]);
 }
 await start('snapback-agent', 'agent/cli');

@@ -1,7 +1,7 @@
 // Starts a command: the compiled JavaScript when built (`npm run build`, the Nix package), else
 // the TypeScript sources, which Node runs directly from 22.18 on. An older Node gets a sentence
 // saying what to do, not a stack trace. Plain JavaScript that any Node can parse.
-import { existsSync } from 'node:fs';
+import { existsSync, lstatSync } from 'node:fs';
 import nodeModule from 'node:module';
 import { join } from 'node:path';
 
@@ -32,9 +32,31 @@ export async function start(name, module) {
  * user could plant code that a root command would run. Without a home, nothing is cached.
  */
 function enableCompileCache() {
-  const home = process.env.XDG_CACHE_HOME || (process.env.HOME ? join(process.env.HOME, '.cache') : undefined);
-  if (!home || typeof nodeModule.enableCompileCache !== 'function' || process.env.NODE_DISABLE_COMPILE_CACHE) return;
+  const base = process.env.XDG_CACHE_HOME || process.env.HOME;
+  if (!base || typeof nodeModule.enableCompileCache !== 'function' || process.env.NODE_DISABLE_COMPILE_CACHE) return;
+  const parts = process.env.XDG_CACHE_HOME ? ['snapback', 'node-compile-cache'] : ['.cache', 'snapback', 'node-compile-cache'];
+  // Only in a directory of our own: under `sudo -E` or `su` root may have another user's HOME,
+  // whose owner could put code there that root would run.
+  if (!ownedByMe(base, parts)) return;
   try {
-    nodeModule.enableCompileCache(join(home, 'snapback', 'node-compile-cache'));
+    nodeModule.enableCompileCache(join(base, ...parts));
   } catch {}
+}
+
+/** `base` and each of `parts` below it that exists: owned by this user, writable by nobody else. */
+function ownedByMe(base, parts) {
+  if (typeof process.getuid !== 'function') return true;
+  const uid = process.getuid();
+  let dir = base;
+  for (const part of ['', ...parts]) {
+    dir = part ? join(dir, part) : dir;
+    let st;
+    try {
+      st = lstatSync(dir);
+    } catch {
+      return true; // what does not exist yet is made by us
+    }
+    if (!st.isDirectory() || st.uid !== uid || (st.mode & 0o022) !== 0) return false;
+  }
+  return true;
 }

@@ -21,20 +21,25 @@ export function run(cmd: string, args: string[], opts: { input?: string | Buffer
     const child = spawn(cmd, args, { stdio: [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'], ...(opts.env ? { env: opts.env } : {}) });
     const out: Buffer[] = [];
     const err: Buffer[] = [];
-    child.stdout!.on('data', (d: Buffer) => out.push(d));
-    child.stderr!.on('data', (d: Buffer) => err.push(d));
     let failed: Error | undefined;
-    child.on('error', (e) => (failed = e));
-    if (opts.input !== undefined) child.stdin!.on('error', () => {}).end(opts.input);
-    child.on('close', (code, signal) =>
+    const done = (code: number | null, signal: NodeJS.Signals | null) =>
       resolve({
         // Not started at all (ENOENT, EMFILE…): no exit status, as with a signal.
         exitCode: failed ? undefined : (code ?? undefined),
         signal: signal ?? undefined,
         stdout: Buffer.concat(out).toString(),
         stderr: Buffer.concat(err).toString() + (failed ? `${failed.message}\n` : ''),
-      }),
-    );
+      });
+    // First, or an error of the spawn itself would be thrown out of the event loop. Out of
+    // descriptors (EMFILE), Node makes no pipes and emits no 'close': the error is the end.
+    child.on('error', (e) => {
+      failed = e;
+      if (!child.stdout) done(null, null);
+    });
+    child.stdout?.on('data', (d: Buffer) => out.push(d));
+    child.stderr?.on('data', (d: Buffer) => err.push(d));
+    if (opts.input !== undefined) child.stdin?.on('error', () => {}).end(opts.input);
+    child.on('close', done);
   });
 }
 
