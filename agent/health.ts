@@ -1,7 +1,7 @@
 // The health gate in front of every confirm (promise 11): failed systemd units, the exit-4 mark of
 // the activation, and the operator's own check commands. Returns problems; empty means healthy.
 
-import { loadExeca, run } from '../shared/exec.ts';
+import { run } from '../shared/exec.ts';
 import type { AgentConfig } from '../shared/config.ts';
 
 /**
@@ -17,7 +17,7 @@ export async function healthProblems(config: AgentConfig, unitsFailedAtActivatio
   for (const check of config.health.checks) {
     const name = check.name ?? (Array.isArray(check.command) ? check.command.join(' ') : check.command);
     const [file, args] = Array.isArray(check.command) ? [check.command[0]!, check.command.slice(1)] : ['/bin/sh', ['-c', check.command]];
-    const r = await (await loadExeca())(file, args, { reject: false, stdin: 'ignore', timeout: check.timeoutSec * 1000 });
+    const r = await run(file, args, { timeoutMs: check.timeoutSec * 1000 });
     if (r.timedOut) problems.push(`check "${name}" timed out after ${check.timeoutSec}s`);
     else if (r.exitCode !== 0) {
       const why = String(r.stderr || r.stdout).trim().split('\n').slice(-1)[0] ?? '';
