@@ -16,8 +16,26 @@ import { StoreWriterThread } from './store-writer.ts';
 export const PUSH_WINDOW = 4 * 1024 * 1024;
 /** Acknowledge at least this often (bytes written). */
 export const PUSH_ACK_EVERY = 1024 * 1024;
-/** Free space kept beyond the closure and its largest NAR in flight. */
+/** Free space kept beyond what a push needs. */
 const SPACE_MARGIN = 16 * 1024 * 1024;
+/**
+ * Disk a path takes for each byte of its NAR, at most: its files take whole blocks (measured: 1.14×
+ * on tmpfs for paths of 96 KiB in small files), so the space check counts 1.25×.
+ */
+const DISK_PER_NAR_BYTE = 1.25;
+/** Verified NARs waiting for Nix may take this much of the temporary directory (or the largest one). */
+const WAITING_BUDGET = 32 * 1024 * 1024;
+
+/**
+ * The most the temporary NAR files of a push take at once: the NARs verified and waiting for Nix
+ * (acknowledgements are held back beyond the budget, so the controller waits for Nix), the one
+ * arriving, and the window in flight.
+ */
+export function temporaryBytes(need: ManifestEntry[]): number {
+  const total = need.reduce((n, e) => n + e.narSize, 0);
+  const largest = Math.max(0, ...need.map((e) => e.narSize));
+  return Math.min(total, Math.max(WAITING_BUDGET, largest) + largest + PUSH_WINDOW);
+}
 const STORE = '/nix/store';
 
 export interface PushPlaces {
@@ -55,6 +73,17 @@ export function releasePushRoots(gcRootDir: string, olderThanMs = 0, id?: string
 }
 
 /**
+ * Undoes a refused transfer: its roots go, and the paths it added (`added`, dependencies first) are
+ * deleted again, so the store is as it was.
+ */
+export async function undoTransfer(places: PushPlaces, transfer: string, added: string[]): Promise<void> {
+  releasePushRoots(places.gcRootDir, 0, transfer);
+  if (!added.length) return;
+  const r = await run('nix-store', ['--delete', '--', ...[...added].reverse()]);
+  if (r.exitCode !== 0) places.log.warn({ err: String(r.stderr).trim() }, 'could not delete the paths of a refused push');
+}
+
+/**
  * A push: NARs arrive in manifest order (dependencies first); each is written to a temporary file
  * while it is hashed, and only one that matches its signed hash is handed to Nix, while the next
  * one arrives.
@@ -80,6 +109,11 @@ export class Push {
   private writer: StoreWriterThread | undefined;
   private failed: Error | undefined;
   private rooted = 0;
+  /** bytes of NARs verified and not yet added by Nix (their temporary files) */
+  private waiting = 0;
+  private readonly budget: number;
+  /** told whenever Nix added a path (the connection may then acknowledge more) */
+  onAdded: (() => void) | undefined;
 
   private constructor(id: string, need: ManifestEntry[], places: PushPlaces) {
     this.id = id;
@@ -87,6 +121,15 @@ export class Push {
     this.total = need.reduce((n, e) => n + e.narSize, 0);
     this.places = places;
     this.dir = join(places.tmpDir, id);
+    this.budget = Math.max(WAITING_BUDGET, Math.max(0, ...need.map((e) => e.narSize)));
+  }
+
+  /**
+   * Whether acknowledgements wait: the NARs waiting for Nix are over their budget, and the
+   * controller must wait for Nix rather than fill the disk with them (`onAdded` says when to go on).
+   */
+  get holdAcks(): boolean {
+    return this.waiting > this.budget;
   }
 
   /**
@@ -109,16 +152,17 @@ export class Push {
         await writer.close();
         return push;
       }
-      // What is still to come in this transfer (this batch and the later ones), the NARs waiting
-      // for Nix beside it, and a margin: checked at every batch, as the free space may shrink.
+      // What is still to come in this transfer (this batch and the later ones) as it will lie on
+      // disk, the temporary NARs beside it, and a margin: checked at every batch, as the free space
+      // may shrink (a later batch refused undoes the earlier ones: agent/server.ts).
       const coming = Math.max(remainingBytes - (manifest.reduce((n, e) => n + e.narSize, 0) - push.total), push.total);
-      const largest = Math.max(...need.map((e) => e.narSize));
-      const required = coming + Math.min(push.total, largest + PUSH_WINDOW) + SPACE_MARGIN;
+      const onDisk = Math.ceil(coming * DISK_PER_NAR_BYTE);
+      const required = onDisk + temporaryBytes(need) + SPACE_MARGIN;
       const free = Math.min(freeBytes(STORE), freeBytes(places.tmpDir.replace(/\/push$/, '')));
       if (free < required) {
         throw new SnapbackError(
           'no-space',
-          `the closure needs ${mib(coming)} and ${mib(required - coming)} to spare, but the store's file system has ${mib(free)} free; nothing more was sent`,
+          `the ${remainingBytes > push.total ? 'rest of the ' : ''}closure needs about ${mib(onDisk)} in the store (${mib(coming)} of NARs, ${DISK_PER_NAR_BYTE}×) and ${mib(required - onDisk)} more while it arrives, but the store's file system has ${mib(free)} free; nothing of this transfer was kept. Free space on the host (nix-collect-garbage -d) or deploy a smaller closure`,
         );
       }
       mkdirSync(push.dir, { recursive: true, mode: 0o700 });
@@ -179,6 +223,7 @@ export class Push {
     const file = this.narFile(this.index);
     this.verified.push(entry.path);
     this.index++;
+    this.waiting += entry.narSize;
     this.importing = this.importing.then(async () => {
       if (this.failed) return;
       try {
@@ -188,6 +233,8 @@ export class Push {
         this.failed ??= err instanceof SnapbackError ? err : new SnapbackError('push-failed', (err as Error).message);
       } finally {
         rmSync(file, { force: true });
+        this.waiting -= entry.narSize;
+        this.onAdded?.();
       }
     });
   }
@@ -268,12 +315,7 @@ export class Push {
     const landed = await invalidPaths(this.verified)
       .then((invalid) => this.verified.filter((p) => !invalid.includes(p)))
       .catch(() => this.verified);
-    releasePushRoots(this.places.gcRootDir, 0, transfer ?? this.id);
-    const gone = [...earlier, ...landed];
-    if (gone.length) {
-      const r = await run('nix-store', ['--delete', '--', ...gone.reverse()]);
-      if (r.exitCode !== 0) this.places.log.warn({ err: String(r.stderr).trim() }, 'could not delete the paths of a refused push');
-    }
+    await undoTransfer(this.places, transfer ?? this.id, [...earlier, ...landed]);
     this.cleanup();
   }
 

@@ -30,7 +30,7 @@ import { authorize, parseAuthorizedKeys, type AuthorizedKey } from '../shared/au
 import { formatPublicKey, parsePublicKeyLine, verifySignature, type PublicKey, type Signer } from '../shared/ssh.ts';
 import { VERSION } from '../shared/version.ts';
 import type { Agent, Progress, Result } from './agent.ts';
-import { PUSH_ACK_EVERY, PUSH_WINDOW, Push, invalidPaths } from './push.ts';
+import { PUSH_ACK_EVERY, PUSH_WINDOW, Push, invalidPaths, undoTransfer } from './push.ts';
 import { now } from './clock.ts';
 import type { Logger } from './log.ts';
 
@@ -501,6 +501,13 @@ export class WireServer {
     try {
       p = await Push.prepare(`${msg.transfer}-${transfer.batches++}`, msg.paths, msg.substitute === true, msg.remainingBytes, this.agent.pushPlaces());
     } catch (err) {
+      // A later batch refused (no room after all): the transfer is undone, as for a bad NAR, so no
+      // half of it stays rooted in the store.
+      if (transfer.imported.length) {
+        const earlier = transfer.imported;
+        transfers.delete(msg.transfer);
+        await undoTransfer(this.agent.pushPlaces(), msg.transfer, earlier).catch((e: Error) => this.log.error({ err: e.message }, 'undoing a refused transfer failed'));
+      }
       return error(err instanceof SnapbackError ? (err.code as ErrorCode) : 'push-failed', (err as Error).message);
     } finally {
       s.pushStarting = false;
@@ -516,7 +523,12 @@ export class WireServer {
       await p.finish();
       return this.send(s, { type: 'push-done', re: msg.seq, imported: 0, bytes: 0 });
     }
-    s.push = { seq: msg.seq, transfer: msg.transfer, p, acked: 0, finishing: false };
+    const t = { seq: msg.seq, transfer: msg.transfer, p, acked: 0, finishing: false };
+    s.push = t;
+    // Nix took a NAR: acknowledgements held back for it go out.
+    p.onAdded = () => {
+      if (s.push === t && !t.finishing) this.pushAck(s, t);
+    };
     this.send(s, { type: 'push-ready', re: msg.seq, need: p.need.map((e) => e.path), window: PUSH_WINDOW });
   }
 
@@ -528,10 +540,7 @@ export class WireServer {
     } catch (err) {
       return this.endPush(s, err as Error);
     }
-    if (t.p.received - t.acked >= PUSH_ACK_EVERY) {
-      t.acked = t.p.received;
-      this.send(s, { type: 'push-ack', re: t.seq, bytes: t.p.received, imported: t.p.verified.length });
-    }
+    if (t.p.received - t.acked >= PUSH_ACK_EVERY) this.pushAck(s, t);
     if (!t.p.complete) return;
     t.finishing = true;
     t.p.finish().then(
@@ -544,6 +553,13 @@ export class WireServer {
       },
       (err: Error) => this.endPush(s, err),
     );
+  }
+
+  /** Acknowledges what arrived, unless the NARs waiting for Nix are over their budget (Push.holdAcks). */
+  private pushAck(s: Session, t: NonNullable<Session['push']>): void {
+    if (t.p.holdAcks || t.p.received === t.acked) return;
+    t.acked = t.p.received;
+    this.send(s, { type: 'push-ack', re: t.seq, bytes: t.p.received, imported: t.p.verified.length });
   }
 
   /** A push refused half-way (a NAR that does not match, an import that failed): nothing of it stays. */

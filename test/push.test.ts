@@ -141,7 +141,7 @@ describe('closure push into the host\'s own store', { skip }, () => {
     const fleet = await h.fleet({ url: `ws://127.0.0.1:${counter.port}`, target: { storePath: x }, confirmTimeoutSec: 30 });
     const r = await h.snapback(['deploy', 'web1', '--fleet', fleet]);
     assert.equal(r.code, 1, r.stdout + r.stderr);
-    assert.match(r.result.hosts[0].message, /no-space.*12\.0 MiB.*free/);
+    assert.match(r.result.hosts[0].message, /no-space.*about 15\.0 MiB in the store \(12\.0 MiB of NARs, 1\.25×\).*free/);
     assert.equal(counter.binaryBytes, 0, 'nothing was sent');
     assert.ok(!h.hostHas(x));
   });
