@@ -15,7 +15,6 @@ import { WireServer } from './server.ts';
 import { createNotifier, ownUnit, unitText, type Notifier } from './systemd.ts';
 import { Metrics } from './metrics.ts';
 import { OutcomeHooks } from './hooks.ts';
-import { collectGarbage } from '../shared/memory.ts';
 
 export async function serve(config: AgentConfig, configPath: string): Promise<number> {
   const log = createLogger(config.log.level);
@@ -41,10 +40,6 @@ export async function serve(config: AgentConfig, configPath: string): Promise<nu
   const wire = await listenWire(config, agent, log);
   if (wire) metrics.connections = () => wire.connections();
   await metrics.start();
-  // What starting needed (the configuration's parsing, the state, the modules' first runs) is
-  // garbage now: one collection of all V8 can free, as when memory runs low (it also gives back the
-  // young generation that loading grew), rather than whenever V8 gets to it: about 4 MiB less idle.
-  collectGarbage('all');
   log.info({ version: VERSION, stateDir: config.stateDir, controlSocket: config.controlSocket, phase: agent.phase, runner: agent.runnerName, notify: notifier.via }, 'snapback-agent serving');
   notifier.ready();
   const showStatus = () => {

@@ -8,13 +8,13 @@ import { runInNewContext } from 'node:vm';
 /** Bytes between two collections during a push. */
 export const COLLECT_EVERY = 8 * 1024 * 1024;
 
-let collect: ((options?: { type: 'minor' | 'major'; flavor?: 'regular' | 'last-resort' }) => void) | null | undefined;
+let collect: ((options?: { type: 'minor' | 'major' }) => void) | null | undefined;
 
 /**
  * A young-generation collection now (the frames are young: a scavenge frees them, and costs far
  * less than a full collection), when this Node lets us have one; else nothing.
  */
-export function collectGarbage(type: 'minor' | 'major' | 'all' = 'minor'): void {
+export function collectGarbage(type: 'minor' | 'major' = 'minor'): void {
   if (collect === undefined) {
     try {
       setFlagsFromString('--expose-gc');
@@ -23,6 +23,5 @@ export function collectGarbage(type: 'minor' | 'major' | 'all' = 'minor'): void 
       collect = null;
     }
   }
-  // 'all': everything V8 can free, as when memory runs low (it also shrinks the young generation).
-  collect?.(type === 'all' ? { type: 'major', flavor: 'last-resort' } : { type });
+  collect?.({ type });
 }
