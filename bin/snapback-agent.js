@@ -3,11 +3,11 @@
 import { start } from './start.js';
 
 // The daemon runs for years and mostly waits. V8 without its optimizing compilers (their code and
-// their working memory) and with a young generation of 1 MiB keeps it near a bare Node instead of
-// twice one; a push costs it about 15% more CPU (README "Performance", measured). The flags must be on Node's command line, so `serve` replaces this process with
-// Node started with them: process.execve keeps the PID, which systemd watches. SNAPBACK_V8=default
-// keeps V8's defaults.
-const DAEMON_FLAGS = ['--no-opt', '--no-maglev', '--max-semi-space-size=1'];
+// their working memory) and with a young generation of at most 2 MiB keeps it about 1.5x a bare
+// Node instead of 2x; a push costs it 10-20% more CPU (README "Performance", measured). The flags
+// must be on Node's command line, so `serve` replaces this process with Node started with them:
+// process.execve keeps the PID, which systemd watches. SNAPBACK_V8=default keeps V8's defaults.
+const DAEMON_FLAGS = ['--no-opt', '--no-maglev', '--max-semi-space-size=2'];
 // The command is the first positional argument ("serve" may also be the value of an option: the
 // options that take one are those of agent/cli.ts OPTIONS).
 const VALUED = new Set(['--config', '--flake', '--generation', '--timeout', '--id', '--limit']);
