@@ -15,6 +15,7 @@ import type { AgentConfig } from '../shared/config.ts';
 import { SnapbackError, describeIssues, retryable, type ErrorCode } from '../shared/errors.ts';
 import type { Actor } from '../shared/model.ts';
 import {
+  MAX_BINARY_PAYLOAD,
   MAX_PAYLOAD,
   SIGNED_TYPES,
   SUBPROTOCOL,
@@ -124,7 +125,7 @@ export class WireServer {
           res.writeHead(426, { 'content-type': 'text/plain', connection: 'close' }).end(`snapback agent: use a WebSocket with subprotocol ${SUBPROTOCOL}\n`);
         });
         http.on('clientError', (_err, socket) => socket.destroy());
-        const wss = new WebSocketServer({ noServer: true, perMessageDeflate: false, maxPayload: MAX_PAYLOAD, clientTracking: true });
+        const wss = new WebSocketServer({ noServer: true, perMessageDeflate: false, maxPayload: MAX_BINARY_PAYLOAD, clientTracking: true });
         wss.on('error', (err) => this.log.error({ err: err.message }, 'WebSocket server error'));
         http.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => this.upgrade(wss, req, socket, head));
         this.wss = wss;
@@ -301,6 +302,8 @@ export class WireServer {
   }
 
   private accept(ws: WebSocket, conn: Conn): void {
+    // Frames of MAX_PAYLOAD at most, but while a push runs on this connection (frameLimit).
+    frameLimit(ws, MAX_PAYLOAD);
     const t = now().mono;
     const s: Session = {
       ws,
@@ -338,6 +341,8 @@ export class WireServer {
       // The NAR stream of a push the operator signed: flow-controlled by its window, so it is
       // exempt from the message rate limit that everything else is under.
       if (isBinary && s.push) return this.pushData(s, data as Buffer);
+      // Only a push's frames may be larger than MAX_PAYLOAD (the WebSocket limit is theirs).
+      if ((data as Buffer).length > MAX_PAYLOAD) return ws.close(1009, 'message too big');
       if (!this.admit(s)) return;
       if (isBinary) return this.fail(s, 'bad-request', 'binary frames are not part of snapback.v1 outside a push', !s.auth);
       void this.receive(s, data.toString()).catch((err: Error) => {
@@ -525,6 +530,7 @@ export class WireServer {
     }
     const t = { seq: msg.seq, transfer: msg.transfer, p, acked: 0, finishing: false };
     s.push = t;
+    frameLimit(s.ws, MAX_BINARY_PAYLOAD);
     // Nix took a NAR: acknowledgements held back for it go out.
     p.onAdded = () => {
       if (s.push === t && !t.finishing) this.pushAck(s, t);
@@ -547,6 +553,7 @@ export class WireServer {
       (imported) => {
         if (s.push !== t) return;
         s.push = undefined;
+        frameLimit(s.ws, MAX_PAYLOAD);
         s.transfers?.get(t.transfer)?.imported.push(...t.p.imported);
         this.log.info({ peer: s.peer, imported, bytes: t.p.received }, `imported ${imported} pushed paths`);
         this.send(s, { type: 'push-done', re: t.seq, imported, bytes: t.p.received });
@@ -567,6 +574,7 @@ export class WireServer {
     const t = s.push;
     if (!t) return;
     s.push = undefined;
+    frameLimit(s.ws, MAX_PAYLOAD);
     const code: ErrorCode = err instanceof SnapbackError ? (err.code as ErrorCode) : 'push-failed';
     this.log.warn({ peer: s.peer, err: err.message }, 'refusing a pushed closure');
     // The whole transfer is undone: this batch, and the batches before it on this connection.
@@ -647,4 +655,15 @@ function machineId(): string {
     }
   }
   return cachedMachineId;
+}
+
+/**
+ * The largest frame this connection may send: ws takes one limit for the whole server (a push's
+ * chunks, MAX_BINARY_PAYLOAD); each connection gets MAX_PAYLOAD unless a push runs on it, so that
+ * a connection nobody has authenticated cannot make the agent read 1 MiB frames. Through ws's
+ * receiver (a private field of the pinned version); without it, the server's limit holds.
+ */
+function frameLimit(ws: WebSocket, bytes: number): void {
+  const receiver = (ws as unknown as { _receiver?: { _maxPayload?: unknown } })._receiver;
+  if (receiver && typeof receiver._maxPayload === 'number') receiver._maxPayload = bytes;
 }

@@ -65,8 +65,10 @@ export const extendSchema = z.strictObject({ type: z.literal('extend'), seq, id:
 
 /** Paths per `missing` and entries per `push`: a manifest stays far below MAX_PAYLOAD. */
 export const MAX_PUSH_PATHS = 400;
-/** Chunks of the NAR stream, far below MAX_PAYLOAD. */
-export const PUSH_CHUNK = 192 * 1024;
+/** Chunks of the NAR stream (binary frames): larger frames, fewer of them to receive and hash. */
+export const PUSH_CHUNK = 1024 * 1024;
+/** The largest binary frame the agent takes (a push chunk); every other frame stays within MAX_PAYLOAD. */
+export const MAX_BINARY_PAYLOAD = PUSH_CHUNK;
 
 export const narHashSchema = z.string().regex(/^sha256-[A-Za-z0-9+/]{43}=$/, 'must be an SRI SHA-256 hash (sha256-…)');
 export const manifestEntrySchema = z.strictObject({

@@ -208,6 +208,14 @@ describe('wire protocol', { skip }, () => {
     await intact(h, port, op);
   });
 
+  it('frames larger than MAX_PAYLOAD only inside a push: an authenticated connection sending one outside is closed (1009)', async () => {
+    const { port, op } = await wireHost();
+    const c = client(port);
+    assert.equal((await c.authenticate(op)).type, 'welcome');
+    c.ws.send(Buffer.alloc(300 * 1024), { binary: true });
+    assert.equal(await c.closed, 1009, 'a 300 KiB frame outside a push is refused before it is read whole');
+  });
+
   it('the controller session verifies the host key and the TLS pin before sending anything', async () => {
     const { h, port } = await wireHost();
     const other = h.operatorKey('not-the-host');
