@@ -155,7 +155,16 @@ export class ScratchHost {
 
   /** Every valid path of the host's store, sorted; `.drv` files only with `drvs`. */
   hostPaths(opts: { drvs?: boolean } = {}): string[] {
-    return this.hostRun('nix', ['--extra-experimental-features', 'nix-command', 'path-info', '--all'])
+    // A path deleted between Nix listing it and reading it fails the listing: it is taken again.
+    let listing: string | undefined;
+    for (let i = 0; listing === undefined; i++) {
+      try {
+        listing = this.hostRun('nix', ['--extra-experimental-features', 'nix-command', 'path-info', '--all']);
+      } catch (err) {
+        if (i >= 20 || !/is not valid/.test((err as Error).message)) throw err;
+      }
+    }
+    return listing
       .split('\n')
       .filter((p) => p && (opts.drvs || !p.endsWith('.drv')))
       .sort();
