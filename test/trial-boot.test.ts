@@ -76,6 +76,16 @@ async function bootHost(config: { bootloader?: string; wire?: boolean } = {}): P
   };
 }
 
+/** `activate X --reboot` with the agent killed (-9) at failpoint `point`; X. */
+async function killedAt(t: BootHost, point: string): Promise<string> {
+  const x = t.toplevel(`x-${point.slice(5)}`, 'k2');
+  await t.h.stop();
+  await t.start([point]);
+  await t.h.cli(['activate', x, '--reboot', '--timeout', '30']);
+  await t.h.exited();
+  return x;
+}
+
 function freePort(): Promise<number> {
   return new Promise((resolve) => {
     const s = createServer();
@@ -204,11 +214,7 @@ describe('trial boots on a scratch host', { skip, timeout: 300_000 }, () => {
     const t = await bootHost({ bootloader: 'systemd-boot' });
     const { h, loader } = t;
     for (const point of ['boot:armed', 'boot:reboot']) {
-      const x = t.toplevel(`x-${point.slice(5)}`, 'k2');
-      await h.stop();
-      await t.start([point]);
-      await h.cli(['activate', x, '--reboot', '--timeout', '30']);
-      await h.exited();
+      const x = await killedAt(t, point);
       assert.equal(loader.rebootRequested, false, `${point}: killed before asking for the reboot`);
       await t.start();
       await waitFor(() => loader.rebootRequested, 20_000);
@@ -240,11 +246,7 @@ describe('trial boots on a scratch host', { skip, timeout: 300_000 }, () => {
     const { h, loader } = t;
     // After the one-shot was set (before or after the agent recorded it): X boots, and its trial runs.
     for (const point of ['boot:armed', 'boot:reboot']) {
-      const x = t.toplevel(`x-${point.slice(5)}`, 'k2');
-      await h.stop();
-      await t.start([point]);
-      await h.cli(['activate', x, '--reboot', '--timeout', '30']);
-      await h.exited();
+      const x = await killedAt(t, point);
       const id = h.history().at(-1).id;
       assert.equal(h.bootDefault(), h.gen1, `${point}: the profile never points at X`);
       assert.equal(loader.default, 'nixos-generation-1.conf');
