@@ -3,7 +3,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -167,7 +167,14 @@ describe('review: push space accounting', { skip: skip ?? haveOwnStore() }, () =
   it('the NARs waiting for Nix on the agent stay within what the space check reserves for them (temporaryBytes)', async () => {
     const h = new ScratchHost('rv-acc').ownStore().enableWire().install();
     cleanups.push(() => h.cleanup());
-    await h.start();
+    // A slow Nix on the host: `nix-store --serve` reads its input at about 6 MiB/s, so that NARs
+    // pile up unless the agent makes the controller wait for it.
+    const shim = join(h.dir, 'slow-nix');
+    mkdirSync(shim);
+    writeFileSync(join(shim, 'throttle.py'), 'import sys, time\ni, o = sys.stdin.buffer, sys.stdout.buffer\nwhile True:\n    b = i.read1(65536)\n    if not b: break\n    o.write(b); o.flush(); time.sleep(0.01)\n');
+    writeFileSync(join(shim, 'nix-store'), `#!/bin/sh\nif [ "$1" = --serve ]; then python3 ${join(shim, 'throttle.py')} | /usr/bin/nix-store "$@"; exit; fi\nexec /usr/bin/nix-store "$@"\n`);
+    chmodSync(join(shim, 'nix-store'), 0o755);
+    await h.start({ env: { PATH: `${shim}:${process.env.PATH}` } });
     const x = h.toplevel(`rv-acc-${Date.now()}`, { closure: { paths: 600, sizeKiB: 96 } });
     const fleet = await h.fleet({ confirmTimeoutSec: 30 });
     let peak = 0;
