@@ -7,7 +7,7 @@ import { dirname } from 'node:path';
 import { z } from 'zod';
 import { SnapbackError, describeIssues } from '../shared/errors.ts';
 import { cappedSecondsSchema, secondsSchema, targetSchema, type Actor } from '../shared/model.ts';
-import type { Agent, Progress, Result } from './agent.ts';
+import type { Agent, Progress } from './agent.ts';
 import type { Logger } from './log.ts';
 
 export const controlRequestSchema = z.discriminatedUnion('cmd', [

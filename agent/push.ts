@@ -58,7 +58,8 @@ export async function invalidPaths(paths: string[]): Promise<string[]> {
   const r = await run('nix-store', ['--check-validity', '--print-invalid', '--', ...present]);
   if (r.exitCode !== 0) throw new SnapbackError('push-failed', `nix-store --check-validity failed: ${String(r.stderr).trim().split('\n').pop()}`);
   const invalid = new Set(String(r.stdout).split('\n').filter(Boolean));
-  return paths.filter((p) => invalid.has(p) || !present.includes(p));
+  const onDisk = new Set(present);
+  return paths.filter((p) => invalid.has(p) || !onDisk.has(p));
 }
 
 /** Removes the roots of pushed paths: at the end of a deployment, and stale ones at start. */

@@ -8,7 +8,7 @@ import { run } from '../shared/exec.ts';
 import { UsageError, parseCommandLine, positiveInt, reportError, wantsJson } from '../shared/cli.ts';
 import { EXIT, SnapbackError, exitCodeFor } from '../shared/errors.ts';
 import { hostOnlyFleet, isHost, loadFleet, parseFleet, type Fleet, type FleetHost } from '../shared/fleet.ts';
-import { MAX_SECONDS, describeOutcome, flakeRefSchema, type Target } from '../shared/model.ts';
+import { MAX_SECONDS, describeOutcome, flakeRefSchema } from '../shared/model.ts';
 import { resultLine } from '../shared/output.ts';
 import { describeStatus, duration } from '../shared/text.ts';
 import { VERSION } from '../shared/version.ts';
@@ -17,7 +17,7 @@ import { deployFleet } from './orchestrate.ts';
 import { defaultIdentity, resolveSigners } from './identity.ts';
 import { planDeploy, type PlanOptions } from './plan.ts';
 import { renderer } from './render.ts';
-import { clean, oneLine, safeJson } from '../shared/terminal.ts';
+import { clean, oneLine } from '../shared/terminal.ts';
 import { Session, expectedHostKeys } from './session.ts';
 
 const USAGE = `snapback ${VERSION} — deploy NixOS systems that revert on their own unless confirmed

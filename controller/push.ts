@@ -12,7 +12,6 @@ import { COLLECT_EVERY, collectGarbage } from '../shared/memory.ts';
 import { MAX_PUSH_PATHS, PUSH_CHUNK, manifestEntrySchema, type ManifestEntry, type ServerMessage } from '../shared/protocol.ts';
 import type { Session } from './session.ts';
 
-const NIX = ['--extra-experimental-features', 'nix-command'];
 /** A manifest batch stays well below the agent's frame limit. */
 const MAX_MANIFEST_BYTES = 160 * 1024;
 /** Paths per `missing` question. */

@@ -14,7 +14,7 @@ let collect: ((options?: { type: 'minor' | 'major' }) => void) | null | undefine
  * A young-generation collection now (the frames are young: a scavenge frees them, and costs far
  * less than a full collection), when this Node lets us have one; else nothing.
  */
-export function collectGarbage(type: 'minor' | 'major' = 'minor'): void {
+export function collectGarbage(): void {
   if (collect === undefined) {
     try {
       setFlagsFromString('--expose-gc');
@@ -23,5 +23,5 @@ export function collectGarbage(type: 'minor' | 'major' = 'minor'): void {
       collect = null;
     }
   }
-  collect?.({ type });
+  collect?.({ type: 'minor' });
 }
