@@ -342,13 +342,18 @@ export class Agent {
         return this.spawn(async () => {
           const d = effect.deployment;
           try {
-            const toplevel = await this.nix.obtain(d.target, this.dir.gcRoot(d.id), this.config.system.profile, (line) =>
-              this.emit({ type: 'output', id: d.id, line }),
-            );
             // Promise 19: garbage collection cannot take the revert target while the deployment lives.
-            await this.nix.hold(d.previous, this.dir.gcRoot(`${d.id}-previous`)).catch((err: Error) => {
-              throw new SnapbackError('no-current-system', `cannot hold the previous system ${d.previous} with a GC root: ${err.message}`);
-            });
+            // Its root is made while the target is obtained (two Nix processes at once, not one after
+            // the other: the time to "trial running"); both must succeed before anything runs.
+            const held = this.nix.hold(d.previous, this.dir.gcRoot(`${d.id}-previous`)).then(
+              () => undefined,
+              (err: Error) => new SnapbackError('no-current-system', `cannot hold the previous system ${d.previous} with a GC root: ${err.message}`),
+            );
+            const toplevel = await this.nix
+              .obtain(d.target, this.dir.gcRoot(d.id), this.config.system.profile, (line) => this.emit({ type: 'output', id: d.id, line }))
+              .finally(() => held);
+            const holdError = await held;
+            if (holdError) throw holdError;
             // Promise 17: the switch's and the revert's files exist before anything runs, so a revert
             // on a disk that filled up meanwhile needs no new file.
             try {

@@ -7,10 +7,12 @@ import { closeSync, lstatSync, mkdirSync, openSync, readdirSync, rmSync, statfsS
 import { join } from 'node:path';
 import { run } from '../shared/exec.ts';
 import { SnapbackError } from '../shared/errors.ts';
-import { COLLECT_EVERY, collectGarbage } from '../shared/memory.ts';
 import type { ManifestEntry } from '../shared/protocol.ts';
 import type { Logger } from './log.ts';
-import { StoreWriterThread } from './store-writer.ts';
+import type { StoreWriterThread } from './store-writer.ts';
+
+/** shared/memory.ts, loaded with the first push. */
+let pushMemory: typeof import('../shared/memory.ts') | undefined;
 
 /** Bytes a controller may send ahead of an acknowledgement: what either side holds in memory. */
 export const PUSH_WINDOW = 4 * 1024 * 1024;
@@ -138,7 +140,10 @@ export class Push {
    * then keeps what is still missing, and refuses (`no-space`) when it would not fit.
    */
   static async prepare(id: string, manifest: ManifestEntry[], substitute: boolean, remainingBytes: number, places: PushPlaces): Promise<Push> {
-    // Nix starts while the store is asked what it lacks.
+    // Nix starts while the store is asked what it lacks. What only a push needs (the writer's
+    // thread, the collections) is loaded at the first one: an idle agent does without it.
+    const [{ StoreWriterThread }, memory] = await Promise.all([import('./store-writer.ts'), import('../shared/memory.ts')]);
+    pushMemory = memory;
     const writer = new StoreWriterThread();
     try {
       let missing = new Set(await invalidPaths(manifest.map((e) => e.path)));
@@ -205,7 +210,7 @@ export class Push {
       writeSync(this.fd, part);
       this.hash!.update(part);
       this.got += take;
-      if (Math.floor((this.received + take) / COLLECT_EVERY) > Math.floor(this.received / COLLECT_EVERY)) collectGarbage();
+      if (pushMemory && Math.floor((this.received + take) / pushMemory.COLLECT_EVERY) > Math.floor(this.received / pushMemory.COLLECT_EVERY)) pushMemory.collectGarbage();
       this.received += take;
       off += take;
       if (this.got === entry.narSize) this.completePath(entry);

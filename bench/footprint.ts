@@ -31,7 +31,9 @@
 //   record (no goal): the CPU the agents (utime+stime with reaped children, /proc/PID/stat) and the
 //   controller used during it; the same deploy back to each host's first generation with
 //   --parallel N. A fake toplevel's switch script names its own host's links, so each host has
-//   toplevels of its own.
+//   toplevels of its own. The floor (no goal): the bare commands of each fleet host's deployment
+//   (those of the phases above), 10 hosts at once like the controller, no agent and no controller:
+//   on a machine whose CPUs all the hosts share, no deploy --all can take less.
 // Idle CPU is read in clock ticks (10 ms): short BENCH_IDLE_SEC runs give coarse figures.
 // Progress goes to stderr; figures only into the rows.
 
@@ -350,6 +352,9 @@ function checkedLateness(h: ScratchHost, id: string): number {
 
 // ---- 4: a fleet on loopback ------------------------------------------------------------------------
 
+/** The controller's default parallelism (DESIGN: `--parallel N`, default 10). */
+const FLEET_PARALLEL = 10;
+
 async function fleetRows(rows: Row[]): Promise<void> {
   const n = envInt('BENCH_FLEET_HOSTS', 50);
   if (n < 1) return;
@@ -445,6 +450,28 @@ async function fleetRows(rows: Row[]): Promise<void> {
     t0 = performance.now();
     check(`deploy --all --parallel ${n}`, await controller(['deploy', '--all', '--parallel', String(n), '--fleet', backFile]));
     rows.push(ratioRow(`  the same with --parallel ${n}, each agent's 2nd deployment (no goal)`, performance.now() - t0, 'ms', `one host alone (median of ${one.length} hosts)`, median(one)));
+
+    // The floor: what the agents' own Nix commands cost on this machine, with no agent and no
+    // controller. Each fleet host's bare commands of one deployment (as in the phases above:
+    // realise, switch test, profile set, switch boot) back to its fleet target, the controller's
+    // default parallelism of them at once, against the same commands of one host alone (3 hosts,
+    // median). The 50 hosts share this machine's CPUs, so this is the least any deploy --all of
+    // them could take here.
+    const bareDeploy = (h: ScratchHost, t: string) =>
+      timedAll(['nix-store', '--realise', t], [`${t}/bin/switch-to-configuration`, 'test'], ['nix-env', '-p', h.profile, '--set', t], [`${t}/bin/switch-to-configuration`, 'boot']);
+    const bareOne: number[] = [];
+    for (let i = 0; i < ONE; i++) bareOne.push(await bareDeploy(fleet[i]!, targets[i]!));
+    t0 = performance.now();
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: Math.min(FLEET_PARALLEL, n) }, async () => {
+        for (let i = next++; i < n; i = next++) await bareDeploy(fleet[i]!, targets[i]!);
+      }),
+    );
+    const floorMs = performance.now() - t0;
+    rows.push(ratioRow(`  floor: the bare commands of ${n} deployments, ${FLEET_PARALLEL} at once (no goal)`, floorMs, 'ms', `one host alone (median of ${one.length} hosts)`, median(one)));
+    rows.push(ratioRow(`  the same floor, against one host's bare commands (no goal)`, floorMs, 'ms', `one host's bare commands (median of ${bareOne.length})`, median(bareOne)));
+    rows.push(ratioRow(`  snapback deploy --all against the floor (no goal)`, fleetMs, 'ms', 'the floor above', floorMs));
 
     // Status of all of them.
     const status: number[] = [];

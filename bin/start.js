@@ -5,8 +5,11 @@ import { existsSync, lstatSync } from 'node:fs';
 import nodeModule from 'node:module';
 import { join } from 'node:path';
 
-/** `name`: the command; `module`: its path under dist/ and the source tree, without extension. */
-export async function start(name, module) {
+/**
+ * `name`: the command; `module`: its path under dist/ and the source tree, without extension;
+ * `compileCache`: whether V8's compiled code is kept between runs (below).
+ */
+export async function start(name, module, { compileCache = true } = {}) {
   const built = new URL(`../dist/${module}.js`, import.meta.url);
   const compiled = existsSync(built);
   const [major, minor] = process.versions.node.split('.').map(Number);
@@ -21,7 +24,7 @@ export async function start(name, module) {
     );
     process.exit(2);
   }
-  enableCompileCache();
+  if (compileCache) enableCompileCache();
   const { main } = await import(compiled ? built.href : new URL(`../${module}.ts`, import.meta.url).href);
   process.exit(await main(process.argv.slice(2)));
 }

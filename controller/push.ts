@@ -210,7 +210,7 @@ interface Export {
   entries: ManifestEntry[];
   process: ChildProcess;
   /** its exit status, and the end of what it said on stderr */
-  exited: Promise<{ exitCode: number | undefined; stderr: string }>;
+  exited: Promise<{ exitCode: number | undefined; signal: NodeJS.Signals | undefined; stderr: string }>;
   input: ExportReader;
 }
 
@@ -226,7 +226,7 @@ function startExport(entries: ManifestEntry[]): Export {
   let stderr = '';
   child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-4096)));
   child.on('error', (err) => (stderr += `${err.message}\n`));
-  const exited = once(child, 'close').then(([code]) => ({ exitCode: (code as number | null) ?? undefined, stderr }));
+  const exited = once(child, 'close').then(([code, signal]) => ({ exitCode: (code as number | null) ?? undefined, signal: (signal as NodeJS.Signals | null) ?? undefined, stderr }));
   return { entries, process: child, exited, input: new ExportReader(child.stdout!) };
 }
 
@@ -281,6 +281,7 @@ async function sendNars(
     if (!input.ended) stopExport(exported);
     const r = await exported.exited;
     if (input.ended && r.exitCode) throw new SnapbackError('push-failed', `nix-store --export on this machine failed (exit ${r.exitCode}; collected meanwhile?): ${lastLine(r.stderr)}`);
+    if (input.ended && r.signal) throw new SnapbackError('push-failed', `nix-store --export on this machine was killed (${r.signal}) ${lastLine(r.stderr)}`.trim());
     throw err;
   } finally {
     if (stopped.now || !session.open) stopExport(exported);

@@ -41,7 +41,7 @@ describe('a push of several batches', { skip }, () => {
     await mitm.listen();
     const fleet = await h.fleet({ url: `ws://127.0.0.1:${mitm.port}`, target: { storePath: x }, confirmTimeoutSec: 30 });
     const r = await h.snapback(['deploy', 'web1', '--fleet', fleet]);
-    assert.ok(flipped, 'the second batch was tampered with');
+    assert.ok(flipped, 'the second batch was tampered with: ' + r.stdout + r.stderr);
     assert.equal(r.code, 1, r.stdout + r.stderr);
     assert.match(r.result.hosts[0].message, /bad-nar/);
     await h.waitLog((l) => l.msg === 'refusing a pushed closure');
