@@ -5,6 +5,7 @@
 import { chmodSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import type { Server } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
+import { createRequire } from 'node:module';
 import { basename, dirname, join } from 'node:path';
 import type { AgentConfig } from '../shared/config.ts';
 import { phases, revertReasons, type HistoryEntry, type Outcome } from '../shared/model.ts';
@@ -347,8 +348,9 @@ const LIMITS = { maxHeaderSize: 4096, headersTimeoutMs: 5000, requestTimeoutMs: 
  * to send its headers is cut off. Nothing it receives reaches the agent.
  */
 export async function listenMetrics(host: string, port: number, render: () => string, log: Logger): Promise<Server> {
-  // Loaded only where the listener is configured.
-  const { createServer } = await import('node:http');
+  // Loaded only where the listener is configured; through require, which does not load Node's fetch
+  // as import() does (agent/server.ts).
+  const { createServer } = createRequire(import.meta.url)('node:http') as typeof import('node:http');
   const server = createServer(
     { maxHeaderSize: LIMITS.maxHeaderSize, headersTimeout: LIMITS.headersTimeoutMs, requestTimeout: LIMITS.requestTimeoutMs, connectionsCheckingInterval: 1000, keepAlive: false },
     (req, res) => {

@@ -48,12 +48,12 @@ if (process.env.BENCH_ONLY !== 'push') {
 // paths into another empty store. Snapback's time runs from spawning `snapback deploy` to the
 // arrival of its `push` event with `done` (process start, authentication, closure query, the
 // manifest, the transfer and the import: everything before activation); the limit's from spawning
-// the pipeline (with its `nix-store -qR`) to its end. Medians of 3, measurements interleaved.
+// the pipeline (with its `nix-store -qR`) to its end. Medians of 5 (the limit alone moves by 20 % between runs on this machine), measurements interleaved.
 const ownStoreMissing = process.env.BENCH_ONLY === 'footprint' ? 'BENCH_ONLY=footprint' : haveOwnStore();
 if (ownStoreMissing) {
   console.error(`bench: push benchmark skipped: ${ownStoreMissing}`);
 } else {
-  const ROUNDS = 3;
+  const ROUNDS = 5;
   const CLOSURE = { paths: 24, sizeKiB: 12800 };
   const hosts: ScratchHost[] = [];
   const fresh = (name: string, wire: boolean) => {
