@@ -48,7 +48,8 @@ if (process.env.BENCH_ONLY !== 'push') {
 // paths into another empty store. Snapback's time runs from spawning `snapback deploy` to the
 // arrival of its `push` event with `done` (process start, authentication, closure query, the
 // manifest, the transfer and the import: everything before activation); the limit's from spawning
-// the pipeline (with its `nix-store -qR`) to its end. Medians of 5 (the limit alone moves by 20 % between runs on this machine), measurements interleaved.
+// the pipeline (with its `nix-store -qR`) to its end. Medians of 5, measurements interleaved (the
+// limit alone moves by 20 % from run to run on this machine).
 const ownStoreMissing = process.env.BENCH_ONLY === 'footprint' ? 'BENCH_ONLY=footprint' : haveOwnStore();
 if (ownStoreMissing) {
   console.error(`bench: push benchmark skipped: ${ownStoreMissing}`);
