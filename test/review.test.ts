@@ -311,4 +311,20 @@ describe('review: compile cache', { skip }, () => {
     const cache = join(home, '.cache', 'snapback');
     assert.ok(!existsSync(cache), `root's compiled code went into ${cache}, a directory another user controls (they can replace it with code root will run)`);
   });
+
+  it('the daemon keeps none (Node would hold it in memory for its whole life); a console command does', async () => {
+    const home = mkdtempSync(join(tmpdir(), 'rv-home-'));
+    cleanups.push(() => rmSync(home, { recursive: true, force: true }));
+    const h = new ScratchHost('rv-cache').install();
+    cleanups.push(() => h.cleanup());
+    const env = { HOME: home, XDG_CACHE_HOME: join(home, '.cache') };
+    await h.start({ env });
+    await h.stop();
+    const cache = join(home, '.cache', 'snapback');
+    assert.ok(!existsSync(cache), `the daemon wrote a compile cache into ${cache}`);
+    // The same HOME, a console command: the cache is made (so the check above can fail).
+    const r = spawnSync(process.execPath, [AGENT_BIN, 'help'], { env: { ...process.env, ...env }, stdio: 'ignore' });
+    assert.equal(r.status, 0);
+    assert.ok(existsSync(cache), `a console command made no compile cache in ${cache}`);
+  });
 });

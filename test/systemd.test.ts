@@ -75,8 +75,12 @@ describe('agent under systemd (test bed)', { skip, timeout: 600_000 }, () => {
     assert.equal(a.code, 0, JSON.stringify(a.out));
     assert.match(h.sh('cat /var/lib/testbed/cgroup'), new RegExp(`snapback-activate-${a.out.id}\\.service`));
     await h.until(() => /reverting in/.test(h.show('snapback-agent', ['StatusText']).StatusText!), 5000, 'STATUS= with the countdown');
-    const timers = h.sh("systemctl list-timers --all --no-legend 'snapback-fallback-*'");
-    assert.equal(timers.trim().split('\n').filter(Boolean).length, 1, `one fallback timer while the trial runs:\n${timers}`);
+    // The trial re-arms the timer armed at preparation with its real deadline: the new one is made
+    // before the old one is stopped (never none), so for a moment there are two.
+    await h.until(() => {
+      const timers = h.sh("systemctl list-timers --all --no-legend 'snapback-fallback-*'");
+      return timers.trim().split('\n').filter(Boolean).length === 1;
+    }, 5000, 'exactly one fallback timer while the trial runs');
 
     const c = h.agent('confirm');
     assert.equal(c.code, 0, JSON.stringify(c.out));
