@@ -3,7 +3,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -326,5 +326,29 @@ describe('review: compile cache', { skip }, () => {
     const r = spawnSync(process.execPath, [AGENT_BIN, 'help'], { env: { ...process.env, ...env }, stdio: 'ignore' });
     assert.equal(r.status, 0);
     assert.ok(existsSync(cache), `a console command made no compile cache in ${cache}`);
+  });
+});
+
+describe('review: the previous system held while the target is obtained', { skip: skip ?? haveOwnStore() }, () => {
+  it('a running system the store does not know (no GC root can hold it) refuses activation: no-current-system, nothing run, no root left', async () => {
+    const h = new ScratchHost('rv-hold').ownStore().install();
+    cleanups.push(() => h.cleanup());
+    const x = h.hostToplevel('x');
+    // A directory in the host's store that Nix never registered, and the running system points at it.
+    const unknown = '/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-unknown';
+    h.hostRun('mkdir', ['-p', `${unknown}/bin`]);
+    h.hostRun('cp', ['-a', `${h.gen1}/bin/switch-to-configuration`, `${unknown}/bin/`]);
+    rmSync(h.current);
+    symlinkSync(unknown, h.current);
+    await h.start();
+    const a = await h.cli(['activate', x]);
+    assert.equal(a.code, 1, JSON.stringify(a.out));
+    assert.equal(a.out.outcome?.outcome, 'failed', JSON.stringify(a.out));
+    assert.equal(a.out.outcome.code, 'no-current-system', JSON.stringify(a.out));
+    assert.match(a.out.outcome.message, /cannot hold the previous system/);
+    assert.equal(h.switchCalls().length, 0, 'a switch ran');
+    assert.equal(h.hostRealpath(h.profile).trim(), h.gen1);
+    const roots = readdirSync(join(h.config.stateDir as string, 'gcroots'));
+    assert.deepEqual(roots, [], `GC roots left behind: ${roots.join(' ')}`);
   });
 });
