@@ -355,7 +355,8 @@ describe('review: the previous system held while the target is obtained', { skip
 
 /**
  * A `nix-store` first in PATH that sleeps before each `--realise … --add-root ROOT` (HOLD_SLEEP for
- * the previous system's root, OBTAIN_SLEEP for the target's) and logs when each starts and ends.
+ * the previous system's root, OBTAIN_SLEEP for the target's), then fails instead when HOLD_FAIL or
+ * OBTAIN_FAIL is set, and logs when each starts and ends.
  */
 function slowNixStore(dir: string): { env: Record<string, string>; log: string } {
   const bin = join(dir, 'slow-nix-store');
@@ -369,10 +370,10 @@ function slowNixStore(dir: string): { env: Record<string, string>; log: string }
 root=; prev=
 for a; do [ "$prev" = --add-root ] && root=$a; prev=$a; done
 [ -z "$root" ] && exec ${real} "$@"
-case "$root" in *-previous) kind=hold; s=$HOLD_SLEEP;; *) kind=obtain; s=$OBTAIN_SLEEP;; esac
+case "$root" in *-previous) kind=hold; s=$HOLD_SLEEP; f=$HOLD_FAIL;; *) kind=obtain; s=$OBTAIN_SLEEP; f=$OBTAIN_FAIL;; esac
 echo "start $kind" >> ${log}
 sleep "\${s:-0}"
-${real} "$@"; rc=$?
+if [ -n "$f" ]; then echo "error: $kind failed (injected)" >&2; rc=1; else ${real} "$@"; rc=$?; fi
 echo "end $kind $rc" >> ${log}
 exit $rc
 `,
@@ -380,6 +381,43 @@ exit $rc
   chmodSync(join(bin, 'nix-store'), 0o755);
   return { env: { PATH: `${bin}:${process.env.PATH}` }, log };
 }
+
+describe('review: the previous system held while the target is obtained (a slow or failing nix-store)', { skip }, () => {
+  it('the target fails while the hold still runs: the target\'s error, and the release waits for the hold (no root made after it)', async () => {
+    const h = new ScratchHost('rv-hold-slow').install();
+    cleanups.push(() => h.cleanup());
+    const x = h.toplevel('x');
+    const slow = slowNixStore(h.dir);
+    await h.start({ env: { ...slow.env, HOLD_SLEEP: '2', OBTAIN_FAIL: '1' } });
+    const a = await h.cli(['activate', x]);
+    assert.equal(a.out.outcome?.outcome, 'failed', JSON.stringify(a.out));
+    assert.equal(a.out.outcome.code, 'fetch-failed', JSON.stringify(a.out));
+    assert.match(a.out.outcome.message, /obtain failed \(injected\)/);
+    assert.match(readFileSync(slow.log, 'utf8'), /end hold 0/, 'the outcome came before the hold ended');
+    await sleep(500);
+    assert.deepEqual(readdirSync(join(h.stateDir, 'gcroots')), []);
+    assert.equal(h.switchCalls().length, 0);
+  });
+
+  it('both fail: the target\'s error wins; the hold fails while the target is still obtained: no-current-system once it ends, nothing run, no root', async () => {
+    const h = new ScratchHost('rv-hold-fail').install();
+    cleanups.push(() => h.cleanup());
+    const x = h.toplevel('x');
+    const slow = slowNixStore(h.dir);
+    await h.start({ env: { ...slow.env, HOLD_FAIL: '1', OBTAIN_SLEEP: '1', OBTAIN_FAIL: '1' } });
+    const both = await h.cli(['activate', x]);
+    assert.equal(both.out.outcome?.code, 'fetch-failed', JSON.stringify(both.out));
+    await h.stop();
+    writeFileSync(slow.log, '');
+    await h.start({ env: { ...slow.env, HOLD_FAIL: '1', OBTAIN_SLEEP: '2' } });
+    const a = await h.cli(['activate', x]);
+    assert.equal(a.out.outcome?.code, 'no-current-system', JSON.stringify(a.out));
+    assert.match(a.out.outcome.message, /cannot hold the previous system .*hold failed \(injected\)/);
+    assert.match(readFileSync(slow.log, 'utf8'), /end obtain 0/);
+    assert.deepEqual(readdirSync(join(h.stateDir, 'gcroots')), []);
+    assert.equal(h.switchCalls().length, 0);
+  });
+});
 
 describe('review: roots made by Nix processes that outlive a killed agent', { skip }, () => {
   it('kill -9 while the previous system is held and the target obtained: the roots the orphaned nix-store processes make later go at the next start, and at the next deployment\'s end', async () => {
