@@ -4,7 +4,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { existsSync, rmSync } from 'node:fs';
+import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { dirname, join } from 'node:path';
 import { run } from '../shared/exec.ts';
@@ -146,6 +146,7 @@ export class Agent {
     try {
       releasePushRoots(this.pushPlaces().gcRootDir, 24 * 3600_000);
     } catch {}
+    this.releaseStaleRoots(this.state.deployment?.id, true);
     const current = readCurrentSystem(this.config.system.currentSystem);
     // A trial boot's window counts from the boot (systemd's start); without systemd, from now.
     const since = this.state.deployment?.reboot && this.runner.name === 'systemd' ? await bootStartedMono().catch(() => undefined) : undefined;
@@ -518,9 +519,35 @@ export class Agent {
   private release(id: string): void {
     rmSync(this.dir.gcRoot(id), { force: true });
     rmSync(this.dir.gcRoot(`${id}-previous`), { force: true });
+    // A deployment has ended: no other one lives.
+    this.releaseStaleRoots(undefined, false);
     // The paths pushed for it are now held by the system profile, or no longer needed.
     releasePushRoots(dirname(this.dir.gcRoot(id)));
     this.dir.pruneRuns();
+  }
+
+  /**
+   * Removes the roots of deployments other than `live` (and, with `dryRuns`, of dry runs): a `nix-store
+   * --add-root` started by an agent that was killed (kill -9, no systemd to end its cgroup) goes on,
+   * and makes its root after the next agent released that deployment's. Such a root would hold its
+   * system for ever; it goes at the next start or at the end of the next deployment.
+   */
+  private releaseStaleRoots(live: string | undefined, dryRuns: boolean): void {
+    let names: string[];
+    try {
+      names = readdirSync(this.dir.gcRootDir);
+    } catch {
+      return;
+    }
+    for (const name of names) {
+      const deployment = /^(\d{8}-\d{6}-[0-9a-f]{4})(?:-previous)?$/.exec(name)?.[1];
+      if ((deployment === undefined || deployment === live) && !(dryRuns && name.startsWith('dry-'))) continue;
+      try {
+        rmSync(this.dir.gcRoot(name), { force: true });
+      } catch (err) {
+        this.log.error({ root: name, err: (err as Error).message }, 'cannot remove a stale GC root');
+      }
+    }
   }
 
   // ---- commit and revert: the two operations that change the boot default or the running system

@@ -287,6 +287,7 @@ async function sendNars(
     if (stopped.now || !session.open) stopExport(exported);
   }
   const r = await exported.exited;
+  if (r.signal) throw new SnapbackError('push-failed', `nix-store --export on this machine was killed (${r.signal}) ${lastLine(r.stderr)}`.trim());
   if (r.exitCode !== 0) throw new SnapbackError('push-failed', `nix-store --export on this machine failed (exit ${r.exitCode}): ${lastLine(r.stderr)}`);
 }
 

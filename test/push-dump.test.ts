@@ -42,3 +42,24 @@ describe('nix-store --export failing on the operator side', { skip }, () => {
     assert.deepEqual(h.switchCalls(), []);
   });
 });
+
+describe('nix-store --export killed by a signal on the operator side', { skip }, () => {
+  for (const when of ['half-way', 'after its whole stream'] as const) {
+    it(`${when}: the deploy fails saying it was killed, and by which signal`, async () => {
+      const h = new ScratchHost(`rv-dump-sig-${when.length}`).ownStore().enableWire().install();
+      cleanups.push(() => h.cleanup());
+      await h.start();
+      const x = h.toplevel('x', { closure: { paths: 3, sizeKiB: 64, seed: `rv-dump-sig-${when.length}-${process.pid}` } });
+      const shim = join(h.dir, 'shim');
+      mkdirSync(shim);
+      const cut = when === 'half-way' ? ' | head -c 100000' : '';
+      writeFileSync(join(shim, 'nix-store'), `#!/bin/sh\ncase "$*" in *--export*) /usr/bin/nix-store "$@"${cut}; kill -9 $$;; esac\nexec /usr/bin/nix-store "$@"\n`);
+      chmodSync(join(shim, 'nix-store'), 0o755);
+      const fleet = await h.fleet({ target: { storePath: x }, confirmTimeoutSec: 30 });
+      const r = await h.snapback(['deploy', 'web1', '--fleet', fleet], { env: { PATH: `${shim}:${process.env.PATH}` } });
+      assert.notEqual(r.code, 0, r.stdout + r.stderr);
+      assert.match(r.result.hosts[0].message, /nix-store --export on this machine was killed \(SIGKILL\)/, r.result.hosts[0].message);
+      assert.deepEqual(h.switchCalls(), []);
+    });
+  }
+});

@@ -352,3 +352,116 @@ describe('review: the previous system held while the target is obtained', { skip
     assert.deepEqual(roots, [], `GC roots left behind: ${roots.join(' ')}`);
   });
 });
+
+/**
+ * A `nix-store` first in PATH that sleeps before each `--realise … --add-root ROOT` (HOLD_SLEEP for
+ * the previous system's root, OBTAIN_SLEEP for the target's), then fails instead when HOLD_FAIL or
+ * OBTAIN_FAIL is set, and logs when each starts and ends.
+ */
+function slowNixStore(dir: string): { env: Record<string, string>; log: string } {
+  const bin = join(dir, 'slow-nix-store');
+  mkdirSync(bin);
+  const log = join(dir, 'slow-nix-store.log');
+  writeFileSync(log, '');
+  const real = spawnSync('sh', ['-c', 'command -v nix-store'], { encoding: 'utf8' }).stdout.trim();
+  writeFileSync(
+    join(bin, 'nix-store'),
+    `#!/bin/sh
+root=; prev=
+for a; do [ "$prev" = --add-root ] && root=$a; prev=$a; done
+[ -z "$root" ] && exec ${real} "$@"
+case "$root" in *-previous) kind=hold; s=$HOLD_SLEEP; f=$HOLD_FAIL;; *) kind=obtain; s=$OBTAIN_SLEEP; f=$OBTAIN_FAIL;; esac
+echo "start $kind" >> ${log}
+sleep "\${s:-0}"
+if [ -n "$f" ]; then echo "error: $kind failed (injected)" >&2; rc=1; else ${real} "$@"; rc=$?; fi
+echo "end $kind $rc" >> ${log}
+exit $rc
+`,
+  );
+  chmodSync(join(bin, 'nix-store'), 0o755);
+  return { env: { PATH: `${bin}:${process.env.PATH}` }, log };
+}
+
+describe('review: the previous system held while the target is obtained (a slow or failing nix-store)', { skip }, () => {
+  it('the target fails while the hold still runs: the target\'s error, and the release waits for the hold (no root made after it)', async () => {
+    const h = new ScratchHost('rv-hold-slow').install();
+    cleanups.push(() => h.cleanup());
+    const x = h.toplevel('x');
+    const slow = slowNixStore(h.dir);
+    await h.start({ env: { ...slow.env, HOLD_SLEEP: '2', OBTAIN_FAIL: '1' } });
+    const a = await h.cli(['activate', x]);
+    assert.equal(a.out.outcome?.outcome, 'failed', JSON.stringify(a.out));
+    assert.equal(a.out.outcome.code, 'fetch-failed', JSON.stringify(a.out));
+    assert.match(a.out.outcome.message, /obtain failed \(injected\)/);
+    assert.match(readFileSync(slow.log, 'utf8'), /end hold 0/, 'the outcome came before the hold ended');
+    await sleep(500);
+    assert.deepEqual(readdirSync(join(h.stateDir, 'gcroots')), []);
+    assert.equal(h.switchCalls().length, 0);
+  });
+
+  it('both fail: the target\'s error wins; the hold fails while the target is still obtained: no-current-system once it ends, nothing run, no root', async () => {
+    const h = new ScratchHost('rv-hold-fail').install();
+    cleanups.push(() => h.cleanup());
+    const x = h.toplevel('x');
+    const slow = slowNixStore(h.dir);
+    await h.start({ env: { ...slow.env, HOLD_FAIL: '1', OBTAIN_SLEEP: '1', OBTAIN_FAIL: '1' } });
+    const both = await h.cli(['activate', x]);
+    assert.equal(both.out.outcome?.code, 'fetch-failed', JSON.stringify(both.out));
+    await h.stop();
+    writeFileSync(slow.log, '');
+    await h.start({ env: { ...slow.env, HOLD_FAIL: '1', OBTAIN_SLEEP: '2' } });
+    const a = await h.cli(['activate', x]);
+    assert.equal(a.out.outcome?.code, 'no-current-system', JSON.stringify(a.out));
+    assert.match(a.out.outcome.message, /cannot hold the previous system .*hold failed \(injected\)/);
+    assert.match(readFileSync(slow.log, 'utf8'), /end obtain 0/);
+    assert.deepEqual(readdirSync(join(h.stateDir, 'gcroots')), []);
+    assert.equal(h.switchCalls().length, 0);
+  });
+});
+
+describe('review: roots made by Nix processes that outlive a killed agent', { skip }, () => {
+  it('kill -9 while the previous system is held and the target obtained: the roots the orphaned nix-store processes make later go at the next start, and at the next deployment\'s end', async () => {
+    const h = new ScratchHost('rv-orphan').install();
+    cleanups.push(() => h.cleanup());
+    const x = h.toplevel('x');
+    const slow = slowNixStore(h.dir);
+    const gcroots = join(h.stateDir, 'gcroots');
+    const killMidPrepare = async (): Promise<string> => {
+      writeFileSync(slow.log, '');
+      await h.start({ env: { ...slow.env, HOLD_SLEEP: '3', OBTAIN_SLEEP: '4' } });
+      const a = h.cli(['activate', x]);
+      await waitUntil(() => readFileSync(slow.log, 'utf8').split('\n').filter((l) => l.startsWith('start ')).length === 2, 10_000, 'both nix-store processes started');
+      const id = JSON.parse(readFileSync(join(h.stateDir, 'state.json'), 'utf8')).state.deployment.id as string;
+      await h.kill9();
+      await a;
+      // The next agent (no systemd here to end the killed one's processes) finds it interrupted and
+      // releases its roots while the orphans are still at work.
+      await h.start();
+      await h.waitOutcome(id);
+      await waitUntil(() => readFileSync(slow.log, 'utf8').split('\n').filter((l) => l.startsWith('end ')).length === 2, 10_000, 'both orphaned nix-store processes ended');
+      assert.deepEqual(readdirSync(gcroots).sort(), [id, `${id}-previous`], 'the orphans made their roots after the release (the window this test is about)');
+      return id;
+    };
+
+    await killMidPrepare();
+    await h.stop();
+    await h.start();
+    assert.deepEqual(readdirSync(gcroots), [], 'roots of an ended deployment survive a restart');
+    await h.stop();
+
+    await killMidPrepare();
+    const a = await h.cli(['activate', x, '--timeout', '60']);
+    assert.equal(a.code, 0, a.stdout + a.stderr);
+    const rb = await h.cli(['rollback']);
+    assert.equal(rb.code, 0, rb.stdout + rb.stderr);
+    assert.deepEqual(readdirSync(gcroots), [], 'roots of an earlier deployment survive the end of the next one');
+  });
+});
+
+async function waitUntil(cond: () => boolean, timeoutMs: number, what: string): Promise<void> {
+  const start = Date.now();
+  while (!cond()) {
+    if (Date.now() - start > timeoutMs) throw new Error(`timed out waiting: ${what}`);
+    await sleep(50);
+  }
+}
