@@ -4,9 +4,9 @@
 
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { existsSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, lstatSync, readdirSync, rmSync } from 'node:fs';
 import { hostname } from 'node:os';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import { run } from '../shared/exec.ts';
 import type { AgentConfig } from '../shared/config.ts';
 import { SnapbackError, type ErrorCode } from '../shared/errors.ts';
@@ -21,7 +21,7 @@ import type { Logger } from './log.ts';
 import { Nix, profiles, readCurrentSystem } from './nix.ts';
 import { TrialBoots, bootStartedMono, detectBootloader, kernelChanges, requestReboot, unsupported } from './boot.ts';
 import { failpoint } from './failpoint.ts';
-import { releasePushRoots, type PushPlaces } from './push.ts';
+import type { PushPlaces } from './push.ts';
 import { StateDir } from './state-dir.ts';
 import { VERSION } from '../shared/version.ts';
 import type { HostStatus } from '../shared/protocol.ts';
@@ -143,10 +143,7 @@ export class Agent {
     // Leftovers of pushes cut off by a stop: half-received NARs, and roots of pushes a day old that
     // no deployment followed.
     rmSync(this.pushPlaces().tmpDir, { recursive: true, force: true });
-    try {
-      releasePushRoots(this.pushPlaces().gcRootDir, 24 * 3600_000);
-    } catch {}
-    this.releaseStaleRoots(this.state.deployment?.id, true);
+    this.sweepRoots({ live: this.state.deployment?.id, pushOlderThanMs: 24 * 3600_000, dryRuns: true });
     const current = readCurrentSystem(this.config.system.currentSystem);
     // A trial boot's window counts from the boot (systemd's start); without systemd, from now.
     const since = this.state.deployment?.reboot && this.runner.name === 'systemd' ? await bootStartedMono().catch(() => undefined) : undefined;
@@ -329,7 +326,7 @@ export class Agent {
         this.arm(effect.atMono);
         return;
       case 'release':
-        this.release(effect.id);
+        this.release();
         return;
       case 'fallback': {
         const fallback = this.fallback;
@@ -513,39 +510,47 @@ export class Agent {
 
   /** Where a pushed closure goes on its way into the store (agent/push.ts). */
   pushPlaces(): PushPlaces {
-    return { tmpDir: join(this.config.stateDir, 'push'), gcRootDir: dirname(this.dir.gcRoot('x')), trustOptions: this.nix.trustOptions(), log: this.log };
+    return { tmpDir: join(this.config.stateDir, 'push'), gcRootDir: this.dir.gcRootDir, trustOptions: this.nix.trustOptions(), log: this.log };
   }
 
-  private release(id: string): void {
-    rmSync(this.dir.gcRoot(id), { force: true });
-    rmSync(this.dir.gcRoot(`${id}-previous`), { force: true });
-    // A deployment has ended: no other one lives.
-    this.releaseStaleRoots(undefined, false);
-    // The paths pushed for it are now held by the system profile, or no longer needed.
-    releasePushRoots(dirname(this.dir.gcRoot(id)));
+  private release(): void {
+    // A deployment has ended and no other one lives: its roots, those of ended deployments, and the
+    // paths pushed for it (now held by the system profile, or no longer needed) all go.
+    this.sweepRoots({ pushOlderThanMs: 0, dryRuns: false });
     this.dir.pruneRuns();
   }
 
   /**
-   * Removes the roots of deployments other than `live` (and, with `dryRuns`, of dry runs): a `nix-store
-   * --add-root` started by an agent that was killed (kill -9, no systemd to end its cgroup) goes on,
-   * and makes its root after the next agent released that deployment's. Such a root would hold its
-   * system for ever; it goes at the next start or at the end of the next deployment.
+   * Removes the GC roots no live deployment needs, in one pass over the agent's root directory:
+   * those of deployments other than `live` (a `nix-store --add-root` started by an agent that was
+   * killed — kill -9, no systemd to end its cgroup — goes on, and makes its root after the next agent
+   * released that deployment's; such a root would hold its system for ever), those of pushes at
+   * least `pushOlderThanMs` old (pushes no deployment followed), and with `dryRuns` those of dry runs.
+   * At each start, and at the end of each deployment.
    */
-  private releaseStaleRoots(live: string | undefined, dryRuns: boolean): void {
+  private sweepRoots(opts: { live?: string | undefined; pushOlderThanMs: number; dryRuns: boolean }): void {
+    const dir = this.dir.gcRootDir;
     let names: string[];
     try {
-      names = readdirSync(this.dir.gcRootDir);
+      names = readdirSync(dir);
     } catch {
       return;
     }
+    const now = Date.now();
     for (const name of names) {
-      const deployment = /^(\d{8}-\d{6}-[0-9a-f]{4})(?:-previous)?$/.exec(name)?.[1];
-      if ((deployment === undefined || deployment === live) && !(dryRuns && name.startsWith('dry-'))) continue;
+      const root = join(dir, name);
+      if (name.startsWith('push-')) {
+        if (opts.pushOlderThanMs && now - (lstatSync(root, { throwIfNoEntry: false })?.mtimeMs ?? 0) < opts.pushOlderThanMs) continue;
+      } else if (name.startsWith('dry-')) {
+        if (!opts.dryRuns) continue;
+      } else {
+        const deployment = /^(\d{8}-\d{6}-[0-9a-f]{4})(?:-previous)?$/.exec(name)?.[1];
+        if (deployment === undefined || deployment === opts.live) continue;
+      }
       try {
-        rmSync(this.dir.gcRoot(name), { force: true });
+        rmSync(root, { force: true });
       } catch (err) {
-        this.log.error({ root: name, err: (err as Error).message }, 'cannot remove a stale GC root');
+        this.log.error({ root: name, err: (err as Error).message }, 'cannot remove a GC root no deployment needs');
       }
     }
   }

@@ -64,15 +64,9 @@ export async function invalidPaths(paths: string[]): Promise<string[]> {
   return paths.filter((p) => invalid.has(p) || !onDisk.has(p));
 }
 
-/** Removes the roots of pushed paths: at the end of a deployment, and stale ones at start. */
-export function releasePushRoots(gcRootDir: string, olderThanMs = 0, id?: string): void {
-  const now = Date.now();
-  for (const name of readdirSync(gcRootDir)) {
-    if (!name.startsWith(id ? `push-${id}-` : 'push-')) continue;
-    const p = join(gcRootDir, name);
-    if (olderThanMs && now - (lstatSync(p, { throwIfNoEntry: false })?.mtimeMs ?? 0) < olderThanMs) continue;
-    rmSync(p, { force: true });
-  }
+/** Removes the roots of one transfer's pushed paths (the agent's sweep removes the others). */
+export function releaseTransferRoots(gcRootDir: string, transfer: string): void {
+  for (const name of readdirSync(gcRootDir)) if (name.startsWith(`push-${transfer}-`)) rmSync(join(gcRootDir, name), { force: true });
 }
 
 /**
@@ -80,7 +74,7 @@ export function releasePushRoots(gcRootDir: string, olderThanMs = 0, id?: string
  * deleted again, so the store is as it was.
  */
 export async function undoTransfer(places: PushPlaces, transfer: string, added: string[]): Promise<void> {
-  releasePushRoots(places.gcRootDir, 0, transfer);
+  releaseTransferRoots(places.gcRootDir, transfer);
   if (!added.length) return;
   const r = await run('nix-store', ['--delete', '--', ...[...added].reverse()]);
   if (r.exitCode !== 0) places.log.warn({ err: String(r.stderr).trim() }, 'could not delete the paths of a refused push');
