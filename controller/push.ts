@@ -279,16 +279,20 @@ async function sendNars(
   } catch (err) {
     // A stream cut short: nix-store is ending, and says why; anything else: it is stopped.
     if (!input.ended) stopExport(exported);
-    const r = await exported.exited;
-    if (input.ended && r.exitCode) throw new SnapbackError('push-failed', `nix-store --export on this machine failed (exit ${r.exitCode}; collected meanwhile?): ${lastLine(r.stderr)}`);
-    if (input.ended && r.signal) throw new SnapbackError('push-failed', `nix-store --export on this machine was killed (${r.signal}) ${lastLine(r.stderr)}`.trim());
-    throw err;
+    const failure = input.ended ? exportFailure(await exported.exited, '; collected meanwhile?') : undefined;
+    throw failure ?? err;
   } finally {
     if (stopped.now || !session.open) stopExport(exported);
   }
-  const r = await exported.exited;
-  if (r.signal) throw new SnapbackError('push-failed', `nix-store --export on this machine was killed (${r.signal}) ${lastLine(r.stderr)}`.trim());
-  if (r.exitCode !== 0) throw new SnapbackError('push-failed', `nix-store --export on this machine failed (exit ${r.exitCode}): ${lastLine(r.stderr)}`);
+  const failure = exportFailure(await exported.exited);
+  if (failure) throw failure;
+}
+
+/** Why `nix-store --export` did not end well (killed, or a non-zero exit), if it did not. */
+function exportFailure(r: Awaited<Export['exited']>, hint = ''): SnapbackError | undefined {
+  if (r.signal) return new SnapbackError('push-failed', `nix-store --export on this machine was killed (${r.signal}) ${lastLine(r.stderr)}`.trim());
+  if (r.exitCode !== 0) return new SnapbackError('push-failed', `nix-store --export on this machine failed (exit ${r.exitCode}${hint}): ${lastLine(r.stderr)}`);
+  return undefined;
 }
 
 /** After each NAR in `nix-store --export`'s stream. */

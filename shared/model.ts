@@ -2,6 +2,9 @@
 // Schemas are the single source of truth; the types are inferred from them.
 
 import { z } from 'zod';
+import { MAX_SECONDS } from './words.ts';
+
+export { MAX_SECONDS, describeOutcome } from './words.ts';
 
 export const storePathSchema = z
   .string()
@@ -18,8 +21,6 @@ export const flakeRefSchema = z
   .regex(/^[^-]/, 'must not begin with "-" (Nix would read it as an option)')
   .regex(/^[^\s#]+#[A-Za-z0-9_.'-]+$/, 'must look like REF#HOST (no spaces)');
 
-import { MAX_SECONDS } from './words.ts';
-export { MAX_SECONDS, describeOutcome } from './words.ts';
 
 /** The longest delay Node's setTimeout honours; it fires a longer one at once. */
 export const MAX_TIMER_MS = 2 ** 31 - 1;
@@ -79,7 +80,6 @@ export const outcomeSchema = z.discriminatedUnion('outcome', [
   z.strictObject({ outcome: z.literal('stuck'), reason: z.string() }),
 ]);
 export type Outcome = z.infer<typeof outcomeSchema>;
-
 
 /** One line of `history.jsonl`: a transition, who caused it, and the outcome when it ended one. */
 export const historyEntrySchema = z.object({
