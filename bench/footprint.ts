@@ -119,6 +119,15 @@ function timed(argv: string[]): Promise<number> {
   });
 }
 
+/** `T/bin/switch-to-configuration MODE` */
+const sw = (t: string, mode: string) => [join(t, 'bin/switch-to-configuration'), mode];
+
+/** The bare commands the agent runs for a phase (the phases' baselines, and the fleet's floor). */
+const bareCommands = {
+  activate: (t: string) => [['nix-store', '--realise', t], sw(t, 'test')],
+  confirm: (h: ScratchHost, t: string) => [['nix-env', '-p', h.profile, '--set', t], sw(t, 'boot')],
+};
+
 /** Runs argv one after the other; the total wall time in ms. */
 async function timedAll(...argvs: string[][]): Promise<number> {
   let total = 0;
@@ -241,7 +250,6 @@ async function hostRows(rows: Row[]): Promise<void> {
 
     // 2. Phases: the console against the bare commands, interleaved round by round.
     progress(`phases: ${phaseN} rounds`);
-    const sw = (t: string, mode: string) => [join(t, 'bin/switch-to-configuration'), mode];
     const agent = { activate: [] as number[], confirm: [] as number[], rollback: [] as number[] };
     const plain = { activate: [] as number[], confirm: [] as number[], rollback: [] as number[] };
     let turn = 0;
@@ -255,8 +263,8 @@ async function hostRows(rows: Row[]): Promise<void> {
       if (realpathSync(h.current) !== t) throw new Error(`after the rollback ${h.current} is not ${t}`);
       // Bare: the same work on the same host's links.
       t = pick(h, pool, turn++);
-      plain.activate.push(await timedAll(['nix-store', '--realise', t], sw(t, 'test')));
-      plain.confirm.push(await timedAll(['nix-env', '-p', h.profile, '--set', t], sw(t, 'boot')));
+      plain.activate.push(await timedAll(...bareCommands.activate(t)));
+      plain.confirm.push(await timedAll(...bareCommands.confirm(h, t)));
       const prev = t;
       await timed(sw(pick(h, pool, turn++), 'test'));
       plain.rollback.push(await timed(sw(prev, 'test')));
@@ -457,8 +465,7 @@ async function fleetRows(rows: Row[]): Promise<void> {
     // default parallelism of them at once, against the same commands of one host alone (3 hosts,
     // median). The 50 hosts share this machine's CPUs, so this is the least any deploy --all of
     // them could take here.
-    const bareDeploy = (h: ScratchHost, t: string) =>
-      timedAll(['nix-store', '--realise', t], [`${t}/bin/switch-to-configuration`, 'test'], ['nix-env', '-p', h.profile, '--set', t], [`${t}/bin/switch-to-configuration`, 'boot']);
+    const bareDeploy = (h: ScratchHost, t: string) => timedAll(...bareCommands.activate(t), ...bareCommands.confirm(h, t));
     const bareOne: number[] = [];
     for (let i = 0; i < ONE; i++) bareOne.push(await bareDeploy(fleet[i]!, targets[i]!));
     t0 = performance.now();
@@ -469,7 +476,7 @@ async function fleetRows(rows: Row[]): Promise<void> {
       }),
     );
     const floorMs = performance.now() - t0;
-    rows.push(ratioRow(`  floor: the bare commands of ${n} deployments, ${FLEET_PARALLEL} at once (no goal)`, floorMs, 'ms', `one host alone (median of ${one.length} hosts)`, median(one)));
+    rows.push(ratioRow(`  floor: the bare commands of ${n} deployments, ${Math.min(FLEET_PARALLEL, n)} at once (no goal)`, floorMs, 'ms', `one host alone (median of ${one.length} hosts)`, median(one)));
     rows.push(ratioRow(`  the same floor, against one host's bare commands (no goal)`, floorMs, 'ms', `one host's bare commands (median of ${bareOne.length})`, median(bareOne)));
     rows.push(ratioRow(`  snapback deploy --all against the floor (no goal)`, fleetMs, 'ms', 'the floor above', floorMs));
 
