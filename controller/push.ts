@@ -279,8 +279,12 @@ async function sendNars(
   } catch (err) {
     // A stream cut short: nix-store is ending, and says why; anything else: it is stopped.
     if (!input.ended) stopExport(exported);
-    const failure = input.ended ? exportFailure(await exported.exited, '; collected meanwhile?') : undefined;
-    throw failure ?? err;
+    if (!input.ended) throw err;
+    const r = await exported.exited;
+    const failure = exportFailure(r, '; collected meanwhile?');
+    if (failure) throw failure;
+    // It ended well, yet its stream did not: say what it said.
+    throw err instanceof SnapbackError && r.stderr.trim() ? new SnapbackError(err.code, `${err.message}; it exited 0 and said: ${lastLine(r.stderr)}`) : err;
   } finally {
     if (stopped.now || !session.open) stopExport(exported);
   }
@@ -306,6 +310,8 @@ class ExportReader {
   private readonly it: AsyncIterator<Buffer>;
   private pending: Buffer[] = [];
   private size = 0;
+  /** bytes read from the stream so far */
+  private read = 0;
   /** the stream has ended */
   ended = false;
 
@@ -314,7 +320,7 @@ class ExportReader {
   }
 
   malformed(where: string): SnapbackError {
-    return new SnapbackError('push-failed', `nix-store --export on this machine gave a stream this controller cannot read (${where})`);
+    return new SnapbackError('push-failed', `nix-store --export on this machine gave a stream this controller cannot read (${where}, after ${this.read} bytes)`);
   }
 
   /** At least `n` bytes buffered (false at the end of the stream). */
@@ -327,6 +333,7 @@ class ExportReader {
       }
       this.pending.push(r.value);
       this.size += r.value.length;
+      this.read += r.value.length;
     }
     return true;
   }
