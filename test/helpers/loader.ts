@@ -91,14 +91,23 @@ esac
 `;
 }
 
-/** NixOS's systemd-boot builder in a few lines: an entry per generation; the default is this toplevel's. */
+/**
+ * NixOS's systemd-boot builder in a few lines: an entry per generation; the default is this
+ * toplevel's. Like the real one, it writes the entries first (each replaced whole) and removes the
+ * stale ones after: at no moment is the default's entry missing.
+ */
 export function builderScript(dir: string, profile: string): string {
-  return `E=${dir}/entries; mkdir -p $E; rm -f $E/nixos-generation-*.conf; def=
+  return `E=${dir}/entries; mkdir -p $E; def=; keep=
     for l in ${profile}-*-link; do
       [ -e "$l" ] || continue
       n=\${l##*/}; n=\${n%-link}; n=\${n##*-}
-      t=$(readlink -f "$l"); echo "$t" > $E/nixos-generation-$n.conf
+      t=$(readlink -f "$l"); echo "$t" > $E/.tmp-$n && mv -f $E/.tmp-$n $E/nixos-generation-$n.conf
+      keep="$keep nixos-generation-$n.conf "
       [ "$t" = "$self" ] && def=nixos-generation-$n.conf
+    done
+    for f in $E/nixos-generation-*.conf; do
+      [ -e "$f" ] || continue
+      case "$keep" in *" \${f##*/} "*) ;; *) rm -f "$f" ;; esac
     done
     [ -n "$def" ] && echo "$def" > ${dir}/default && mkdir -p ${dir}/esp/loader && echo "default $def" > ${dir}/esp/loader/loader.conf`;
 }
