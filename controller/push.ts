@@ -182,13 +182,23 @@ async function pushBatch(
         base.paths += skipped.length;
         progress.totalBytes -= skipped.reduce((n, e) => n + e.narSize, 0);
         exported ??= startExport(batch.filter((e) => need.has(e.path)));
-        stream = sendNars(session, exported, need, () => acked, () => window, (w) => (wake = w), stopped).catch((err: Error) => {
-          // A NAR this machine cannot produce (collected meanwhile), or an agent that stopped
-          // acknowledging: the agent would wait for bytes that never come. Ending the connection
-          // ends its half of the push, and the error says why.
-          streamError = err;
-          session.close();
-        });
+        const send = (e: Export) => sendNars(session, e, need, () => acked, () => window, (w) => (wake = w), stopped);
+        stream = send(exported)
+          .catch(async (err: Error) => {
+            // An export whose stream brought nothing at all though Nix exited 0 (seen rarely under
+            // load, cause unknown): nothing was sent, so a new export starts the batch over, once.
+            const first = exported!;
+            if (stopped.now || first.input.bytesRead !== 0 || !first.input.ended || (await first.exited).exitCode !== 0) throw err;
+            exported = startExport(first.entries);
+            return send(exported);
+          })
+          .catch((err: Error) => {
+            // A NAR this machine cannot produce (collected meanwhile), or an agent that stopped
+            // acknowledging: the agent would wait for bytes that never come. Ending the connection
+            // ends its half of the push, and the error says why.
+            streamError = err;
+            session.close();
+          });
       } else if (m.type === 'push-ack') {
         acked = m.bytes;
         report(m.bytes, m.imported);
@@ -312,6 +322,9 @@ class ExportReader {
   private size = 0;
   /** bytes read from the stream so far */
   private read = 0;
+  get bytesRead(): number {
+    return this.read;
+  }
   /** the stream has ended */
   ended = false;
 
